@@ -1,0 +1,155 @@
+"""`lmstack <verb>`: the command line. Every verb parses its options here and calls one function that
+tests can call directly; heavy imports happen inside the handlers so `lmstack --help` is instant.
+
+Each verb is registered by a small ``_add_<verb>(sub)`` function listed in ``REGISTRARS``. Options show
+their defaults in ``--help``. Errors that are the user's to fix (bad config, missing file) are
+printed as one readable line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _parser(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+
+def _add_run_config_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    from lmstack.config import PRESETS
+
+    p.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help="named configuration")
+    p.add_argument("--config", default=None, help="YAML/TOML/JSON file of overrides (same dotted keys)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides such as model.n_layer=4 optim.lr=1e-3 train.max_steps=200")
+
+
+# ----------------------------------------------------------------------------- verbs
+
+def _add_pretrain(sub) -> None:
+    p = _parser(sub, "pretrain", "pretrain a model on token shards",
+                "Pretrain a model from scratch (or resume) on shards written by `lmstack data tokenize`.")
+    p.add_argument("--data", required=True, help="token shard directory (holds meta.json)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --out")
+    _add_run_config_args(p)
+
+    def run(a):
+        from lmstack.stages.pretrain import pretrain
+
+        pretrain(data_dir=a.data, out_dir=a.out, preset=a.preset, config_file=a.config,
+                 overrides=a.overrides, resume=a.resume)
+
+    p.set_defaults(func=run)
+
+
+def _add_generate(sub) -> None:
+    p = _parser(sub, "generate", "sample text from a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue ('' = start of a document)")
+    _add_sampling_args(p)
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+
+    def run(a):
+        from lmstack.engine.generate import generate_cli
+
+        generate_cli(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_chat(sub) -> None:
+    p = _parser(sub, "chat", "interactive multi-turn chat with a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(p, max_tokens=256)
+
+    def run(a):
+        from lmstack.engine.generate import chat_cli
+
+        chat_cli(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def _add_speedrun(sub) -> None:
+    p = _parser(sub, "speedrun", "the main job: corpus -> tokenizer -> shards -> pretrain -> samples -> report",
+                "Download the default corpus, clean it, train a tokenizer, tokenize, pretrain, sample, and\n"
+                "write OUT/report.md, OUT/report.json and OUT/loss.png.")
+    p.add_argument("--out", default="runs/speedrun", help="output directory")
+    p.add_argument("--corpus", default="classics", help="corpus name for `data download`, or a path to your own text")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget for pretraining (default: the preset's train.max_minutes / max_steps)")
+    p.add_argument("--no-clean", action="store_true", help="skip the data-cleaning pipeline")
+    _add_run_config_args(p)
+
+    def run(a):
+        from lmstack.stages.speedrun import speedrun
+
+        speedrun(out_dir=a.out, corpus=a.corpus, preset=a.preset, config_file=a.config, overrides=a.overrides,
+                 vocab_size=a.vocab_size, minutes=a.minutes, clean=not a.no_clean)
+
+    p.set_defaults(func=run)
+
+
+REGISTRARS: list[Callable] = [
+    _add_speedrun,
+    _add_pretrain,
+    _add_generate,
+    _add_chat,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmstack", formatter_class=_Formatter,
+                                     description="lmstack: the whole LLM lifecycle in one package.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for add in REGISTRARS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmstack.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"lmstack {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Typed configuration: dataclasses with defaults in one place, named presets, one override syntax.
+
+A run is described by a :class:`RunConfig` with three parts: ``model`` (the family's own config
+dataclass, e.g. :class:`lmstack.models.gpt.GPTConfig`), ``optim`` and ``train``. Every value can be
+changed the same way everywhere:
+
+    lmstack pretrain --preset tiny model.n_layer=4 optim.lr=1e-3 train.max_steps=200
+    lmstack pretrain --preset tiny --config my.yaml          # same dotted keys, nested in YAML/TOML
+
+A config file holds nested mappings (``model: {n_layer: 4}``) or dotted keys (``model.n_layer: 4``);
+both are flattened to the ``key=value`` form, so files and the command line share one code path
+(:func:`apply_overrides`). Unknown keys and badly typed values raise :class:`ConfigError` naming the
+key and listing what would have been valid, never a traceback from deep inside a dataclass.
+
+Presets are plain functions returning a fresh :class:`RunConfig` (``PRESETS[name]()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lmstack.models import MODEL_CONFIGS, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and how to fix it."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + learning-rate schedule."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio (cosine / linear / wsd floor)
+    weight_decay: float = 0.1  # applied to matrices only; norms, biases and embeddings get 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd only: fraction of steps spent in the final decay
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "linear", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}: choose cosine, linear, wsd or constant")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about the training run that is not the model or the optimizer."""
+
+    batch_size: int = 8  # sequences per micro-batch per process
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps
+    max_minutes: float = 0.0  # stop early after this wall time (0 = no limit); the LR schedule follows the clock
+    eval_every: int = 200  # steps between validation passes (0 = only at the end)
+    eval_batches: int = 20  # micro-batches per validation pass
+    log_every: int = 10
+    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept in OUT/checkpoints
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False  # torch.compile the model
+    spike_factor: float = 4.0  # loss > spike_factor * running mean (after warmup) = spike -> roll back
+    max_rollbacks: int = 10  # give up after this many rollbacks
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.dtype={self.dtype!r}: choose auto, bf16, fp16 or fp32")
+        if self.keep_last < 1:
+            raise ConfigError(f"train.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.optim.validate()
+        self.train.validate()
+        if self.train.seq_len > self.model.block_size:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
+                "lower train.seq_len or raise model.block_size"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": model_config_to_dict(self.model), "optim": dataclasses.asdict(self.optim),
+                "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return cls(model=model_config_from_dict(d["model"]),
+                   optim=_from_fields(OptimConfig, d.get("optim", {}), "optim"),
+                   train=_from_fields(TrainConfig, d.get("train", {}), "train"))
+
+
+# ----------------------------------------------------------------------------- model configs <-> dicts
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    family = d.get("family", "gpt")
+    if family not in MODEL_CONFIGS:
+        raise ConfigError(f"model.family={family!r} is not known; choose one of {sorted(MODEL_CONFIGS)}")
+    return _from_fields(MODEL_CONFIGS[family], d, "model")
+
+
+def _from_fields(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}; "
+                          f"valid keys: {', '.join(sorted(names))}")
+    return cls(**d)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a string (from the CLI) or a parsed YAML/TOML value into the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return [_coerce(v, inner, key) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected a value of type {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
+    """Apply ``section.key=value`` overrides (a list of strings or a flat dict) to ``cfg`` in place.
+
+    ``model.family=bert`` switches the model config to that family's defaults first, keeping the
+    shared shape fields (vocab_size, block_size, n_layer, n_head, n_embd) that both families have.
+    """
+    items = _as_items(overrides)
+    # family switches must happen before the other model keys are applied
+    for key, value in items:
+        if key == "model.family" and value != cfg.model.family:
+            old = model_config_to_dict(cfg.model)
+            new_cls = MODEL_CONFIGS.get(str(value))
+            if new_cls is None:
+                raise ConfigError(f"model.family={value!r} is not known; choose one of {sorted(MODEL_CONFIGS)}")
+            keep = {f.name: old[f.name] for f in dataclasses.fields(new_cls)
+                    if f.name in old and f.name != "family"}
+            cfg.model = new_cls(**keep)
+    for key, value in items:
+        if key == "model.family":
+            continue
+        section, _, name = key.partition(".")
+        if section not in ("model", "optim", "train") or not name:
+            raise ConfigError(f"override {key!r}: keys look like model.NAME, optim.NAME or train.NAME")
+        target = getattr(cfg, section)
+        types_ = _field_types(target)
+        if name not in types_:
+            raise ConfigError(f"unknown key {key!r}; valid {section} keys: {', '.join(sorted(types_))}")
+        setattr(target, name, _coerce(value, types_[name], key))
+    return cfg
+
+
+def _as_items(overrides: list[str] | dict[str, Any]) -> list[tuple[str, Any]]:
+    if isinstance(overrides, dict):
+        return list(_flatten(overrides).items())
+    items = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form section.key=value (e.g. model.n_layer=4)")
+        k, v = o.split("=", 1)
+        items.append((k.strip(), v.strip()))
+    return items
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON file into a flat ``{dotted.key: value}`` dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use a .yaml, .yml, .toml or .json file")
+    except ConfigError:
+        raise
+    except Exception as e:  # parse errors from yaml / tomllib / json
+        raise ConfigError(f"config file {path} could not be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return _flatten(data)
+
+
+# ----------------------------------------------------------------------------- presets
+
+def tiny() -> RunConfig:
+    """A ~3.5M-parameter Llama-style model that trains on a 2-core CPU in minutes."""
+    from lmstack.models.gpt import GPTConfig
+
+    return RunConfig(
+        model=GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=256),
+        optim=OptimConfig(lr=2e-3, warmup_steps=50, weight_decay=0.1),
+        train=TrainConfig(batch_size=16, seq_len=256, max_steps=600, eval_every=200, eval_batches=10,
+                          ckpt_every=200, log_every=10),
+    )
+
+
+def gpt2_124m() -> RunConfig:
+    """GPT-2 small shapes (12 x 768, 12 heads, 1024 context, 50304 vocab) for one GPU, bf16 + compile."""
+    from lmstack.models.gpt import GPTConfig
+
+    return RunConfig(
+        model=GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+                        norm="layernorm", activation="gelu", position="learned", bias=True,
+                        tie_embeddings=True),
+        optim=OptimConfig(lr=6e-4, warmup_steps=700, min_lr_ratio=0.1),
+        train=TrainConfig(batch_size=32, seq_len=1024, grad_accum=16, max_steps=19073, eval_every=250,
+                          ckpt_every=1000, compile=True, dtype="bf16"),
+    )
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "gpt2-124m": gpt2_124m}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def build_run_config(preset: str, config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset, then config file, then command-line overrides (later wins); validated."""
+    cfg = get_preset(preset)
+    if config_file:
+        apply_overrides(cfg, load_config_file(config_file))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,232 @@
+"""Decoder-only transformer (GPT / Llama family), one file top to bottom.
+
+The options cover the design space of the LLM survey (Zhao et al., 2023, section 4.2):
+
+    norm            rmsnorm | layernorm          placement  pre | post
+    activation      swiglu | geglu | gelu | relu2 | relu
+    position        rope | learned | sinusoidal | none
+    attention       multi-head (n_kv_head == n_head), grouped-query (1 < n_kv_head < n_head)
+                    or multi-query (n_kv_head == 1), always through F.scaled_dot_product_attention
+    embeddings      tied or untied input / output
+    bias, dropout
+
+The defaults are Llama-like (pre-RMSNorm, SwiGLU, RoPE, no bias). ``gpt2-124m`` flips them to
+GPT-2 (LayerNorm, GELU, learned positions, bias, tied embeddings).
+
+Initialisation: N(0, 0.02) for every matrix and embedding, residual output projections scaled by
+1/sqrt(2 * n_layer) (GPT-2), zero biases.
+
+``forward(idx, targets=None, positions=None, kv_cache=None, logits_to_keep=0)``; with a KV cache
+the model speaks the protocol documented in models/layers.py, so the same module runs training,
+the simple ``generate`` loop and the batched engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, apply_rope, attention_mask,
+                                   default_mlp_hidden, make_norm, rope_cache, scaled_dot_product_attention,
+                                   sinusoidal_embedding)
+
+
+@dataclass
+class GPTConfig:
+    family: str = "gpt"
+    vocab_size: int = 4096
+    block_size: int = 256  # longest sequence the position tables cover
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
+    n_embd: int = 256
+    head_dim: int | None = None  # None = n_embd // n_head
+    mlp_hidden: int | None = None  # None = 4*n_embd (8/3*n_embd for GLU), rounded to 64
+    norm: str = "rmsnorm"
+    norm_placement: str = "pre"
+    norm_eps: float = 1e-5
+    activation: str = "swiglu"
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
+
+    def validate(self) -> None:
+        from lmstack.config import ConfigError
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
+        need(self.norm_placement in ("pre", "post"), f"model.norm_placement={self.norm_placement!r}: pre or post")
+        need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
+        need(self.position in POSITIONS, f"model.position={self.position!r}: choose one of {POSITIONS}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        need(self.head_dim is not None or self.n_embd % self.n_head == 0,
+             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        need(self.n_head % self.kv_heads == 0,
+             f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.kv_heads}")
+        need(self.position != "rope" or self.dim_per_head % 2 == 0, "RoPE needs an even head dimension")
+        need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_per_head
+        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
+        y = scaled_dot_product_attention(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg, layer_idx)
+        self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, cfg.bias, cfg.dropout)
+
+    def forward(self, x, rope, mask, kv_cache=None):
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rope, mask, kv_cache)
+            return x + self.mlp(self.norm2(x))
+        # post-norm (original Transformer / BERT): normalise after each residual sum
+        x = self.norm1(x + self.attn(x, rope, mask, kv_cache))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.position == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        # post-norm blocks already end in a norm; pre-norm stacks need a final one
+        self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias) if cfg.norm_placement == "pre" \
+            else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "rope":
+            cos, sin = rope_cache(cfg.dim_per_head, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if hasattr(self, "pos_emb"):
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * (matmul params) + attention scores (PaLM appendix B).
+
+        Matmul params exclude the input embedding (a lookup) but include the output head.
+        Attention adds 12 * n_layer * n_head * head_dim * seq_len (forward QK^T and AV, times 3
+        for backward). Divide by 3 for inference-only FLOPs.
+        """
+        cfg = self.config
+        # parameters() counts a tied matrix once; removing tok_emb then drops the head, so add it back
+        matmul_params = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0)
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.dim_per_head * seq_len
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0):
+        """idx (B, T) token ids -> logits (B, T', V), and the mean cross-entropy when targets are given.
+
+        targets (B, T) use -1 for positions that do not count. positions (B, T) default to
+        0..T-1 (or continue the cache). logits_to_keep > 0 computes the head for the last N
+        positions only (prefill in generation needs just the last).
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = kv_cache.next_position() if kv_cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if int(positions.max()) >= self.config.block_size and self.config.position in ("rope", "learned"):
+            raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
+                             f"{self.config.block_size} tokens; shorten the input")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.position == "learned":
+            x = x + self.pos_emb(positions.clamp(min=0))
+        elif self.config.position == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.config.n_embd).to(x.dtype)
+        x = self.drop(x)
+        rope = None
+        if self.config.position == "rope":
+            p = positions.clamp(min=0)
+            rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, D) each
+        if kv_cache is not None:
+            key_positions = kv_cache.prepare(positions)  # (B, S)
+            mask = attention_mask(positions, key_positions)
+        else:
+            mask = None  # plain causal: lets SDPA use its fused kernel
+        for block in self.blocks:
+            x = block(x, rope, mask, kv_cache)
+        x = self.norm_f(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T', V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
