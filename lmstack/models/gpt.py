@@ -191,7 +191,8 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0):
+                positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
+                return_hidden: bool = False):
         """idx (B, T) token ids -> logits (B, T', V), and the mean cross-entropy when targets are given.
 
         targets (B, T) use -1 for positions that do not count. positions (B, T) default to
@@ -223,6 +224,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope, mask, kv_cache)
         x = self.norm_f(x)
+        if return_hidden:
+            return x, None
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)  # (B, T', V)

@@ -28,8 +28,18 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def objective_for(model_config: Any) -> Objective:
+def objective_for(model_config: Any, tokenizer: Any = None) -> Objective:
+    """The pretraining objective for a model family.
+
+    Registry entries are either objectives themselves or factories marked with
+    ``needs_tokenizer = True`` that take the tokenizer (for mask / sentinel token ids) and return one.
+    """
     family = getattr(model_config, "family", "gpt")
     if family not in OBJECTIVES:
         raise ValueError(f"no pretraining objective registered for model family {family!r}")
-    return OBJECTIVES[family]
+    entry = OBJECTIVES[family]
+    if getattr(entry, "needs_tokenizer", False):
+        if tokenizer is None:
+            raise ValueError(f"the {family!r} objective needs the tokenizer (for its special tokens)")
+        return entry(tokenizer)
+    return entry
