@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("gelu", "swiglu", "geglu", "relu2", "relu")
+ACTIVATIONS = ("gelu", "swiglu", "geglu", "relu2", "relu", "gelu_exact")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 
 
@@ -90,7 +90,8 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
 class MLP(nn.Module):
     """Feed-forward block. GLU variants (swiglu, geglu) have a gate projection; the others do not.
 
-    relu2 is squared ReLU (Primer; used by nanochat / modded-nanogpt).
+    relu2 is squared ReLU (Primer; used by nanochat / modded-nanogpt). ``gelu`` is the tanh
+    approximation (GPT-2's "gelu_new"); ``gelu_exact`` is the erf form (BERT's "gelu").
     """
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False, dropout: float = 0.0):
@@ -113,6 +114,8 @@ class MLP(nn.Module):
             h = F.gelu(self.gate_proj(x), approximate="tanh") * up
         elif self.activation == "gelu":
             h = F.gelu(up, approximate="tanh")
+        elif self.activation == "gelu_exact":
+            h = F.gelu(up)
         elif self.activation == "relu2":
             h = F.relu(up).square()
         else:
