@@ -4,11 +4,18 @@ The options cover the design space of the LLM survey (Zhao et al., 2023, section
 
     norm            rmsnorm | layernorm          placement  pre | post
     activation      swiglu | geglu | gelu | relu2 | relu
-    position        rope | learned | sinusoidal | none
+    position        rope | learned | sinusoidal | alibi | none
     attention       multi-head (n_kv_head == n_head), grouped-query (1 < n_kv_head < n_head)
                     or multi-query (n_kv_head == 1), always through F.scaled_dot_product_attention
     embeddings      tied or untied input / output
     bias, dropout
+    sparsity        attn_window > 0: sliding-window (locally banded) attention, in every layer or, with
+                    sparse_every = N, only in every N-th layer (GPT-3's alternating dense / sparse: N = 2)
+    deepnorm        DeepNet post-LN: x = LN(alpha * x + f(x)), alpha = (2N)^(1/4), and the value, output
+                    and FFN matrices initialised Xavier-normal with gain beta = (8N)^(-1/4) (Wang et al., 2022)
+    prefix LM       ``forward(..., prefix_len=(B,))``: the first prefix_len positions attend to each other
+                    bidirectionally, the rest causally (U-PaLM / GLM); the families ``prefix_lm`` and
+                    ``glm`` are this architecture trained with those objectives (train/losses.py)
 
 The defaults are Llama-like (pre-RMSNorm, SwiGLU, RoPE, no bias). ``gpt2-124m`` flips them to
 GPT-2 (LayerNorm, GELU, learned positions, bias, tied embeddings).
@@ -16,9 +23,12 @@ GPT-2 (LayerNorm, GELU, learned positions, bias, tied embeddings).
 Initialisation: N(0, 0.02) for every matrix and embedding, residual output projections scaled by
 1/sqrt(2 * n_layer) (GPT-2), zero biases.
 
-``forward(idx, targets=None, positions=None, kv_cache=None, logits_to_keep=0)``; with a KV cache
-the model speaks the protocol documented in models/layers.py, so the same module runs training,
-the simple ``generate`` loop and the batched engine.
+``forward(idx, targets=None, positions=None, kv_cache=None, logits_to_keep=0, prefix_len=None)``; with
+a KV cache the model speaks the protocol documented in models/layers.py, so the same module runs
+training, the simple ``generate`` loop and the batched engine. Every mask (window, prefix, ALiBi
+bias) is derived from query and key positions, so all variants work with any cache; the default
+config without cache or prefix keeps the mask-free causal SDPA fast path. With a cache, a
+bidirectional prefix must arrive in one forward call (its later tokens do not exist yet otherwise).
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, apply_rope, attention_mask,
-                                   default_mlp_hidden, make_norm, rope_cache, scaled_dot_product_attention,
+from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, alibi_slopes,
+                                   attention_bias, default_mlp_hidden, make_norm, rope_cache,
                                    sinusoidal_embedding)
+
+GPT_POSITIONS = POSITIONS + ("alibi",)
 
 
 @dataclass
@@ -56,6 +68,9 @@ class GPTConfig:
     bias: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    attn_window: int = 0  # sliding-window attention span in tokens (itself included); 0 = dense
+    sparse_every: int = 0  # 0: every layer uses attn_window; N: only layers N, 2N, ... do (GPT-3: 2)
+    deepnorm: bool = False  # DeepNet residual scaling + init; needs norm_placement=post
 
     @property
     def kv_heads(self) -> int:
@@ -69,6 +84,17 @@ class GPTConfig:
     def hidden_dim(self) -> int:
         return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
 
+    def layer_window(self, layer_idx: int) -> int:
+        """Attention window of one layer: 0 (dense) or attn_window (locally banded)."""
+        if self.attn_window <= 0 or (self.sparse_every > 0 and (layer_idx + 1) % self.sparse_every != 0):
+            return 0
+        return self.attn_window
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """Residual up-weighting of DeepNorm for a decoder-only stack; 1 when DeepNorm is off."""
+        return (2 * self.n_layer) ** 0.25 if self.deepnorm else 1.0
+
     def validate(self) -> None:
         from lmstack.config import ConfigError
 
@@ -79,7 +105,7 @@ class GPTConfig:
         need(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
         need(self.norm_placement in ("pre", "post"), f"model.norm_placement={self.norm_placement!r}: pre or post")
         need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
-        need(self.position in POSITIONS, f"model.position={self.position!r}: choose one of {POSITIONS}")
+        need(self.position in GPT_POSITIONS, f"model.position={self.position!r}: choose one of {GPT_POSITIONS}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
         need(self.head_dim is not None or self.n_embd % self.n_head == 0,
@@ -88,6 +114,13 @@ class GPTConfig:
              f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.kv_heads}")
         need(self.position != "rope" or self.dim_per_head % 2 == 0, "RoPE needs an even head dimension")
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        need(self.attn_window >= 0, f"model.attn_window={self.attn_window} must be >= 0 (0 = dense attention)")
+        need(self.sparse_every >= 0, f"model.sparse_every={self.sparse_every} must be >= 0")
+        need(self.sparse_every == 0 or self.attn_window > 0,
+             f"model.sparse_every={self.sparse_every} alternates dense and windowed layers; "
+             "also set model.attn_window (e.g. model.attn_window=64)")
+        need(not self.deepnorm or self.norm_placement == "post",
+             "model.deepnorm=true is a post-norm scheme; also set model.norm_placement=post")
 
 
 class Attention(nn.Module):
@@ -210,7 +243,10 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.pos_emb(positions.clamp(min=0))
         elif self.config.position == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, self.config.n_embd).to(x.dtype)
+            # sin/cos have RMS 1/sqrt(2); scale them to the token embeddings' init std so positions do
+            # not drown the tokens at the start of training (the 2017 paper scaled tokens up instead)
+            pe = sinusoidal_embedding(positions, self.config.n_embd) * (self.config.init_std * 2 ** 0.5)
+            x = x + pe.to(x.dtype)
         x = self.drop(x)
         rope = None
         if self.config.position == "rope":
