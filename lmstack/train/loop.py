@@ -269,12 +269,15 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
 # ----------------------------------------------------------------------------- the loop
 
 def _infinite(loader) -> Iterator:
+    """Batches forever. A loader may end at an epoch boundary; two empty passes in a row mean no data."""
+    empty_passes = 0
     while True:
         yielded = False
         for batch in loader:
             yielded = True
             yield batch
-        if not yielded:
+        empty_passes = 0 if yielded else empty_passes + 1
+        if empty_passes >= 2:
             raise ValueError("the training split produced no batches; lower train.seq_len or add data")
 
 

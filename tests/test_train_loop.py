@@ -1,0 +1,157 @@
+"""The training loop: schedules, decay groups, exact resume, bad-batch handling, accumulation, DDP."""
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmstack.config import OptimConfig, build_run_config
+from lmstack.models import build_model
+from lmstack.train.losses import causal_lm
+from lmstack.train.loop import train
+from lmstack.train.optim import lr_multiplier, param_groups
+from tests.loop_helpers import PatternLoader
+
+TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=2", "model.vocab_size=128",
+        "model.block_size=32", "train.batch_size=4", "train.seq_len=16", "train.max_steps=24",
+        "train.eval_every=8", "train.eval_batches=2", "train.ckpt_every=8", "train.log_every=4",
+        "optim.warmup_steps=4", "optim.lr=3e-3", "train.tensorboard=false"]
+
+
+def run(out, extra=(), resume=False, objective=causal_lm, world=(0, 1), loader_batch=None):
+    cfg = build_run_config("tiny", overrides=TINY + list(extra))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    B = loader_batch or cfg.train.batch_size
+    rank, ws = world
+    tl = PatternLoader(B, cfg.train.seq_len, rank=rank, world_size=ws)
+    vl = PatternLoader(B, cfg.train.seq_len, rank=rank, world_size=ws, split="val", n_windows=16)
+    return train(model, cfg, tl, vl, objective, out, resume=resume, progress=False)
+
+
+def weights(path):
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(100, 100, cfg) == pytest.approx(0.1)
+    mids = [lr_multiplier(s, 100, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(mids, mids[1:]))  # cosine is monotone after warmup
+    cfg.schedule = "wsd"
+    cfg.decay_fraction = 0.2
+    assert lr_multiplier(50, 100, cfg) == 1.0 and lr_multiplier(79, 100, cfg) == 1.0
+    assert lr_multiplier(90, 100, cfg) == pytest.approx(0.55)
+    cfg.schedule = "linear"
+    assert lr_multiplier(55, 100, cfg) == pytest.approx(0.55)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    cfg = build_run_config("tiny", overrides=TINY + ["model.bias=true"])
+    model = build_model(cfg.model)
+    decay, no_decay = param_groups(model, 0.1)
+    decay_ids = {id(p) for p in decay["params"]}
+    assert id(model.tok_emb.weight) not in decay_ids
+    assert id(model.blocks[0].norm1.weight) not in decay_ids
+    assert id(model.blocks[0].attn.q_proj.bias) not in decay_ids
+    assert id(model.blocks[0].attn.q_proj.weight) in decay_ids
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_training_writes_metrics_plot_and_checkpoints(tmp_path):
+    r = run(tmp_path / "a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert any(r.get("val_bpb") for r in rows)
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000016", "step_0000024"]  # keep_last=2
+    assert (tmp_path / "a" / "model" / "config.json").is_file()
+    assert r.steps == 24 and r.final_val_bpb == pytest.approx(r.final_val_loss / math.log(2) / 2.0)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    run(tmp_path / "full")
+    run(tmp_path / "part", extra=["train.max_steps=24"])
+    # pretend the run died after step 16: drop the newer checkpoint and the final model
+    import shutil
+
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_0000024")
+    shutil.rmtree(tmp_path / "part" / "model")
+    r = run(tmp_path / "part", resume=True)
+    assert r.steps == 24
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no duplicated log lines after resume
+
+
+def test_nan_and_spike_batches_are_skipped(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(model, x, y):
+        loss, m = causal_lm(model, x, y)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            return loss * float("nan"), m
+        if calls["n"] == 15:
+            return loss * 100.0, m  # a spike far above the running mean
+        return loss, m
+
+    r = run(tmp_path / "flaky", objective=flaky)
+    assert r.steps == 24 and r.rollbacks == 2
+    rows = [json.loads(x) for x in (tmp_path / "flaky" / "metrics.jsonl").read_text().splitlines()]
+    reasons = [r["reason"] for r in rows if r.get("event") == "skipped_batch"]
+    assert any("non-finite" in x for x in reasons) and any("spike" in x for x in reasons)
+    w = weights(tmp_path / "flaky")
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_too_many_bad_batches_stop_the_run(tmp_path):
+    def always_nan(model, x, y):
+        loss, m = causal_lm(model, x, y)
+        return loss * float("nan"), m
+
+    with pytest.raises(RuntimeError, match="max_rollbacks"):
+        run(tmp_path / "nan", objective=always_nan, extra=["train.max_rollbacks=3"])
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
+    run(tmp_path / "big", extra=["train.batch_size=8", "train.max_steps=6"])
+    run(tmp_path / "acc", extra=["train.batch_size=4", "train.grad_accum=2", "train.max_steps=6"])
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _ddp_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from lmstack.train.dist import cleanup_distributed, init_distributed
+
+    init_distributed("cpu")
+    try:
+        run(out, extra=["train.max_steps=6", "train.device=cpu"], world=(rank, world_size))
+    finally:
+        cleanup_distributed()
+
+
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path / "ddp"), nprocs=2, join=True)
+    # one process with batch 8 sees the union of both ranks' batches of 4 in the same order
+    cfg_extra = ["train.batch_size=8", "train.max_steps=6"]
+    run(tmp_path / "single", extra=cfg_extra)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
