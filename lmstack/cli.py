@@ -115,11 +115,46 @@ def _add_speedrun(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_serve(sub) -> None:
+    p = _parser(sub, "serve", "OpenAI-compatible HTTP server with a web chat page",
+                "Serve a checkpoint over an OpenAI-compatible API (/v1/models, /v1/completions,\n"
+                "/v1/chat/completions, /v1/embeddings) with a web chat page at /. Prints the URLs.\n"
+                "API keys: --api-key (repeatable) or LMSTACK_API_KEYS=key1,key2; none = no authentication.")
+    p.add_argument("--model", required=True, help="checkpoint or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    p.add_argument("--api-key", action="append", default=None, help="accepted Bearer key (repeatable)")
+    p.add_argument("--model-name", default=None, help="model id clients send; unset = the directory name")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt in tokens; unset = the context length")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests that may wait for a slot (429 above)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="cap on KV-cache tokens; unset = max-num-seqs x context")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+
+    def run(a):
+        import os
+
+        from lmstack.serve.app import serve
+
+        keys = a.api_key or [k.strip() for k in os.environ.get("LMSTACK_API_KEYS", "").split(",") if k.strip()]
+        serve(a.model, host=a.host, port=a.port, api_keys=keys, log_level=a.log_level, model_name=a.model_name,
+              max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
+              max_tokens_limit=a.max_tokens_limit, max_waiting=a.max_waiting, request_timeout_s=a.request_timeout,
+              device=a.device, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+
+    p.set_defaults(func=run)
+
+
 REGISTRARS: list[Callable] = [
     _add_speedrun,
     _add_pretrain,
     _add_generate,
     _add_chat,
+    _add_serve,
 ]
 
 
