@@ -296,7 +296,46 @@ def gpt2_124m() -> RunConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "gpt2-124m": gpt2_124m}
+def tiny_t5() -> RunConfig:
+    """The tiny run as a T5 encoder-decoder (3 + 3 layers, ~the tiny decoder's compute per token)
+    pretrained with span corruption."""
+    from lmstack.models.t5 import T5Config
+
+    cfg = tiny()
+    cfg.model = T5Config(vocab_size=4096, block_size=256, n_layer=3, n_decoder_layer=3, n_head=4, n_embd=256)
+    return cfg
+
+
+def tiny_moe() -> RunConfig:
+    """The tiny run as a mixture-of-experts decoder: 8 experts, top-2 routing, every layer MoE."""
+    from lmstack.models.moe import MoEConfig
+
+    cfg = tiny()
+    cfg.model = MoEConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256, n_expert=8, top_k=2)
+    return cfg
+
+
+def tiny_glm() -> RunConfig:
+    """The tiny run as a GLM prefix decoder pretrained with autoregressive blank infilling."""
+    from lmstack.models.gpt import GLMConfig
+
+    cfg = tiny()
+    cfg.model = GLMConfig(**{k: v for k, v in vars(cfg.model).items() if k != "family"})
+    return cfg
+
+
+def tiny_prefixlm() -> RunConfig:
+    """The tiny run as a prefix LM (bidirectional over a random prefix, loss on the rest)."""
+    from lmstack.models.gpt import PrefixLMConfig
+
+    cfg = tiny()
+    cfg.model = PrefixLMConfig(**{k: v for k, v in vars(cfg.model).items() if k != "family"})
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "gpt2-124m": gpt2_124m, "tiny-t5": tiny_t5,
+                                               "tiny-moe": tiny_moe, "tiny-glm": tiny_glm,
+                                               "tiny-prefixlm": tiny_prefixlm}
 
 
 def get_preset(name: str) -> RunConfig:

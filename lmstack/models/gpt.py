@@ -123,39 +123,31 @@ class GPTConfig:
              "model.deepnorm=true is a post-norm scheme; also set model.norm_placement=post")
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_per_head
-        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+@dataclass
+class PrefixLMConfig(GPTConfig):
+    """This architecture pretrained as a prefix LM: a random split point per sequence, bidirectional
+    attention before it and next-token loss after it (train/losses.py ``prefix_lm``)."""
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
-        y = scaled_dot_product_attention(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
-        return self.resid_dropout(self.o_proj(y))
+    family: str = "prefix_lm"
+
+
+@dataclass
+class GLMConfig(GPTConfig):
+    """This architecture pretrained with GLM's autoregressive blank infilling (train/losses.py
+    ``blank_infilling``): spans become ``<|mask|>`` in a bidirectional part A and are generated
+    causally in part B."""
+
+    family: str = "glm"
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
+        self.alpha = cfg.deepnorm_alpha
         self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.dim_per_head, layer_idx,
+                                  cfg.bias, cfg.dropout)
         self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, cfg.bias, cfg.dropout)
 
@@ -163,9 +155,10 @@ class Block(nn.Module):
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, mask, kv_cache)
             return x + self.mlp(self.norm2(x))
-        # post-norm (original Transformer / BERT): normalise after each residual sum
-        x = self.norm1(x + self.attn(x, rope, mask, kv_cache))
-        return self.norm2(x + self.mlp(x))
+        # post-norm (original Transformer / BERT): normalise after each residual sum; DeepNorm
+        # up-weights the residual stream by alpha > 1 so that deep post-LN stacks train stably
+        x = self.norm1(self.alpha * x + self.attn(x, rope, mask, kv_cache))
+        return self.norm2(self.alpha * x + self.mlp(x))
 
 
 class GPT(nn.Module):
@@ -188,7 +181,19 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg.dim_per_head, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)  # (n_head,)
+        self.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
         self.apply(self._init_weights)
+        if cfg.deepnorm:
+            # DeepNet: Xavier-normal everywhere in the blocks, down-scaled by beta for the value,
+            # output and FFN matrices (q/k keep gain 1: they do not feed the residual stream)
+            beta = (8 * cfg.n_layer) ** -0.25
+            for name, p in self.named_parameters():
+                if name.startswith("blocks.") and name.endswith("_proj.weight"):
+                    gain = 1.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else beta
+                    nn.init.xavier_normal_(p, gain=gain)
+            return
         for name, p in self.named_parameters():
             if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
@@ -220,17 +225,20 @@ class GPT(nn.Module):
         cfg = self.config
         # parameters() counts a tied matrix once; removing tok_emb then drops the head, so add it back
         matmul_params = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0)
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.dim_per_head * seq_len
+        # a windowed layer scores at most `window` keys per query
+        attended = sum(min(w, seq_len) if w > 0 else seq_len for w in self.layer_windows)
+        return 6 * matmul_params + 12 * cfg.n_head * cfg.dim_per_head * attended
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
-                return_hidden: bool = False):
+                return_hidden: bool = False, prefix_len: torch.Tensor | None = None):
         """idx (B, T) token ids -> logits (B, T', V), and the mean cross-entropy when targets are given.
 
         targets (B, T) use -1 for positions that do not count. positions (B, T) default to
         0..T-1 (or continue the cache). logits_to_keep > 0 computes the head for the last N
-        positions only (prefill in generation needs just the last).
+        positions only (prefill in generation needs just the last). prefix_len (B,) makes the
+        positions below it a bidirectional prefix (prefix LM); the rest stay causal.
         """
         B, T = idx.shape
         if positions is None:
@@ -252,12 +260,9 @@ class GPT(nn.Module):
         if self.config.position == "rope":
             p = positions.clamp(min=0)
             rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, D) each
-        if kv_cache is not None:
-            key_positions = kv_cache.prepare(positions)  # (B, S)
-            mask = attention_mask(positions, key_positions)
-        else:
-            mask = None  # plain causal: lets SDPA use its fused kernel
-        for block in self.blocks:
+        key_positions = kv_cache.prepare(positions) if kv_cache is not None else None  # (B, S)
+        masks = self._layer_masks(positions, key_positions, prefix_len)
+        for block, mask in zip(self.blocks, masks):
             x = block(x, rope, mask, kv_cache)
         x = self.norm_f(x)
         if return_hidden:
@@ -269,3 +274,18 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _layer_masks(self, positions: torch.Tensor, key_positions: torch.Tensor | None,
+                     prefix_len: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """One attention mask per layer; layers with the same window share it. None = plain causal
+        attention over the T new tokens (no cache, no prefix, no bias), SDPA's fused kernel."""
+        slopes = getattr(self, "alibi_slopes", None)
+        by_window: dict[int, torch.Tensor | None] = {}
+        for window in set(self.layer_windows):
+            if key_positions is None and prefix_len is None and slopes is None and window == 0:
+                by_window[window] = None
+            else:
+                keys = positions if key_positions is None else key_positions
+                by_window[window] = attention_bias(positions, keys, window=window, prefix_len=prefix_len,
+                                                   slopes=slopes)
+        return [by_window[w] for w in self.layer_windows]

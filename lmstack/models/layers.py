@@ -132,20 +132,63 @@ def default_mlp_hidden(dim: int, activation: str, multiple_of: int = 64) -> int:
 # ----------------------------------------------------------------------------- attention
 
 def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask (B, 1, T, S): True where query t may attend to key s.
 
     query_positions (B, T), key_positions (B, S); -1 marks padding / empty slots. A padded query
     row is allowed to see every key so that softmax never sees an all-masked row (its output is
-    discarded anyway).
+    discarded anyway). ``window`` > 0 bands the causal part (a query sees the last ``window``
+    positions, itself included). ``prefix_len`` (B,) makes positions < prefix_len attend to each
+    other in both directions (prefix LM, U-PaLM / GLM); the prefix ignores the window.
     """
     q = query_positions[:, :, None]  # (B, T, 1)
     k = key_positions[:, None, :]  # (B, 1, S)
-    allowed = (k <= q) & (k >= 0)
+    allowed = k <= q
     if window is not None and window > 0:
         allowed &= (q - k) < window
+    if prefix_len is not None:
+        bound = prefix_len.to(q.device).view(-1, 1, 1)  # (B, 1, 1)
+        allowed |= (q < bound) & (k < bound)
+    allowed &= k >= 0
     allowed |= (q < 0)
     return allowed[:, None]  # (B, 1, T, S)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al., 2022), shape (n_head,).
+
+    For a power of two n the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8).
+    Otherwise the paper takes the slopes of the nearest smaller power of two and fills the rest
+    with every other slope of the next power of two.
+    """
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    base = 2 ** int(math.floor(math.log2(n_head)))
+    slopes = geometric(base)
+    if base < n_head:
+        slopes += geometric(2 * base)[0::2][: n_head - base]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias -slope * |query position - key position|, shape (B, H, T, S).
+
+    Derived from positions only, so it is the same with or without a KV cache. The distance is
+    symmetric so keys after the query (a bidirectional prefix) are penalised the same way.
+    """
+    distance = (query_positions[:, :, None] - key_positions[:, None, :]).abs().float()  # (B, T, S)
+    return -slopes.view(1, -1, 1, 1) * distance[:, None]  # (B, H, T, S)
+
+
+def attention_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, *, window: int = 0,
+                   prefix_len: torch.Tensor | None = None, slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask for one attention call: boolean (B, 1, T, S), or with ALiBi ``slopes`` a float
+    bias (B, H, T, S) that is -inf where attention is not allowed."""
+    allowed = attention_mask(query_positions, key_positions, window, prefix_len)
+    if slopes is None:
+        return allowed
+    return alibi_bias(query_positions, key_positions, slopes).masked_fill(~allowed, float("-inf"))
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -162,4 +205,41 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         v = v.repeat_interleave(n_rep, dim=1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+    if mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)  # additive biases (ALiBi, T5) must match the query dtype under autocast
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head, grouped-query (1 < n_kv_head < n_head) or multi-query (n_kv_head == 1) self-attention.
+
+    Speaks the KV-cache protocol above: with a cache the new keys/values are appended and the
+    attention runs over everything cached; ``mask`` (from :func:`attention_bias`) decides what each
+    query sees. ``rope`` is the (cos, sin) pair gathered at the tokens' positions, or None.
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, layer_idx: int,
+                 bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.q_proj = nn.Linear(dim, n_head * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_head * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_head * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_head * head_dim, dim, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
+        y = scaled_dot_product_attention(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.resid_dropout(self.o_proj(y))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
@@ -22,9 +23,199 @@ def causal_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     return loss, {}
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def _eval_generator(model: nn.Module) -> torch.Generator | None:
+    """Training draws masks from the global RNG (seeded and checkpointed by the loop); validation
+    uses a fixed generator so every validation pass scores the same corruption pattern."""
+    return None if model.training else torch.Generator().manual_seed(0)
+
+
+def prefix_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Prefix LM (T5 / U-PaLM): per sequence a split point L uniform in [1, T-1]; positions < L attend
+    bidirectionally, the loss covers the predictions of tokens L..T only (position L-1 onwards),
+    since inside the prefix the next token is visible."""
+    B, T = x.shape
+    if T < 2:
+        raise ValueError(f"the prefix-LM objective needs windows of at least 2 tokens (train.seq_len={T})")
+    prefix_len = torch.randint(1, T, (B,), generator=_eval_generator(model))  # (B,)
+    hidden = torch.arange(T)[None, :] < (prefix_len[:, None] - 1)  # (B, T) targets inside the prefix
+    targets = y.masked_fill(hidden.to(y.device), -1)
+    _, loss = model(x, targets, prefix_len=prefix_len.to(x.device))
+    return loss, {"prefix_frac": float(prefix_len.float().mean()) / T}
+
+
+def moe_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token prediction for mixture-of-experts models plus their auxiliary router losses
+    (load balancing, z-loss) while training; validation returns the plain LM loss so it compares
+    with dense models. Metrics: lm_loss and the routing statistics of models/moe.py."""
+    from lmstack.models.moe import routing_metrics
+
+    _, lm_loss, aux = model(x, y, return_aux=True)
+    metrics = {"lm_loss": float(lm_loss.detach()), **routing_metrics(aux["stats"])}
+    return (lm_loss + aux["loss"] if model.training else lm_loss), metrics
+
+
+# ----------------------------------------------------------------------------- span corruption / infilling
+
+SENTINELS = [f"<|sentinel_{i}|>" for i in range(16)]
+MASK_TOKEN = "<|mask|>"
+
+
+def special_token_ids(tokenizer: Any, names: list[str], purpose: str) -> list[int]:
+    """Ids of the tokenizer's special tokens ``names``; a clear error when one is missing."""
+    table = getattr(tokenizer, "special_tokens", None) or {}
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"{purpose} needs the special token(s) {', '.join(missing)}, which this tokenizer lacks; "
+                         "train a tokenizer with `lmstack tokenizer train` (it reserves <|sentinel_0..15|> and "
+                         "<|mask|>) and re-tokenize the data")
+    return [int(table[n]) for n in names]
+
+
+def span_layout(length: int, noise_density: float, mean_span: float, max_spans: int) -> tuple[int, int]:
+    """(noise tokens, spans) for a window of ``length`` tokens: round(length * density) noise tokens
+    in round(noise / mean_span) spans, at most ``max_spans`` (one sentinel each); when capped the
+    spans get longer rather than the noise smaller."""
+    if length < 2:
+        raise ValueError(f"span corruption needs windows of at least 2 tokens, got {length}")
+    n_noise = min(max(1, round(length * noise_density)), length - 1)
+    n_spans = max(1, min(round(n_noise / mean_span), max_spans, n_noise, length - n_noise))
+    return n_noise, n_spans
+
+
+def _random_partition(total: int, parts: int, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(batch, parts) positive integers, each row summing to ``total``, uniformly over compositions."""
+    if parts == 1:
+        return torch.full((batch, 1), total, dtype=torch.long)
+    cuts = torch.rand(batch, total - 1, generator=generator).argsort(dim=1)[:, :parts - 1] + 1  # distinct, 1..total-1
+    bounds = torch.cat([torch.zeros(batch, 1, dtype=torch.long), cuts.sort(dim=1).values,
+                        torch.full((batch, 1), total, dtype=torch.long)], dim=1)  # (batch, parts + 1)
+    return bounds.diff(dim=1)
+
+
+def random_span_mask(batch: int, length: int, n_noise: int, n_spans: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, length) bool, True on noise: n_spans noise spans totalling n_noise tokens, separated by
+    (and starting after) kept runs, all span and run lengths random (T5's random_spans_noise_mask)."""
+    noise_lengths = _random_partition(n_noise, n_spans, batch, generator)  # (B, n)
+    keep_lengths = _random_partition(length - n_noise, n_spans, batch, generator)  # (B, n)
+    lengths = torch.stack([keep_lengths, noise_lengths], dim=2).view(batch * 2 * n_spans)  # keep, noise, keep, ...
+    pattern = torch.tensor([False, True]).repeat(batch * n_spans)  # (B * 2n,)
+    return pattern.repeat_interleave(lengths).view(batch, length)
+
+
+def split_spans(tokens: torch.Tensor, noise_mask: torch.Tensor, n_spans: int, input_markers: torch.Tensor,
+                span_markers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the noise spans out of ``tokens`` (B, L).
+
+    Returns ``corrupted`` (B, L - noise + n_spans): the tokens with span i collapsed to
+    input_markers[i], and ``spans`` (B, noise + n_spans): span_markers[i] followed by span i's tokens,
+    for every span in order. Every row must have the same noise count and span count.
+    """
+    B, L = tokens.shape
+    n_noise = int(noise_mask[0].sum())
+    span_start = noise_mask & ~F.pad(noise_mask[:, :-1], (1, 0))  # (B, L) first token of each span
+    span_index = (span_start.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) span of each noise token
+    with_markers = torch.where(span_start, input_markers[span_index], tokens)
+    corrupted = with_markers[~noise_mask | span_start].view(B, L - n_noise + n_spans)
+    noise_tokens = tokens[noise_mask].view(B, n_noise)
+    starts = span_start[noise_mask].view(B, n_noise)
+    # noise token j lands after the markers of its own and every earlier span
+    dest = torch.arange(n_noise, device=tokens.device) + starts.long().cumsum(dim=1)  # (B, noise)
+    spans = torch.empty(B, n_noise + n_spans, dtype=tokens.dtype, device=tokens.device)
+    spans.scatter_(1, dest, noise_tokens)
+    spans.scatter_(1, (dest[starts] - 1).view(B, n_spans), span_markers.expand(B, n_spans))
+    return corrupted, spans
+
+
+def span_corruption(tokenizer: Any) -> Objective:
+    """T5's denoising objective for the ``t5`` family (noise density and mean span from the model config).
+
+    Encoder: the window with each noise span replaced by ``<|sentinel_i|>``. Decoder target:
+    ``<|sentinel_0|> span_0 <|sentinel_1|> span_1 ... <|endoftext|>``, decoder input the same shifted
+    right behind ``<|endoftext|>`` (the decoder start token ``T5.generate`` expects).
+    """
+    sentinels = torch.tensor(special_token_ids(tokenizer, SENTINELS, "span corruption"))
+    eot = int(tokenizer.eot_id)
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = _unwrapped(model).config
+        B, L = x.shape
+        n_noise, n_spans = span_layout(L, cfg.noise_density, cfg.mean_span, len(sentinels))
+        noise_mask = random_span_mask(B, L, n_noise, n_spans, _eval_generator(model)).to(x.device)
+        markers = sentinels.to(x.device)
+        encoder_input, spans = split_spans(x, noise_mask, n_spans, markers, markers)
+        boundary = torch.full((B, 1), eot, dtype=x.dtype, device=x.device)
+        decoder_input = torch.cat([boundary, spans], dim=1)  # (B, noise + n_spans + 1)
+        targets = torch.cat([spans, boundary], dim=1)
+        _, loss = model(encoder_input, decoder_input, targets)
+        return loss, {}
+
+    return objective
+
+
+span_corruption.needs_tokenizer = True  # type: ignore[attr-defined]
+
+
+def glm_layout(window: int, noise_density: float, mean_span: float, max_spans: int) -> tuple[int, int, int]:
+    """(source tokens, noise tokens, spans) so that blank infilling's part A + part B fits ``window``:
+    a source of L tokens with n spans becomes L + 2n tokens (one mask and one start token per span)."""
+    for length in range(window, 1, -1):
+        n_noise, n_spans = span_layout(length, noise_density, mean_span, max_spans)
+        if length + 2 * n_spans <= window:
+            return length, n_noise, n_spans
+    raise ValueError(f"blank infilling needs windows of at least 4 tokens (train.seq_len={window})")
+
+
+def blank_infilling(tokenizer: Any, noise_density: float = 0.15, mean_span: float = 3.0) -> Objective:
+    """GLM's autoregressive blank infilling for the ``glm`` family.
+
+    Part A: the source with each sampled span replaced by one ``<|mask|>``, attended bidirectionally
+    (prefix-LM mask). Part B: for each span in order, ``<|sentinel_i|>`` (its start token) followed
+    by the span, generated causally; after the last span the model predicts ``<|endoftext|>``. The
+    loss covers part B only. The source is the window's first L tokens, L chosen so A + B fits the
+    window. Unlike GLM, spans keep their text order and the start token names the blank: GLM shuffles
+    spans and identifies them with 2-D positions, which 1-D position-based masks cannot express.
+    """
+    mask_id, = special_token_ids(tokenizer, [MASK_TOKEN], "blank infilling")
+    starts = torch.tensor(special_token_ids(tokenizer, SENTINELS, "blank infilling"))
+    eot = int(tokenizer.eot_id)
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        B, T = x.shape
+        length, n_noise, n_spans = glm_layout(T, noise_density, mean_span, len(starts))
+        noise_mask = random_span_mask(B, length, n_noise, n_spans, _eval_generator(model)).to(x.device)
+        part_a, part_b = split_spans(x[:, :length], noise_mask, n_spans,
+                                     torch.full((n_spans,), mask_id, device=x.device), starts.to(x.device))
+        inputs = torch.cat([part_a, part_b], dim=1)  # (B, length + 2n)
+        ignore = torch.full_like(part_a, -1)
+        boundary = torch.full((B, 1), eot, dtype=x.dtype, device=x.device)
+        # position t predicts input t+1: nothing inside part A (nor its first start token), then
+        # part B's span tokens and next start tokens, then the end
+        targets = torch.cat([ignore, part_b[:, 1:], boundary], dim=1)
+        prefix_len = torch.full((B,), part_a.shape[1], device=x.device)
+        _, loss = model(inputs, targets, prefix_len=prefix_len)
+        return loss, {}
+
+    return objective
+
+
+blank_infilling.needs_tokenizer = True  # type: ignore[attr-defined]
+
+
 # family name -> objective used by `lmstack pretrain`
 OBJECTIVES: dict[str, Objective] = {
     "gpt": causal_lm,
+    "prefix_lm": prefix_lm,
+    "glm": blank_infilling,
+    "t5": span_corruption,
+    "moe": moe_lm,
 }
 
 
