@@ -218,6 +218,9 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         return APIError(400, "We could not parse the JSON body of your request: "
                              f"{first.get('ctx', {}).get('error', first.get('msg'))}. Send valid JSON "
                              "with Content-Type: application/json.", code="invalid_json")
+    if first.get("type") in ("model_attributes_type", "dict_type", "model_type") and not loc:
+        return APIError(400, "The request body must be a JSON object; send it with Content-Type: application/json.",
+                        code="invalid_json")
     if first.get("type") == "missing" and not loc:
         return APIError(400, "The request body is missing; send a JSON object.", code="invalid_json")
     param = _dotted(loc)
@@ -368,8 +371,9 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
-        super().__init__(content=None, status_code=200,
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # no Response.__init__: it would render an empty body and declare Content-Length: 0
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events, self.on_close = events, on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -389,6 +393,9 @@ class EventStreamResponse(Response):
             for task in (producer, listener):
                 with contextlib.suppress(BaseException):
                     await task
+            if producer.done() and not producer.cancelled() and producer.exception() is not None:
+                if not isinstance(producer.exception(), OSError):  # OSError: the client went away mid-send
+                    log.error("streamed response failed", exc_info=producer.exception())
             with contextlib.suppress(BaseException):
                 await self.events.aclose()  # type: ignore[attr-defined]
             await self.on_close()
@@ -862,11 +869,21 @@ async def _embed_queued(state: ServerState, ids: list[list[int]]) -> list[list[f
 
 
 def embed_token_ids(engine: Any, ids: list[list[int]]) -> list[list[float]]:
-    """Unit-length embeddings for token-id inputs, through lmstack.engine.embed."""
-    from lmstack.engine.embed import embed
+    """Unit-length embeddings of token-id inputs: the mean of the model's final hidden states.
 
-    vectors = embed(engine.model, engine.tokenizer, ids)
-    return [list(map(float, v)) for v in vectors.tolist()] if hasattr(vectors, "tolist") else vectors
+    Stop-gap until lmstack/engine/embed.py lands: one input at a time, so no padding mask is needed.
+    """
+    import torch
+
+    model = engine.model
+    device = next(model.parameters()).device
+    vectors = []
+    with torch.inference_mode():
+        for x in ids:
+            hidden, _ = model(torch.tensor([x], device=device), return_hidden=True)  # (1, T, C)
+            pooled = hidden[0].float().mean(dim=0)  # (C,)
+            vectors.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
+    return vectors
 
 
 def _encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:

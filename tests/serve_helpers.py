@@ -1,0 +1,82 @@
+"""Shared fixtures and helpers for the server tests (test_serve*.py, test_webui.py).
+
+A tiny random checkpoint is built once per session (a BPE tokenizer trained on a few hundred
+generated sentences, a 2-layer GPT with a 1024-token context so that long generations take long
+enough to be interrupted), and servers are started in-process with uvicorn on a free loopback port
+through :func:`lmstack.serve.app.serve_in_thread`. Test modules import the fixtures they use:
+
+    from serve_helpers import tiny_checkpoint, API_KEY, wait_idle   # noqa: F401
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "sk-test-key-123456"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+_WORDS = ("the model reads a token and writes the next one while the server streams every piece "
+          "of text to the client who asked a question about cats dogs rivers code numbers and time").split()
+
+
+def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        words = rng.choices(_WORDS, k=rng.randint(4, 14))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]) + f" {i % 10}")
+    return lines
+
+
+def build_tiny_checkpoint(path: Path, block_size: int = 1024, seed: int = 0) -> Path:
+    import torch
+
+    from lmstack.config import model_config_to_dict, tiny
+    from lmstack.models import build_model
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train.checkpoint import save_checkpoint
+
+    tokenizer = Tokenizer.train(corpus(), vocab_size=384)
+    cfg = tiny().model
+    cfg.vocab_size, cfg.block_size = tokenizer.vocab_size, block_size
+    cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd = 2, 2, 2, 64
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    return save_checkpoint(path, model, {"model": model_config_to_dict(cfg)}, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-chat")
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict:
+    """Poll /health until nothing runs or waits and the KV cache is empty; returns the last stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = health(url)["engine"]
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens_used"] == 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the engine did not become idle within {timeout} s: {stats}")
+        time.sleep(0.05)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
