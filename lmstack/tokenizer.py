@@ -708,12 +708,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, kind: Literal["bpe", "unigram"] = "bpe") -> Tokenizer:
         """Learn a vocabulary of ``vocab_size`` ids (special tokens included, at the top) from ``texts``."""
-        if kind not in ("bpe", "unigram"):
-            raise ValueError(f"kind must be 'bpe' or 'unigram', got {kind!r}")
-        least = 256 + NUM_SPECIAL_TOKENS + (1 if kind == "unigram" else 0)
-        if not isinstance(vocab_size, int) or vocab_size < least:
-            raise ValueError(f"vocab_size={vocab_size} is too small: a {kind} vocabulary needs the 256 byte "
-                             f"tokens plus {NUM_SPECIAL_TOKENS} special tokens, so at least {least}")
+        check_train_args(vocab_size, kind)
         if isinstance(texts, str):
             raise TypeError("train() takes an iterable of documents, not one string; wrap it in a list")
         counted = _CountingIterator(texts)
@@ -809,6 +804,16 @@ class Tokenizer:
 
 
 _UNDECODABLE_RUN = re.compile("([\udc80-\udcff]+)")
+
+
+def check_train_args(vocab_size: int, kind: str) -> None:
+    """Raise ValueError for a vocabulary that cannot be trained (before any text is read)."""
+    if kind not in ("bpe", "unigram"):
+        raise ValueError(f"kind must be 'bpe' or 'unigram', got {kind!r}")
+    least = 256 + NUM_SPECIAL_TOKENS + (1 if kind == "unigram" else 0)
+    if not isinstance(vocab_size, int) or vocab_size < least:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a {kind} vocabulary needs the 256 byte "
+                         f"tokens plus {NUM_SPECIAL_TOKENS} special tokens, so at least {least}")
 
 
 class _CountingIterator:
@@ -954,6 +959,87 @@ def _load_tiktoken_file(path: Path) -> Tokenizer:
         pattern, specials = CL100K_PATTERN, {EOT: max(ranks.values()) + 1}
     backend = _TiktokenBackend(ranks, specials, pattern, label=path.stem)
     return Tokenizer(backend, _Meta(kind="imported", eot_token=EOT, source=str(path)))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def train_from_files(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int,
+                     kind: Literal["bpe", "unigram"] = "bpe", text_field: str = "text",
+                     max_bytes: int | None = None, progress: bool = True) -> Tokenizer:
+    """`lmstack tokenizer train`: read documents (files, directories or a corpus name such as "classics"),
+    train, and save to ``out_dir``. ``max_bytes`` caps the UTF-8 text read (the last document is cut)."""
+    import time
+
+    from lmstack.data.sources import Progress, ReadStats, iter_documents, resolve_inputs
+
+    check_train_args(vocab_size, kind)
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    paths = resolve_inputs(inputs, progress=progress)
+    stats = ReadStats()
+    started = time.perf_counter()
+    with Progress(progress, bytes_mode=True) as bar:
+        reading = bar.add("reading text", total=max_bytes)
+
+        def documents() -> Iterator[str]:
+            shown = 0
+            for doc in iter_documents(paths, text_field=text_field, stats=stats):
+                text = doc.text
+                if max_bytes is not None and stats.text_bytes >= max_bytes:
+                    excess = stats.text_bytes - max_bytes
+                    text = text.encode()[:len(text.encode()) - excess].decode("utf-8", "ignore")
+                    stats.text_bytes = max_bytes
+                if stats.text_bytes - shown >= 1 << 20:  # redraw per MiB, not per document
+                    bar.update(reading, completed=stats.text_bytes)
+                    shown = stats.text_bytes
+                yield text
+                if max_bytes is not None and stats.text_bytes >= max_bytes:
+                    break
+            bar.update(reading, completed=stats.text_bytes, total=stats.text_bytes)
+            bar.add(f"learning a {kind} vocabulary of {vocab_size:,}", total=None)
+
+        tok = Tokenizer.train(documents(), vocab_size, kind)
+        tok.save(out_dir)
+    seconds = time.perf_counter() - started
+    print(f"read {stats.summary()}\nsaved {tok} to {out_dir} in {seconds:.1f} s")
+    return tok
+
+
+def describe_encoding(tok: Tokenizer, text: str) -> str:
+    """`lmstack tokenizer encode`: the ids, then one line per token with the text it stands for."""
+    ids = tok.encode(text)
+    lines = [f"{len(ids)} tokens, {len(text.encode()) / max(len(ids), 1):.2f} bytes per token",
+             "ids: " + " ".join(map(str, ids))]
+    for token_id in ids:
+        piece = tok.token_bytes(token_id) or b""
+        try:
+            shown = repr(piece.decode("utf-8"))
+        except UnicodeDecodeError:  # part of a multi-byte character
+            shown = repr(piece)
+        lines.append(f"{token_id:>8}  {shown}")
+    return "\n".join(lines)
+
+
+def describe(tok: Tokenizer) -> str:
+    """`lmstack tokenizer info`: what this tokenizer is and how it will be run."""
+    special = list(tok.special_tokens.items())
+    shown = ", ".join(f"{t}={i}" for t, i in special[:12]) + (f", … ({len(special)} in all)" if len(special) > 12 else "")
+    eot = tok._meta.eot_token
+    rows = [
+        ("source", tok._meta.source or "-"),
+        ("kind", tok.kind),
+        ("backend", tok.backend + (f" (tiktoken fast path not used: {tok.fast_path_reason})" if tok.fast_path_reason else "")),
+        ("vocab_size", f"{tok.vocab_size:,}"),
+        ("split regex", tok.split_pattern or "-"),
+        ("document boundary", f"{eot}={tok.token_to_id(eot)}" if eot else "none"),
+        ("stop tokens", ", ".join(f"{t}={tok.token_to_id(t)}" for t in tok._meta.stop_tokens) or "none"),
+        ("chat format", {"lmstack": "lmstack (<|system|>/<|user|>/<|assistant|> … <|end|>)",
+                         "jinja": f"Jinja chat template ({len(tok.chat_template or '')} characters)"}.get(
+                             tok.chat_format or "", "none")),
+        ("special tokens", shown or "none"),
+    ]
+    return "\n".join(f"{name:>18}: {value}" for name, value in rows)
 
 
 # ----------------------------------------------------------------------------- chat helpers
