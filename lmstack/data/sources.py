@@ -72,7 +72,8 @@ from typing import IO, Callable, Iterable, Iterator, Literal
 
 __all__ = [
     "CORPORA", "DataError", "Document", "ReadStats", "default_cache_dir", "download_corpus",
-    "iter_documents", "list_input_files", "resolve_inputs", "strip_gutenberg",
+    "iter_documents", "list_input_files", "make_staging_dir", "resolve_inputs", "strip_gutenberg",
+    "swap_directory",
 ]
 
 
@@ -205,7 +206,7 @@ def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
     """Yield (file, label) for every readable input file, in a deterministic order.
 
     A file argument is used as given (an unsupported type is an error); a directory argument is walked
-    recursively in sorted order, skipping hidden entries and files of other types. ``label`` is the
+    recursively in sorted path order, skipping hidden entries and files of other types. ``label`` is the
     file's path relative to the argument's parent, the stable part of document ids.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -218,18 +219,13 @@ def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
     for p in resolved:
         if p.is_dir():
             found = 0
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    f = Path(dirpath) / name
-                    if name.startswith("."):
-                        continue
-                    if _format_of(f) is None:
-                        if stats is not None:
-                            stats.unsupported_files.append(str(f))
-                        continue
-                    found += 1
-                    yield f, (Path(p.name) / f.relative_to(p)).as_posix()
+            for f in _walk_sorted(p, set()):
+                if _format_of(f) is None:
+                    if stats is not None:
+                        stats.unsupported_files.append(str(f))
+                    continue
+                found += 1
+                yield f, (Path(p.name) / f.relative_to(p)).as_posix()
             if not found:
                 raise DataError(f"directory {p} holds no readable files; supported types: "
                                 f"{', '.join(SUPPORTED_SUFFIXES)}")
@@ -238,6 +234,22 @@ def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
                 raise DataError(f"{p}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)} "
                                 "(or a directory of them)")
             yield p, p.name
+
+
+def _walk_sorted(directory: Path, visited: set[str]) -> Iterator[Path]:
+    """Files under DIRECTORY in sorted path order (entries by name, sub-directories in place), skipping
+    hidden entries; symlinked directories are followed once (a link loop is not followed again)."""
+    real = os.path.realpath(directory)
+    if real in visited:
+        return
+    visited.add(real)
+    with os.scandir(directory) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk_sorted(Path(entry.path), visited)
+        elif entry.is_file():
+            yield Path(entry.path)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -387,7 +399,7 @@ def _read_parquet(path: Path, label: str, compression: str, stats: ReadStats, te
 
 # ----------------------------------------------------------------------------- corpora: plumbing
 
-CORPUS_FORMAT_VERSION = 1  # bump when a builder changes its output, so old caches are rebuilt
+CORPUS_FORMAT_VERSION = 2  # bump when a builder changes its output, so old caches are rebuilt
 
 
 def default_cache_dir() -> Path:
@@ -536,8 +548,20 @@ def _verify(corpus_dir: Path) -> dict | None:
         return None
 
 
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Move a finished STAGING directory to FINAL, replacing what was there, without a half state."""
+def make_staging_dir(final: Path) -> Path:
+    """An empty directory next to FINAL (same file system, so ``swap_directory`` is a rename), with the
+    permissions a plain mkdir would give (mkdtemp alone makes it private to the user)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging
+
+
+def swap_directory(staging: Path, final: Path) -> None:
+    """Move a finished STAGING directory to FINAL (same file system), replacing what was there: readers
+    see the old complete directory or the new one, never a half-written mix."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -562,8 +586,7 @@ def download_corpus(name: str = "classics", cache_dir: str | os.PathLike | None 
     final = cache / "corpora" / name
     if not force and _verify(final) is not None:
         return final
-    (cache / "corpora").mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache / "corpora", prefix=f".{name}.tmp-"))
+    staging = make_staging_dir(final)
     try:
         with Progress(progress) as bar:
             archives = {pkg.name: _fetch(pkg, cache / "downloads", bar) for pkg in corpus.packages}
@@ -578,7 +601,7 @@ def download_corpus(name: str = "classics", cache_dir: str | os.PathLike | None 
             "text_bytes": sum(f["text_bytes"] for f in files),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(staging, final)
+        swap_directory(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -629,9 +652,23 @@ def _clean_text(raw: bytes) -> str:
     return strip_gutenberg(text).strip("\n")
 
 
+def _line_groups(paragraph: str, target_chars: int) -> list[str]:
+    """A paragraph longer than 2 x TARGET_CHARS (a whole book of verse without blank lines) cut at line ends."""
+    if len(paragraph) <= 2 * target_chars:
+        return [paragraph]
+    groups, current, size = [], [], 0
+    for line in paragraph.split("\n"):
+        if size >= target_chars:
+            groups.append("\n".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    return groups + ["\n".join(current)]
+
+
 def _sections(text: str, target_chars: int = 4000) -> list[str]:
     """Cut TEXT at blank lines into pieces of about TARGET_CHARS (a short tail joins the previous piece)."""
-    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    paragraphs = [g for p in re.split(r"\n\s*\n", text) if p.strip() for g in _line_groups(p, target_chars)]
     sections: list[list[str]] = [[]]
     size = 0
     for paragraph in paragraphs:
@@ -730,7 +767,7 @@ def _build_fortunes(archives: dict[str, Path], packages: list[Package], out_dir:
             for member in names:
                 text = _normalize_newlines(_decode(whl.read(member))[0])
                 file_name = member.rsplit("/", 1)[-1]
-                for i, fortune in enumerate(re.split(r"^%$", text, flags=re.MULTILINE)):
+                for i, fortune in enumerate(re.split(r"^%[ \t]*$", text, flags=re.MULTILINE)):
                     fortune = "\n".join(line.rstrip() for line in fortune.split("\n")).strip("\n")
                     key = " ".join(fortune.split())
                     if not key or key in seen or "$FreeBSD" in fortune:  # skip blanks, repeats, VCS banners
