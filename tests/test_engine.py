@@ -16,10 +16,19 @@ from lmstack.engine.generate import generate
 from lmstack.models import build_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded, and the CI machine is small and shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
     cfg = tiny().model
-    for key, value in dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=101, block_size=96,
-                           **overrides).items():
+    for key, value in {**dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=101, block_size=96),
+                       **overrides}.items():
         setattr(cfg, key, value)
     torch.manual_seed(seed)
     return build_model(cfg).eval()

@@ -14,6 +14,15 @@ from lmstack.engine.async_engine import AsyncEngine, QueueFull
 from lmstack.models import build_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded, and the CI machine is small and shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny().model

@@ -119,9 +119,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, max(max_num_batched_tokens, num_slots), prefix_reuse)
         self.eos_token_ids: set[int] = set()
         if tokenizer is not None:
-            eot = getattr(tokenizer, "eot_id", None)
-            self.eos_token_ids = {int(eot)} if eot is not None else set()
-            self.eos_token_ids |= {int(t) for t in getattr(tokenizer, "stop_token_ids", []) or []}
+            self.eos_token_ids = set(tokenizer_stop_ids(tokenizer))
         self._rng = random.Random(seed)
         self._requests: dict[str, Request] = {}
         self._touched: dict[str, Request] = {}  # requests with news for the next step()'s outputs
@@ -370,6 +368,17 @@ class Engine:
                 self._requests.pop(request_id, None)
         self._touched = {}
         return outputs
+
+
+def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
+    """The document boundary and end-of-turn tokens of a tokenizer (whichever it has)."""
+    ids = []
+    try:
+        ids.append(int(tokenizer.eot_id))
+    except (AttributeError, ValueError, TypeError):  # a tokenizer without a document-boundary token
+        pass
+    ids += [int(t) for t in (getattr(tokenizer, "stop_token_ids", None) or []) if t is not None]
+    return sorted(set(ids))
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -1,0 +1,204 @@
+"""Generation tests: KV-cache parity for every position encoding, left-padded cache batches, streaming
+text (UTF-8 split across tokens, stop strings across token boundaries), and the `generate` / `chat`
+commands on a tiny checkpoint (streamed output, errors, history sliding)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from lmstack.cli import main as cli_main
+from lmstack.config import tiny
+from lmstack.engine import Engine, SamplingParams
+from lmstack.engine.detok import IncrementalDetokenizer, TextStream
+from lmstack.engine.generate import ChatSession, chat_cli, generate
+from lmstack.engine.kv_cache import KVCache
+from lmstack.models import build_model
+from lmstack.tokenizer import Tokenizer
+from lmstack.train.checkpoint import save_checkpoint
+
+TEXTS = ["héllo wörld, naïve café — 日本語のテキスト and emoji 😀🚀 here.\n",
+         "The quick brown fox jumps over the lazy dog. " * 3, "def f(x):\n    return x * 2\n"] * 30
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded, and the CI machine is small and shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    cfg = tiny().model
+    for key, value in {**dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=4, vocab_size=300, block_size=128),
+                       **overrides}.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal", "none"])
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_greedy_with_kv_cache_equals_without(position, n_kv_head):
+    model = tiny_model(position=position, n_kv_head=n_kv_head)
+    for prompt in ([7], [3, 1, 4, 1, 5, 9, 2, 6]):
+        params = SamplingParams(max_tokens=24, temperature=0.0)
+        cached = generate(model, prompt, params, use_kv_cache=True)
+        plain = generate(model, prompt, params, use_kv_cache=False)
+        assert len(cached) == 24 and cached == plain
+
+
+def test_seeded_sampling_with_kv_cache_equals_without():
+    model = tiny_model()
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=40, repetition_penalty=1.3, seed=7)
+    assert generate(model, [1, 2, 3], params) == generate(model, [1, 2, 3], params, use_kv_cache=False)
+
+
+def test_left_padded_kv_cache_batch_matches_solo():
+    """Padding positions (-1) in a batched cache are never attended: each row decodes as if alone."""
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    positions = torch.tensor([[-1] * (T - len(p)) + list(range(len(p))) for p in prompts])
+    cache = KVCache.for_model(model, batch_size=2, max_len=T + 8)
+    with torch.no_grad():
+        logits, _ = model(idx, positions=positions, kv_cache=cache, logits_to_keep=1)
+        tokens = [[int(t)] for t in logits[:, -1].argmax(-1)]
+        for _ in range(7):
+            step_positions = torch.tensor([[len(p) + len(t) - 1] for p, t in zip(prompts, tokens)])
+            logits, _ = model(torch.tensor([[t[-1]] for t in tokens]), positions=step_positions, kv_cache=cache)
+            for row, t in zip(tokens, logits[:, -1].argmax(-1)):
+                row.append(int(t))
+    for prompt, row in zip(prompts, tokens):
+        assert row == generate(model, prompt, SamplingParams(max_tokens=8, temperature=0.0))
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+def test_incremental_detokenizer_holds_back_split_characters(tokenizer):
+    text = "日本語 😀🚀 naïve"
+    ids = tokenizer.encode(text)
+    assert any(not _valid_utf8(tokenizer.decode_bytes([i])) for i in ids)  # some tokens split a character
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_text_stream_cuts_stop_strings_across_tokens(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer.encode(text)
+    stream = TextStream(tokenizer, stop=["fox jumps", "never"])
+    released, stopped = "", False
+    for i in ids:
+        delta, stopped = stream.add(i)
+        released += delta
+        assert "fox" not in released  # not even the start of the stop string leaks while it may still match
+        if stopped:
+            break
+    assert stopped and released == "The quick brown " == stream.text
+    # a partial match that never completes is released at the end
+    stream = TextStream(tokenizer, stop=["dog!"])
+    released = "".join(stream.add(i)[0] for i in ids) + stream.finish()
+    assert released == text
+
+
+def test_engine_stop_strings_end_text_without_leaking(tokenizer):
+    model = tiny_model()
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("The quick")
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    [full] = engine.generate([prompt], params)
+    text = full.outputs[0].text
+    assert len(text) > 6
+    stop = text[3:6]  # some substring of the greedy output (it may span tokens)
+    params.stop = [stop]
+    request_id = engine.add_request(prompt, params)
+    streamed = ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed += out.outputs[0].new_text
+            final = out
+    assert final.request_id == request_id and final.outputs[0].finish_reason == "stop"
+    assert streamed == final.outputs[0].text == text[:text.index(stop)]
+
+
+# ----------------------------------------------------------------------------- commands
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    model = tiny_model(block_size=64, vocab_size=tokenizer.vocab_size)
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(path, model, {"model": vars(model.config)}, tokenizer=tokenizer)
+    return path
+
+
+def test_generate_command_streams_the_engine_output(checkpoint, tokenizer, capsys):
+    args = ["generate", "--model", str(checkpoint), "--prompt", "The quick", "--max-tokens", "12",
+            "--temperature", "0", "--device", "cpu"]
+    assert cli_main(args) == 0
+    out, err = capsys.readouterr()
+    engine = Engine.from_checkpoint(checkpoint, device="cpu")
+    [expected] = engine.generate([tokenizer.encode("The quick")], SamplingParams(max_tokens=12, temperature=0.0))
+    assert out == expected.outputs[0].text + "\n"
+    assert "tokens/s" in err
+    assert cli_main(args[:-4] + ["--seed", "3", "--num-samples", "2", "--temperature", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
+
+
+def test_generate_command_errors(tmp_path, checkpoint, capsys):
+    assert cli_main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    # an empty prompt starts a fresh document (from <|endoftext|>) rather than failing
+    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "", "--max-tokens", "3",
+                     "--device", "cpu"]) == 0
+
+
+def test_chat_slides_history_and_keeps_system_prompt(checkpoint, capsys):
+    engine = Engine.from_checkpoint(checkpoint, device="cpu", max_num_seqs=1)
+    notices = []
+    session = ChatSession(engine, SamplingParams(max_tokens=8, temperature=0.0), system="Be brief.",
+                          notify=notices.append)
+    for turn in range(6):
+        reply = "".join(session.send(f"Tell me about the quick brown fox, part {turn}."))
+        assert session.messages[-1] == {"role": "assistant", "content": reply}
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert len(notices) == 1 and "context" in notices[0]
+    assert len(session.messages) < 1 + 2 * 6  # old turns were dropped
+    assert engine.stats()["prefix_reused_tokens"] > 0  # later turns reuse the cached conversation
+    with pytest.raises(ValueError, match="context"):
+        list(session.send("fox " * 80))
+    assert session.messages[-1]["role"] == "assistant"  # the rejected message is not kept
+
+
+def test_chat_command_reads_turns_until_eof(checkpoint, capsys):
+    lines = iter(["Hello there", "", "/reset", "Again", "/exit", "never read"])
+    args = types.SimpleNamespace(model=str(checkpoint), system="Be brief.", max_tokens=6, temperature=0.0,
+                                 top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                                 frequency_penalty=0.0, stop=[], stop_token_id=[], seed=None, device="cpu",
+                                 quantize=None)
+    chat_cli(args, input_fn=lambda prompt: next(lines))
+    out, err = capsys.readouterr()
+    assert out.count("assistant> ") == 2 and "history cleared" in err
+    assert next(lines) == "never read"
+    assert cli_main(["chat", "--model", "/nonexistent/ckpt"]) == 2
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
