@@ -11,6 +11,7 @@ from typing import Any, Union
 
 import torch.nn as nn
 
+from lmstack.models.bert import Bert, BertConfig
 from lmstack.models.gpt import GPT, GLMConfig, GPTConfig, PrefixLMConfig
 from lmstack.models.moe import MoE, MoEConfig
 from lmstack.models.t5 import T5, T5Config
@@ -22,11 +23,12 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "glm": (GLMConfig, GPT),  # same architecture, blank-infilling objective
     "moe": (MoEConfig, MoE),
     "t5": (T5Config, T5),
+    "bert": (BertConfig, Bert),
 }
 MODEL_CONFIGS: dict[str, type] = {name: cfg for name, (cfg, _) in FAMILIES.items()}
 # families that speak the decoder forward / KV-cache contract (docs/CONTRACTS.md), i.e. the engine can serve them
 DECODER_FAMILIES = frozenset({"gpt", "prefix_lm", "glm", "moe"})
-ModelConfig = Union[GPTConfig, Any]  # any registered family's config dataclass
+ModelConfig = Union[GPTConfig, BertConfig, Any]  # any registered family's config dataclass
 
 
 def build_model(config: Any) -> nn.Module:

@@ -1,0 +1,140 @@
+"""Pieces every importer shares: the tokenizer description, dtype names, and writing the checkpoint.
+
+An importer (gguf_import.py, hf_import.py) turns foreign weights into three things: an lmstack model
+config dataclass, a state dict with lmstack parameter names, and an :class:`ImportedTokenizer`.
+:func:`write_imported_checkpoint` builds the model from the config, loads the state dict *strictly*
+(a name the mapping missed is an error, not a silently random weight) and saves an ordinary
+lmstack checkpoint directory, so everything downstream (generate, chat, serve, eval, fine-tuning)
+treats an imported model like one it trained itself.
+
+The output directory is replaced atomically; a directory that exists but is not an lmstack
+checkpoint is never replaced (``--out .`` must not wipe someone's work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """Foreign weights that lmstack cannot convert; the message names what is supported."""
+
+
+@dataclass
+class ImportedTokenizer:
+    """A tokenizer read from foreign files, before it becomes an lmstack Tokenizer.
+
+    ``hf_json`` is a Hugging Face ``tokenizers`` JSON document (tokenizer.json). Token fields hold
+    token *strings*; ``stop_tokens`` end an assistant turn (the model's eos plus end-of-turn tokens).
+    """
+
+    hf_json: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    mask_token: str | None = None
+    stop_tokens: list[str] = field(default_factory=list)
+    chat_template: str | None = None
+
+    def backend(self):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_str(self.hf_json)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend().token_to_id(token)
+
+    def to_lmstack(self):
+        """The lmstack Tokenizer carrying the vocabulary, special tokens and chat template."""
+        from lmstack.tokenizer import Tokenizer, _Meta
+
+        # the sidecar metadata (stop tokens, template, BOS) is what tokenizer.json cannot hold
+        meta = _Meta(kind="imported", bos_token=self.bos_token, stop_tokens=list(self.stop_tokens),
+                     chat_template=self.chat_template, source="lmstack import")
+        return Tokenizer.from_hf_json(self.hf_json, meta=meta, where="imported tokenizer")
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a directory that holds something other than an lmstack checkpoint."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise ConversionError(f"--out {out} exists and is not an lmstack checkpoint; choose a new directory "
+                           "(an existing checkpoint directory is replaced, anything else is left alone)")
+    if (out / "config.json").is_file():
+        try:
+            is_lmstack = json.loads((out / "config.json").read_text()).get("format") == "lmstack"
+        except (json.JSONDecodeError, AttributeError):
+            is_lmstack = False
+        if not is_lmstack:
+            raise ConversionError(f"--out {out} holds a config.json that is not an lmstack checkpoint's "
+                               "(a Hugging Face model directory?); choose a new directory")
+
+
+def write_imported_checkpoint(out: str | Path, model_config: Any, state: dict[str, torch.Tensor],
+                              tokenizer: ImportedTokenizer | None, source: dict[str, Any],
+                              dtype: str = "float32", init_missing: tuple[str, ...] = ()) -> Path:
+    """Build the lmstack model, load ``state`` strictly, and save a checkpoint directory at ``out``.
+
+    ``init_missing`` names parameters the source does not have (e.g. a BERT MLM head) that keep
+    their fresh initialisation; every other parameter must come from ``state``, and every tensor in
+    ``state`` must be used.
+    """
+    from lmstack.config import model_config_to_dict
+    from lmstack.models import build_model
+    from lmstack.train.checkpoint import save_checkpoint
+
+    out = Path(out)
+    check_output_dir(out)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    model = build_model(model_config)
+    load_state_strict(model, state, init_missing)
+    model.to(DTYPES[dtype])
+    config = {"model": model_config_to_dict(model_config), "source": source}
+    lm_tokenizer = tokenizer.to_lmstack() if tokenizer is not None else None
+    return save_checkpoint(out, model, config, tokenizer=lm_tokenizer)
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], init_missing: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``model``; any mismatch is a bug in the name mapping, reported in full."""
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {n for n in shapes if n not in state and _shares_storage_with_loaded(params, n, state)}
+    missing = sorted(set(shapes) - set(state) - tied - set(init_missing))
+    unexpected = sorted(set(state) - set(shapes))
+    wrong_shape = sorted(f"{n}: got {tuple(state[n].shape)}, model wants {shapes[n]}"
+                         for n in set(state) & set(shapes) if tuple(state[n].shape) != shapes[n])
+    if missing or unexpected or wrong_shape:
+        raise ConversionError("converted weights do not fit the model: "
+                           + "; ".join(f"{what} {items[:6]}" for what, items in
+                                       (("missing", missing), ("unexpected", unexpected),
+                                        ("wrong shape", wrong_shape)) if items))
+    with torch.no_grad():
+        model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
+
+
+def _shares_storage_with_loaded(params: dict[str, torch.nn.Parameter], name: str,
+                                state: dict[str, torch.Tensor]) -> bool:
+    if name not in params:
+        return False
+    ptr = params[name].data_ptr()
+    return any(other in state and p.data_ptr() == ptr for other, p in params.items() if other != name)
+
+
+def source_info(kind: str, path: str | Path, architecture: str, **extra: Any) -> dict[str, Any]:
+    """The ``source`` section of config.json: where an imported checkpoint came from."""
+    return {"format": kind, "path": str(path), "architecture": architecture, **extra}
+
+
+def config_summary(model_config: Any) -> str:
+    d = dataclasses.asdict(model_config)
+    keys = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "block_size")
+    return ", ".join(f"{k}={d[k]}" for k in keys if k in d)
