@@ -891,13 +891,15 @@ def _read_meta(directory: Path) -> _Meta:
                      bos_token=data.get("bos_token"), stop_tokens=list(data.get("stop_tokens") or []),
                      chat_format=data.get("chat_format"), chat_template=data.get("chat_template"))
     config = directory / "tokenizer_config.json"
-    if not config.is_file():
-        return _Meta()
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    data: dict[str, Any] = {}
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config} is not valid JSON: {e}") from None
     template = data.get("chat_template")
+    if template is None and (directory / "chat_template.jinja").is_file():  # transformers >= 4.50 writes it apart
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
