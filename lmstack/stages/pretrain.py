@@ -41,9 +41,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
     from lmstack.train.loop import train
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if not (data_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"{data_dir} holds no meta.json; make token shards with "
-                                "`lmstack data tokenize INPUT --tokenizer TOK --out DIR` first")
     explicit_vocab = any(o.startswith("model.vocab_size=") for o in (overrides or []))
     if resume and cfg is None and (out_dir / "checkpoints").is_dir():
         cfg = _config_of_run(out_dir)  # resume with the config the run started with (+ new overrides)
@@ -51,6 +48,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
             apply_overrides(cfg, load_config_file(config_file))
         apply_overrides(cfg, overrides or [])
     cfg = cfg or build_run_config(preset, config_file, overrides)
+    if not (data_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"{data_dir} holds no meta.json; make token shards with "
+                                "`lmstack data tokenize INPUT --tokenizer TOK --out DIR` first")
     tokenizer = Tokenizer.load(data_dir)
     _fit_vocab(cfg, tokenizer.vocab_size, explicit_vocab)
     cfg.validate()
