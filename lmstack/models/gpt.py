@@ -244,7 +244,9 @@ class GPT(nn.Module):
         if positions is None:
             start = kv_cache.next_position() if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        if int(positions.max()) >= self.config.block_size and self.config.position in ("rope", "learned"):
+        # the check reads a GPU value back, which a CUDA graph capture forbids (the engine checks positions itself)
+        if (self.config.position in ("rope", "learned") and not torch.cuda.is_current_stream_capturing()
+                and int(positions.max()) >= self.config.block_size):
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
                              f"{self.config.block_size} tokens; shorten the input")
         x = self.tok_emb(idx)  # (B, T, C)
