@@ -245,7 +245,8 @@ class GPT(nn.Module):
             start = kv_cache.next_position() if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         # the check reads a GPU value back, which a CUDA graph capture forbids (the engine checks positions itself)
-        if (self.config.position in ("rope", "learned") and not torch.cuda.is_current_stream_capturing()
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if (self.config.position in ("rope", "learned") and not capturing
                 and int(positions.max()) >= self.config.block_size):
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
                              f"{self.config.block_size} tokens; shorten the input")
