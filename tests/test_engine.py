@@ -72,9 +72,12 @@ def test_greedy_mixed_batch_matches_solo_runs(position):
         assert out.outputs[0].token_ids == argmax_loop(model, prompt, 12)
 
 
-def test_random_arrivals_stress_matches_solo_runs(model):
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_random_arrivals_stress_matches_solo_runs(model, static_decode):
+    """static_decode runs the CUDA-graph decode path (padded batch and KV buckets) without capture."""
     rng = random.Random(1)
-    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=24)
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=24, cuda_graphs=static_decode)
+    assert (engine.graphs is not None) == static_decode
     jobs = [([rng.randrange(101) for _ in range(rng.randint(1, 50))], rng.randint(1, 20)) for _ in range(16)]
     pending, submitted, done = list(enumerate(jobs)), {}, {}
     while pending or engine.has_unfinished():

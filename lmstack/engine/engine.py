@@ -90,12 +90,15 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  device: str | torch.device | None = None, max_num_batched_tokens: int = 512,
-                 prefix_reuse: bool = True, cuda_graphs: bool | None = None, seed: int | None = None):
+                 prefix_reuse: bool = True, cuda_graphs: bool | None = None, compile_decode: bool = False,
+                 seed: int | None = None):
         """model: a decoder speaking the KV-cache protocol; tokenizer: optional (text, stop strings, EOS).
 
         max_model_len defaults to the model's context (block_size); kv_cache_tokens caps the KV pool
         (slots = min(max_num_seqs, kv_cache_tokens // max_model_len)); cuda_graphs defaults to on
-        for CUDA devices; seed seeds the generators of requests that do not bring their own.
+        for CUDA devices (on CPU, True runs the same padded static-shape decode without capture);
+        compile_decode adds torch.compile inside the graphs; seed seeds the generators of requests
+        that do not bring their own.
         """
         if device is not None:
             model = model.to(resolve_device(device))
@@ -126,7 +129,8 @@ class Engine:
         self._ids = itertools.count()
         self._counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
         use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
-        self.graphs = CudaGraphDecoder(self) if use_graphs and self.device.type == "cuda" else None
+        self.graphs = CudaGraphDecoder(self, capture=self.device.type == "cuda", compile=compile_decode) \
+            if use_graphs else None
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
@@ -201,7 +205,7 @@ class Engine:
                 "kv_tokens_total": self.cache.num_slots * self.max_model_len,
                 "kv_slots_free": self.cache.num_free, "kv_slots_total": self.cache.num_slots,
                 "kv_cache_bytes": self.cache.bytes, "prefix_reused_tokens": self.scheduler.reused_tokens,
-                "cuda_graphs": self.graphs is not None, **self._counters}
+                "cuda_graphs": self.graphs is not None and self.graphs.capture, **self._counters}
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -394,10 +398,70 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 
 
 class CudaGraphDecoder:
-    """Placeholder until the CUDA-graph path lands: falls back to eager decode."""
+    """Decode steps replayed from CUDA graphs, one graph per (batch bucket, KV-length bucket).
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    A decode step of a small model is dominated by kernel-launch overhead (hundreds of small
+    kernels per token), which a CUDA graph replays with one launch. Graphs need static shapes and
+    addresses, so the step's inputs are copied into persistent buffers padded to a bucket: the
+    batch to the next power of two (padding rows use the cache's scratch slot and position -1, so
+    they write only the scratch column and are discarded), the attended KV length to the next power
+    of two (columns past a row's length are masked by causality). Graphs are captured lazily on the
+    first step that needs them (one eager warm-up run each), sharing one memory pool.
 
-    def decode(self, idx, positions, slots, kv_len):
-        return self.engine._forward(idx, positions, slots, kv_len, logits_to_keep=1)[:, -1]
+    ``capture=False`` runs the same padded static-shape step eagerly; on CPU this is how the tests
+    check the bucketing logic against the plain decode path. ``compile=True`` additionally runs
+    the model under ``torch.compile`` (fewer, fused kernels inside each graph; slower start-up).
+    """
+
+    def __init__(self, engine: Engine, capture: bool = True, compile: bool = False, min_kv_bucket: int = 64):
+        self.engine, self.capture = engine, capture
+        cache = engine.cache
+        self.max_batch = cache.num_slots
+        self.min_kv_bucket = min(min_kv_bucket, engine.max_model_len)
+        device = engine.device
+        self.idx = torch.zeros(self.max_batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.full((self.max_batch, 1), -1, dtype=torch.long, device=device)
+        self.slot_ids = torch.full((self.max_batch,), cache.scratch_slot, dtype=torch.long, device=device)
+        self.model = torch.compile(engine.model, dynamic=False) if compile else engine.model
+        self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def bucket(self, n: int, cap: int, floor: int = 1) -> int:
+        size = max(floor, 1 << (max(n, 1) - 1).bit_length())
+        return min(size, cap)
+
+    def decode(self, idx: torch.Tensor, positions: torch.Tensor, slots: list[int], kv_len: int) -> torch.Tensor:
+        B = len(slots)
+        batch = self.bucket(B, self.max_batch)
+        kv_bucket = max(self.bucket(kv_len, self.engine.max_model_len, self.min_kv_bucket), kv_len)
+        scratch = self.engine.cache.scratch_slot
+        pad = batch - B
+        self.idx[:batch].copy_(torch.cat([idx, idx.new_zeros(pad, 1)]), non_blocking=True)
+        self.positions[:batch].copy_(torch.cat([positions, positions.new_full((pad, 1), -1)]), non_blocking=True)
+        self.slot_ids[:batch].copy_(torch.tensor(slots + [scratch] * pad), non_blocking=True)
+        if not self.capture:
+            return self._run(batch, kv_bucket)[:B]
+        key = (batch, kv_bucket)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch, kv_bucket)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:B]
+
+    def _run(self, batch: int, kv_len: int) -> torch.Tensor:
+        view = self.engine.cache.batch(self.slot_ids[:batch], kv_len)
+        logits, _ = self.model(self.idx[:batch], positions=self.positions[:batch], kv_cache=view, logits_to_keep=1)
+        return logits[:, -1]  # (batch, V)
+
+    def _capture(self, batch: int, kv_len: int) -> tuple[Any, torch.Tensor]:
+        # warm up on a side stream (lazy initialisations must not happen during capture); the
+        # warm-up writes the same keys/values the real step writes, so it is harmless
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run(batch, kv_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._run(batch, kv_len)
+        return graph, logits
