@@ -21,8 +21,9 @@ Two backends behind one class, chosen automatically:
   are. They are saved as a standard Hugging Face tokenizer.json (vocabulary in the GPT-2 byte-to-unicode
   alphabet, merges in rank order, the split regex as a ``Split`` pre-tokenizer, a ``ByteLevel`` decoder,
   special tokens as added tokens), so ``tokenizers`` and ``transformers`` load our files too. Loading any
-  byte-level BPE tokenizer.json checks rank consistency (by re-deriving every merge, well under a second
-  even for 100k merges) and takes this path when it holds; a parity test pins it to ``tokenizers``.
+  byte-level BPE tokenizer.json checks rank consistency (by re-deriving every merge: tens of ms for our
+  vocabularies, about a second for 100k merges) and takes this path when it holds; parity tests pin it
+  to ``tokenizers`` token for token.
 - **tokenizers** (general path): every other tokenizer.json (unigram, WordPiece, SentencePiece-style
   files with normalizers, non-special added tokens, split regexes that behave differently in the two
   regex engines). ``kind="unigram"`` trains here, on the same split regex and a ``ByteLevel`` alphabet,
@@ -289,7 +290,8 @@ class _HFBackend:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+        batch = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast (no offsets) since 0.21
+        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
     def _byte_table(self) -> list[bytes | None]:
         if self._id_to_bytes is None:
