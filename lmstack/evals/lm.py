@@ -1,0 +1,285 @@
+"""The model side of evaluation: log-likelihoods of continuations, rolling log-likelihoods, generation.
+
+    lm = EvalLM.from_checkpoint("runs/speedrun/model")              # backend="auto": the engine if present
+    lm.loglikelihood([("The capital of France is", " Paris")])       # -> [LoglikelihoodResult(logprob, ...)]
+    lm.generate([GenerationRequest("Q: 2+2?\\nA:", stop=["\\n"], max_tokens=8)])
+
+Two interchangeable scorers compute the same numbers:
+
+* ``plain`` (the reference): right-padded batches through ``model(x)``; the log-prob of a continuation is the
+  sum of ``log_softmax(logits)`` at its tokens. Right padding is harmless under a causal mask: padding only
+  ever sits *after* the positions that are read. Requests are sorted longest first so a batch wastes little.
+* ``engine``: the inference engine's ``prompt_logprobs`` (``SamplingParams(max_tokens=0, prompt_logprobs=0)``),
+  which batches with continuous batching and chunked prefill. A parity test pins it to ``plain``.
+
+Tokenisation follows lm-evaluation-harness: the continuation's tokens are ``encode(context + continuation)``
+minus the tokens of ``encode(context)`` (so a word is tokenised as it would be in running text), and an empty
+context is replaced by the tokenizer's BOS / end-of-text token. Sequences longer than the model's context
+keep their last ``max_length`` tokens (the continuation always survives whole unless it alone is too long).
+
+Generation uses the engine (greedy by default, stop strings, n samples from one prefill); the ``plain``
+backend has a small full-recompute sampler for models or setups where the engine is not available.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.evals.task import GenerationRequest
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class LoglikelihoodResult:
+    logprob: float        # sum over the continuation's tokens, natural log
+    is_greedy: bool       # every continuation token is the argmax given what precedes it
+    num_tokens: int
+
+
+class EvalLM:
+    """A checkpoint's model + tokenizer, wrapped for the evaluation harness."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, backend: str = "auto", batch_size: int = 16,
+                 max_batch_tokens: int = 4096, max_length: int | None = None, name: str = "model"):
+        if tokenizer is None:
+            raise ValueError("evaluation needs a tokenizer; this checkpoint has no tokenizer.json")
+        if backend not in ("auto", "engine", "plain"):
+            raise ValueError(f"backend={backend!r}: choose auto, engine or plain")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_length = int(max_length or model.config.block_size)
+        self.name = name
+        self._engine = None
+        if backend == "auto":
+            try:
+                import lmstack.engine.engine  # noqa: F401
+
+                backend = "engine"
+            except ImportError:
+                backend = "plain"
+        self.backend = backend
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto", backend: str = "auto", batch_size: int = 16,
+                        dtype: str = "auto") -> "EvalLM":
+        from lmstack.train.checkpoint import load_checkpoint
+
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
+                       "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+        if torch_dtype is None:
+            raise ValueError(f"dtype={dtype!r}: choose auto, fp32, bf16 or fp16")
+        ckpt = load_checkpoint(path, device=dev, dtype=torch_dtype)
+        return cls(ckpt.model, ckpt.tokenizer, backend=backend, batch_size=batch_size, name=str(ckpt.path))
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from lmstack.engine.engine import Engine
+
+            self._engine = Engine(self.model, self.tokenizer, max_num_seqs=self.batch_size,
+                                  max_num_batched_tokens=self.max_batch_tokens)
+        return self._engine
+
+    # ------------------------------------------------------------------ tokenisation
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # trailing spaces belong to the continuation (" Paris", not "capital is " + "Paris")
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped):] + continuation
+        context = stripped
+        whole = self.tokenizer.encode(context + continuation)
+        ctx = self.tokenizer.encode(context) if context else []
+        if whole[:len(ctx)] != ctx:  # the boundary merged into one token: fall back to separate encodings
+            return (ctx or [self.tokenizer.bos_id]), self.tokenizer.encode(continuation)
+        return (ctx or [self.tokenizer.bos_id]), whole[len(ctx):]
+
+    # ------------------------------------------------------------------ scoring
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], progress: ProgressFn | None = None
+                      ) -> list[LoglikelihoodResult]:
+        """Log-probability of each continuation given its context (natural log, summed over tokens)."""
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], progress)
+
+    def loglikelihood_tokens(self, requests: Sequence[tuple[list[int], list[int]]],
+                             progress: ProgressFn | None = None) -> list[LoglikelihoodResult]:
+        for ctx, cont in requests:
+            if not cont:
+                raise ValueError("empty continuation: nothing to score")
+            if len(cont) >= self.max_length:
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's context of "
+                                 f"{self.max_length}")
+        if self.backend == "engine":
+            return score_with_engine(self.engine, requests, self.max_length, progress)
+        return score_plain(self.model, requests, self.max_length, self.batch_size, self.max_batch_tokens, progress)
+
+    def loglikelihood_rolling(self, texts: Sequence[str], progress: ProgressFn | None = None
+                              ) -> list[LoglikelihoodResult]:
+        """Log-likelihood of whole texts (every token, the first predicted from BOS), in disjoint windows.
+
+        Each window predicts up to ``max_length - 1`` new tokens conditioned on the one token before it, so
+        long texts are scored with short context at window starts (lm-eval's default uses the same layout).
+        """
+        requests: list[tuple[list[int], list[int]]] = []
+        owners: list[int] = []
+        step = self.max_length - 1
+        for i, text in enumerate(texts):
+            tokens = [self.tokenizer.bos_id] + self.tokenizer.encode(text)
+            for start in range(1, len(tokens), step):
+                requests.append((tokens[start - 1:start], tokens[start:start + step]))
+                owners.append(i)
+        results = self.loglikelihood_tokens(requests, progress)
+        totals = [LoglikelihoodResult(0.0, True, 0) for _ in texts]
+        for i, r in zip(owners, results):
+            t = totals[i]
+            totals[i] = LoglikelihoodResult(t.logprob + r.logprob, t.is_greedy and r.is_greedy,
+                                            t.num_tokens + r.num_tokens)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerationRequest], seed: int = 1234,
+                 progress: ProgressFn | None = None) -> list[list[str]]:
+        """Texts generated for each request (``n`` samples each), cut at the first stop string."""
+        outputs: list[list[str]] = []
+        # chunks keep the engine's queue short so the progress bar moves and memory stays bounded
+        chunk = max(1, self.batch_size)
+        for start in range(0, len(requests), chunk):
+            part = [self._fit_request(r) for r in requests[start:start + chunk]]
+            prompts = [self._prompt_ids(r) for r in part]
+            if self.backend == "engine":
+                texts = self._generate_engine(part, prompts, seed + start)
+            else:
+                texts = [generate_plain(self.model, self.tokenizer, p, r, seed + start + i)
+                         for i, (p, r) in enumerate(zip(prompts, part))]
+            outputs.extend([_cut_at_stop(t, r.stop) for t in ts] for ts, r in zip(texts, part))
+            if progress:
+                progress(len(part))
+        return outputs
+
+    def _fit_request(self, r: GenerationRequest) -> GenerationRequest:
+        """Small-context models: at most half the context is spent on new tokens."""
+        limit = max(1, self.max_length // 2)
+        if r.max_tokens <= limit:
+            return r
+        return GenerationRequest(r.prompt, list(r.stop), limit, r.n, r.temperature)
+
+    def _prompt_ids(self, r: GenerationRequest) -> list[int]:
+        ids = self.tokenizer.encode(r.prompt) or [self.tokenizer.bos_id]
+        return ids[-(self.max_length - r.max_tokens):]  # keep the end of a long prompt (the question itself)
+
+    def _generate_engine(self, part: Sequence[GenerationRequest], prompts: list[list[int]], seed: int
+                         ) -> list[list[str]]:
+        from lmstack.engine.sampling import SamplingParams
+
+        params = [SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, stop=list(r.stop), n=r.n,
+                                 seed=seed + i) for i, r in enumerate(part)]
+        results = self.engine.generate(prompts, params)
+        return [[o.text for o in sorted(res.outputs, key=lambda o: o.index)] for res in results]
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def _fit(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], int]:
+    """The tokens fed to the model (context+continuation, left-truncated) and how many are continuation."""
+    full = (ctx + cont)[-max_length:]
+    return full, len(cont)
+
+
+def score_plain(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
+                batch_size: int = 16, max_batch_tokens: int = 4096, progress: ProgressFn | None = None
+                ) -> list[LoglikelihoodResult]:
+    """Reference scorer: right-padded batches through ``model(x)``, longest first."""
+    device = next(model.parameters()).device
+    fitted = [_fit(ctx, cont, max_length) for ctx, cont in requests]
+    order = sorted(range(len(fitted)), key=lambda i: -len(fitted[i][0]))
+    results: list[LoglikelihoodResult | None] = [None] * len(fitted)
+    pos = 0
+    while pos < len(order):
+        longest = len(fitted[order[pos]][0]) - 1
+        rows = max(1, min(batch_size, max_batch_tokens // max(longest, 1)))
+        batch = order[pos:pos + rows]
+        pos += len(batch)
+        x = torch.zeros(len(batch), longest, dtype=torch.long)  # (B, T) right-padded with token 0
+        for b, i in enumerate(batch):
+            tokens = fitted[i][0][:-1]
+            x[b, :len(tokens)] = torch.tensor(tokens)
+        with torch.no_grad():
+            logits, _ = model(x.to(device))  # (B, T, V)
+        for b, i in enumerate(batch):
+            full, n_cont = fitted[i]
+            T = len(full) - 1
+            logp = F.log_softmax(logits[b, T - n_cont:T].float(), dim=-1)  # (n_cont, V)
+            target = torch.tensor(full[-n_cont:], device=logp.device)
+            chosen = logp.gather(1, target[:, None])[:, 0]  # (n_cont,)
+            greedy = bool((chosen >= logp.max(dim=-1).values).all())
+            results[i] = LoglikelihoodResult(float(chosen.sum()), greedy, n_cont)
+        if progress:
+            progress(len(batch))
+    return results  # type: ignore[return-value]
+
+
+def score_with_engine(engine: Any, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
+                      progress: ProgressFn | None = None, chunk: int = 64) -> list[LoglikelihoodResult]:
+    """The same numbers from the engine's prompt_logprobs (rank 1 = the greedy token)."""
+    from lmstack.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    max_length = min(max_length, engine.max_model_len)
+    results: list[LoglikelihoodResult] = []
+    for start in range(0, len(requests), chunk):
+        part = [_fit(ctx, cont, max_length) for ctx, cont in requests[start:start + chunk]]
+        outs = engine.generate([full for full, _ in part], params)
+        for (full, n_cont), out in zip(part, outs):
+            entries = out.prompt_logprobs[-n_cont:]
+            logprob = math.fsum(e["logprob"] for e in entries)
+            results.append(LoglikelihoodResult(logprob, all(e["rank"] == 1 for e in entries), n_cont))
+        if progress:
+            progress(len(part))
+    return results
+
+
+def generate_plain(model: torch.nn.Module, tokenizer: Any, prompt: list[int], request: GenerationRequest,
+                   seed: int) -> list[str]:
+    """Full-recompute sampling (no KV cache), all n samples as one batch: slow, simple, engine-free."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.tensor([prompt] * request.n, dtype=torch.long, device=device)  # (n, T)
+    stops = {int(t) for t in (getattr(tokenizer, "stop_token_ids", None) or [])} | {int(tokenizer.eot_id)}
+    done = torch.zeros(request.n, dtype=torch.bool)
+    new: list[list[int]] = [[] for _ in range(request.n)]
+    for _ in range(request.max_tokens):
+        with torch.no_grad():
+            logits, _ = model(x[:, -model.config.block_size:], logits_to_keep=1)
+        logits = logits[:, -1].float().cpu()  # (n, V)
+        if request.temperature == 0:
+            nxt = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits / request.temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                if t in stops:
+                    done[i] = True
+                else:
+                    new[i].append(t)
+        texts = [tokenizer.decode(ids) for ids in new]
+        done |= torch.tensor([any(s in t for s in request.stop) for t in texts])
+        if bool(done.all()):
+            break
+        x = torch.cat([x, nxt[:, None].to(device)], dim=1)
+    return [tokenizer.decode(ids) for ids in new]

@@ -1,0 +1,251 @@
+"""Run benchmarks on a checkpoint: ``lmstack eval --model DIR --tasks hellaswag,arc_easy --limit 200``.
+
+``evaluate(lm, tasks, ...)`` is the library entry point (``evaluate_checkpoint`` loads a checkpoint first and
+writes the JSON). For every task it
+
+1. takes the first ``limit`` items (fixed order, so runs with the same limit see the same items),
+2. builds each item's prompt: the task's description + ``num_fewshot`` seeded demonstrations + the item,
+3. sends every request of the task to the model in one batched call (log-likelihoods for multiple choice /
+   target / perplexity modes, generation for generative and code modes) with a progress bar,
+4. scores items with ``task.score`` (code runs in the sandbox, ``workers`` programs at a time) and
+   aggregates with ``task.aggregate``.
+
+Output (``--out FILE.json``): ``{"model", "config", "results": {task: {metric: value, "n", "num_fewshot",
+"baseline"}}, "core": {...}, "records": {task: [per-item prompt, choices, log-likelihoods, prediction,
+generated text, metrics]}}``, plus a readable table on stdout. ``core`` is the CORE-style aggregate:
+each multiple-choice / target task's accuracy centered on its random baseline, averaged (see metrics.py).
+
+Few-shot defaults (``num_fewshot=None``): the task's ``default_fewshot`` (MMLU 5, GSM8K 8, otherwise 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from lmstack.evals.lm import EvalLM
+from lmstack.evals.metrics import core_score
+from lmstack.evals.task import (CodeTask, Example, GenerativeTask, MultipleChoiceTask, PerplexityTask, Response,
+                                Task, TargetTask)
+from lmstack.evals.tasks import get_task
+
+DEFAULT_FEWSHOT = {"mmlu": 5, "gsm8k": 8}
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = [TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as progress:
+        yield progress
+
+
+class _Bar:
+    """Advances one rich task bar and shows requests per second."""
+
+    def __init__(self, progress: Any, description: str, total: int, unit: str):
+        self.progress, self.unit, self.start, self.done = progress, unit, time.monotonic(), 0
+        self.id = progress.add_task(description, total=total, rate="") if progress is not None else None
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            rate = self.done / max(time.monotonic() - self.start, 1e-9)
+            self.progress.update(self.id, advance=n, rate=f"{rate:,.1f} {self.unit}/s")
+
+    def finish(self, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.id, completed=total)
+
+
+def _clean_item_scores(scores: dict[str, Any]) -> dict[str, Any]:
+    return {k.lstrip("_"): v for k, v in scores.items()}
+
+
+def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: int | None = None,
+             seed: int = 1234, num_samples: int = 1, temperature: float = 0.0, workers: int = 2,
+             progress: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate one task; returns (task metrics, per-item records)."""
+    examples = task.examples()
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit {limit} must be >= 1")
+        examples = examples[:limit]
+    k = DEFAULT_FEWSHOT.get(task.name, 0) if num_fewshot is None else num_fewshot
+    if k < 0:
+        raise ValueError(f"--num-fewshot {k} must be >= 0")
+    prefixes = [task.fewshot_prefix(ex, k, seed) for ex in examples]
+    records: list[dict[str, Any]] = []
+    item_scores: list[dict[str, Any]] = []
+
+    if isinstance(task, (MultipleChoiceTask, TargetTask)):
+        per_item = [task.loglikelihood_requests(ex, p) for ex, p in zip(examples, prefixes)]
+        flat = [(r.context, r.continuation) for reqs in per_item for r in reqs]
+        bar = _Bar(progress, task.name, len(flat), "req")
+        results = lm.loglikelihood(flat, progress=bar)
+        bar.finish(len(flat))
+        pos = 0
+        for ex, reqs in zip(examples, per_item):
+            res = results[pos:pos + len(reqs)]
+            pos += len(reqs)
+            response = Response(loglikelihoods=[r.logprob for r in res], token_counts=[r.num_tokens for r in res],
+                                is_greedy=[r.is_greedy for r in res])
+            scores = task.score(ex, response)
+            item_scores.append(scores)
+            records.append({"id": ex.id, "prompt": reqs[0].context, "choices": [r.continuation for r in reqs],
+                            "contexts": [r.context for r in reqs] if ex.choice_contexts else None,
+                            "gold": ex.gold, "loglikelihoods": response.loglikelihoods,
+                            "token_counts": response.token_counts, "is_greedy": response.is_greedy,
+                            **_clean_item_scores(scores)})
+    elif isinstance(task, PerplexityTask):
+        bar = _Bar(progress, task.name, 0, "win")
+        texts = [ex.context for ex in examples]
+        if progress is not None:
+            progress.update(bar.id, total=None)
+        results = lm.loglikelihood_rolling(texts, progress=bar)
+        bar.finish(bar.done)
+        for ex, r in zip(examples, results):
+            scores = task.score(ex, Response(loglikelihoods=[r.logprob], token_counts=[r.num_tokens]))
+            item_scores.append(scores)
+            records.append({"id": ex.id, "chars": len(ex.context), **_clean_item_scores(scores)})
+    elif isinstance(task, GenerativeTask):
+        n = num_samples if isinstance(task, CodeTask) else 1
+        temp = temperature if (n > 1 or temperature > 0) else 0.0
+        requests = [task.generation_request(ex, p, n=n, temperature=temp) for ex, p in zip(examples, prefixes)]
+        bar = _Bar(progress, task.name, len(requests), "gen")
+        generations = lm.generate(requests, seed=seed, progress=bar)
+        bar.finish(len(requests))
+        responses = [Response(text=g[0], samples=g) for g in generations]
+        if isinstance(task, CodeTask):
+            run_bar = _Bar(progress, f"{task.name} (run)", len(examples), "prog")
+
+            def score_one(pair: tuple[Example, Response]) -> dict[str, Any]:
+                out = task.score(*pair)
+                run_bar(1)
+                return out
+
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                item_scores = list(pool.map(score_one, zip(examples, responses)))
+        else:
+            item_scores = [task.score(ex, r) for ex, r in zip(examples, responses)]
+        for ex, req, r, scores in zip(examples, requests, responses, item_scores):
+            records.append({"id": ex.id, "prompt": req.prompt, "response": r.text,
+                            "samples": r.samples if n > 1 else None, "answers": ex.answers[:10],
+                            **_clean_item_scores(scores)})
+    else:
+        raise ValueError(f"task {task.name} has an unknown mode {task.mode!r}")
+
+    metrics = task.aggregate(item_scores)
+    metrics["n"] = len(examples)
+    metrics["num_fewshot"] = k
+    if task.mode in ("multiple_choice", "target", "generate", "code"):
+        metrics["baseline"] = task.baseline(examples)
+    return metrics, records
+
+
+def evaluate(lm: EvalLM, tasks: Sequence[str | Task], *, limit: int | None = None, num_fewshot: int | None = None,
+             seed: int = 1234, num_samples: int = 1, temperature: float = 0.0, workers: int = 2,
+             show_progress: bool = True, keep_records: bool = True) -> dict[str, Any]:
+    """Evaluate ``lm`` on each task; returns the results dictionary described in the module docstring."""
+    task_objs = [get_task(t) if isinstance(t, str) else t for t in tasks]
+    if not task_objs:
+        raise ValueError("no tasks given; pass e.g. --tasks hellaswag,arc_easy")
+    results: dict[str, dict[str, float]] = {}
+    records: dict[str, list] = {}
+    timings: dict[str, float] = {}
+    with _progress(show_progress) as progress:
+        for task in task_objs:
+            start = time.monotonic()
+            metrics, items = run_task(lm, task, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                                      num_samples=num_samples, temperature=temperature, workers=workers,
+                                      progress=progress)
+            timings[task.name] = time.monotonic() - start
+            results[task.name] = metrics
+            records[task.name] = items
+    accuracies, baselines = {}, {}
+    for task in task_objs:
+        if task.mode in ("multiple_choice", "target"):
+            metric = getattr(task, "core_metric", task.primary_metric)
+            accuracies[task.name] = results[task.name][metric]
+            baselines[task.name] = results[task.name]["baseline"]
+    out: dict[str, Any] = {
+        "model": lm.name,
+        "config": {"tasks": [t.name for t in task_objs], "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
+                   "num_samples": num_samples, "temperature": temperature, "backend": lm.backend,
+                   "batch_size": lm.batch_size, "device": str(lm.device), "max_length": lm.max_length},
+        "results": results,
+        "core": core_score(accuracies, baselines),
+        "primary_metrics": {t.name: t.primary_metric for t in task_objs},
+        "seconds": timings,
+        "host": {"python": platform.python_version(), "machine": platform.machine()},
+    }
+    if keep_records:
+        out["records"] = records
+    return out
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """A fixed-width text table: one row per task and metric, with the CORE aggregate at the end."""
+    lines = [f"{'task':<18} {'metric':<16} {'value':>9} {'n':>6} {'shots':>5} {'baseline':>8}", "-" * 67]
+    for task, metrics in results["results"].items():
+        first = True
+        for metric, value in metrics.items():
+            if metric in ("n", "num_fewshot", "baseline", "tokens", "bytes"):
+                continue
+            shown = f"{value:>9.4f}" if abs(value) < 1e4 else f"{value:>9.3g}"
+            lines.append(f"{task if first else '':<18} {metric:<16} {shown} "
+                         f"{metrics['n'] if first else '':>6} {metrics['num_fewshot'] if first else '':>5} "
+                         f"{metrics.get('baseline', float('nan')) if first and 'baseline' in metrics else '':>8}")
+            first = False
+    core = results.get("core") or {}
+    if "core" in core:
+        lines.append("-" * 67)
+        lines.append(f"{'CORE (centered)':<18} {'mean':<16} {core['core']:>9.4f}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(model: str, tasks: Sequence[str], *, limit: int | None = None,
+                        num_fewshot: int | None = None, out: str | None = None, seed: int = 1234,
+                        batch_size: int = 16, device: str = "auto", backend: str = "auto", num_samples: int = 1,
+                        temperature: float = 0.0, workers: int = 2, keep_records: bool = True,
+                        show_progress: bool = True) -> dict[str, Any]:
+    """Load a checkpoint, evaluate it, print the table, write ``out`` (JSON) when given."""
+    for name in tasks:
+        get_task(name)  # fail fast on a typo, before loading the model
+    lm = EvalLM.from_checkpoint(model, device=device, backend=backend, batch_size=batch_size)
+    results = evaluate(lm, tasks, limit=limit, num_fewshot=num_fewshot, seed=seed, num_samples=num_samples,
+                       temperature=temperature, workers=workers, show_progress=show_progress,
+                       keep_records=keep_records)
+    results["model"] = str(model)
+    print(results_table(results))
+    if out:
+        write_json_atomic(out, results)
+        print(f"wrote {out}")
+    return results
