@@ -12,6 +12,10 @@ inputs are batched (longest first) with right padding marked by position -1, whi
 * ``last`` — the last real token (what a decoder has read the whole text at);
 * ``first`` — the first token (BERT's [CLS]).
 
+Texts are framed the way the tokenizer's own template frames one sequence (:func:`special_frame`:
+``[CLS] … [SEP]`` for BERT vocabularies, nothing for lmstack's), so an imported sentence encoder sees
+what it was trained on; ``embed_ids`` takes ids as given.
+
 Caveat: an untrained or purely generative decoder gives embeddings that are only as good as its
 hidden states; use an encoder trained for similarity (e.g. an imported all-MiniLM) for search.
 """
@@ -73,12 +77,28 @@ def pool(hidden: torch.Tensor, real: torch.Tensor, pooling: str) -> torch.Tensor
     return hidden[:, 0]
 
 
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) token ids the tokenizer's own template wraps around one text: BERT's [CLS] … [SEP]
+    (an imported encoder was trained with it and its embeddings depend on it), none for lmstack's
+    tokenizers. Read from the tokenizer.json post-processor by encoding a probe with and without it."""
+    backend = tokenizer.hf_tokenizer() if hasattr(tokenizer, "hf_tokenizer") else None
+    if backend is None or backend.post_processor is None:
+        return [], []
+    plain = backend.encode("a", add_special_tokens=False).ids
+    framed = backend.encode("a", add_special_tokens=True).ids
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain):]
+    return [], []
+
+
 def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], pooling: str = "mean", normalize: bool = True,
           batch_size: int = 32) -> torch.Tensor:
     """Texts -> (N, C) embeddings; see :func:`embed_ids`."""
     if isinstance(texts, str):
         raise TypeError("embed() takes a list of texts; wrap a single text in a list")
-    ids = tokenizer.encode_batch(list(texts))
+    prefix, suffix = special_frame(tokenizer)
+    ids = [prefix + row + suffix for row in tokenizer.encode_batch(list(texts))]
     try:
         pad_id = int(tokenizer.pad_id)  # any id works (padding is masked); this one is in every vocabulary
     except (AttributeError, ValueError, TypeError):
