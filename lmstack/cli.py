@@ -287,9 +287,103 @@ def _add_data_tokenize(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_data_clean(sub) -> None:
+    p = _parser(sub, "clean", "clean text: normalize, filter, dedup, scrub PII, decontaminate -> shards + report",
+                "Run the cleaning pipeline over .txt/.jsonl(.gz/.zst)/.parquet files, directories or corpus names\n"
+                "(classics, ...) and write OUT/shard_NNNNN.jsonl (or .parquet), OUT/report.json, OUT/summary.md,\n"
+                "OUT/funnel.png and OUT/duplicates.tsv. Re-running with the same inputs and config skips\n"
+                "finished shards. `--print-config` shows every stage's settings with its default.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="file, directory or corpus name (repeatable)")
+    p.add_argument("--out", default=None, help="output directory (required unless --print-config)")
+    p.add_argument("--config", default=None, help="YAML/TOML/JSON file with sections read, normalize, heuristics, "
+                                                   "language, quality, decontam, pii, dedup, output")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set dedup.threshold=0.7 (repeatable; after --config)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default=None, help="output shard format "
+                   "(default: the config's output.format, jsonl)")
+    p.add_argument("--text-field", default=None, help="JSONL key / Parquet column with the text (read.text_field)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(a):
+        from lmstack.data.pipeline import clean_corpus, config_yaml, load_clean_config
+        from lmstack.data.sources import DataError
+
+        overrides = list(a.overrides)
+        if a.format:
+            overrides.append(f"output.format={a.format}")
+        if a.text_field:
+            overrides.append(f"read.text_field={a.text_field}")
+        cfg = load_clean_config(a.config, overrides)
+        if a.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
+        if not a.inputs or not a.out:
+            raise UserError("give at least one INPUT and --out DIR (or --print-config)")
+        try:
+            report = clean_corpus(a.inputs, a.out, cfg, workers=a.workers, progress=not a.quiet)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        t = report["timing"]
+        print(f"kept {report['documents_out']:,} of {report['documents_in']:,} documents "
+              f"({report['bytes_out'] / 1e6:.2f} of {report['bytes_in'] / 1e6:.2f} MB) in {t['total_s']:.1f} s "
+              f"({t['docs_per_s']:,.0f} docs/s, {t['mb_per_s']:.2f} MB/s)")
+        top = ", ".join(f"{r} {n:,}" for r, n in list(report["removed"].items())[:8])
+        print(f"removed: {top or 'nothing'}")
+        if report["pii"]:
+            print("PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["pii"].items())))
+        print(f"wrote {len(report['outputs'])} shard(s), report.json, summary.md, funnel.png to {a.out}")
+
+    p.set_defaults(func=run)
+
+
+def _add_data_train_classifier(sub) -> None:
+    p = _parser(sub, "train-classifier", "train the quality classifier (hashed n-grams + logistic regression)",
+                "Train a quality classifier from examples of text to keep (--positive) and to drop (--negative),\n"
+                "any format `data clean` reads. Prints held-out accuracy and ROC AUC and writes an .npz to use\n"
+                "as `quality.classifier` in the clean config (e.g. --set quality.classifier=OUT).")
+    p.add_argument("--positive", nargs="+", required=True, help="files/directories of high-quality text")
+    p.add_argument("--negative", nargs="+", required=True, help="files/directories of low-quality text")
+    p.add_argument("--out", required=True, help="classifier file to write (.npz)")
+    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column with the text")
+    p.add_argument("--features", type=int, default=1 << 18, help="hashed feature buckets")
+    p.add_argument("--ngrams", default="1,2", help="word n-gram orders used as features")
+    p.add_argument("--epochs", type=int, default=200, help="full-batch Adam steps")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
+    p.add_argument("--l2", type=float, default=1e-4, help="L2 regularization strength")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for the metrics")
+    p.add_argument("--max-docs", type=int, default=200_000, help="documents read per class at most")
+    p.add_argument("--seed", type=int, default=0, help="train/validation split seed")
+
+    def run(a):
+        from lmstack.data.quality import train_classifier
+        from lmstack.data.sources import DataError
+
+        try:
+            orders = tuple(int(x) for x in a.ngrams.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--ngrams={a.ngrams!r}: give comma-separated integers such as 1,2") from None
+        try:
+            m = train_classifier(a.positive, a.negative, a.out, text_field=a.text_field, n_features=a.features,
+                                 ngram_orders=orders, epochs=a.epochs, lr=a.lr, l2=a.l2,
+                                 val_fraction=a.val_fraction, max_docs=a.max_docs, seed=a.seed)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        val = (f"validation accuracy {m['val_accuracy']:.3f}, ROC AUC {m['val_auc']:.3f} on {m['val_docs']:,} docs"
+               if m.get("val_docs") else "no validation split")
+        print(f"trained on {m['train_docs']:,} docs ({m['positive']:,} positive, {m['negative']:,} negative): "
+              f"train accuracy {m['train_accuracy']:.3f}; {val}")
+        print(f"wrote {a.out}; use it with: lmstack data clean ... --set quality.classifier={a.out}")
+
+    p.set_defaults(func=run)
+
+
 DATA_REGISTRARS: list[Callable] = [
     _add_data_download,
     _add_data_tokenize,
+    _add_data_clean,
+    _add_data_train_classifier,
 ]
 
 

@@ -192,7 +192,8 @@ def config_yaml(cfg: CleanConfig | None = None) -> str:
         section = getattr(cfg, name)
         doc = (type(section).__doc__ or "").strip().splitlines()[0]
         parts.append(f"\n# {doc}")
-        parts.append(yaml.safe_dump({name: dataclasses.asdict(section)}, sort_keys=False, width=110).rstrip())
+        parts.append(yaml.safe_dump({name: dataclasses.asdict(section)}, sort_keys=False, width=110,
+                                    default_flow_style=None).rstrip())
     return "\n".join(parts) + "\n"
 
 
