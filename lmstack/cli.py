@@ -264,7 +264,8 @@ def _add_data_tokenize(sub) -> None:
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
     p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents in the val split")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (unset = one per core, 0 = none)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (0 = tokenize in this process; unset = one per core, or 0 below 32 MB)")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (unset = 100,000,000)")
     p.add_argument("--seed", type=int, default=0, help="keys the train/val split hash")
     p.add_argument("--cache-dir", default=None, help="where corpus names are built (unset = $LMSTACK_CACHE or ~/.cache/lmstack)")

@@ -4,9 +4,10 @@
     lmstack pretrain --data data/classics --out runs/tiny --preset tiny train.max_steps=500
     torchrun --nproc_per_node 2 -m lmstack.cli pretrain --data ... --out ...   # DDP (gloo on CPU)
 
-The model's vocabulary follows the tokenizer stored with the shards: when the preset's
-``model.vocab_size`` is smaller than the tokenizer's, it is raised to the tokenizer's size rounded
-up to a multiple of 64 (faster matmuls; the extra rows are never produced by the tokenizer).
+The model's vocabulary follows the tokenizer stored with the shards: ``model.vocab_size`` becomes
+the tokenizer's size rounded up to a multiple of 64 (faster matmuls; the extra rows are never
+produced by the tokenizer), unless it is set explicitly. The model is initialised from
+``train.seed``, so two runs with the same config and data are identical.
 The objective follows the model family (train/losses.py).
 """
 
@@ -21,11 +22,12 @@ from lmstack.config import ConfigError, RunConfig, apply_overrides, build_run_co
 
 
 def _fit_vocab(cfg: RunConfig, tokenizer_vocab: int, explicit: bool) -> None:
-    if cfg.model.vocab_size >= tokenizer_vocab:
-        return
+    """The model's vocabulary follows the tokenizer (rounded up to 64) unless set explicitly."""
     if explicit:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer_vocab}); raise it or drop the override")
+        if cfg.model.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({tokenizer_vocab}); raise it or drop the override")
+        return
     cfg.model.vocab_size = 64 * ((tokenizer_vocab + 63) // 64)
 
 
@@ -62,6 +64,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
                                    rank=info.rank, world_size=info.world_size)
         val_loader = TokenLoader(data_dir, "val", t.batch_size, t.seq_len, seed=t.seed,
                                  rank=info.rank, world_size=info.world_size)
+        from lmstack.train.loop import seed_everything
+
+        seed_everything(cfg.train.seed)  # same seed on every rank: DDP replicas start identical
         model = build_model(cfg.model)
         if info.is_main and progress:
             print(f"model: {cfg.model.family}, {model.num_params() / 1e6:.2f}M parameters; "

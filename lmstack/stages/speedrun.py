@@ -63,7 +63,8 @@ def sample_texts(model_dir: Path, prompts: list[str], max_tokens: int = 60, seed
     engine = Engine.from_checkpoint(model_dir, device="cpu")
     tok = engine.tokenizer
     prompt_ids = [[tok.eot_id] + tok.encode(p) for p in prompts]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50, seed=seed)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50, seed=seed + i)
+              for i in range(len(prompts))]
     outs = engine.generate(prompt_ids, params)
     return [{"prompt": p, "completion": o.outputs[0].text} for p, o in zip(prompts, outs)]
 
