@@ -33,7 +33,8 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tiny_checkpoint(path: Path, block_size: int = 1024, seed: int = 0) -> Path:
+def build_tiny_checkpoint(path: Path, block_size: int = 1024, n_layer: int = 2, n_embd: int = 64,
+                          seed: int = 0) -> Path:
     import torch
 
     from lmstack.config import model_config_to_dict, tiny
@@ -44,7 +45,7 @@ def build_tiny_checkpoint(path: Path, block_size: int = 1024, seed: int = 0) -> 
     tokenizer = Tokenizer.train(corpus(), vocab_size=384)
     cfg = tiny().model
     cfg.vocab_size, cfg.block_size = tokenizer.vocab_size, block_size
-    cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd = 2, 2, 2, 64
+    cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd = n_layer, 2, 2, n_embd
     torch.manual_seed(seed)
     model = build_model(cfg)
     return save_checkpoint(path, model, {"model": model_config_to_dict(cfg)}, tokenizer=tokenizer)

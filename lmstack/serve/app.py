@@ -449,7 +449,10 @@ class Generation:
     async def _next(self) -> tuple[int, Any]:
         remaining = self.deadline - time.monotonic()
         try:
-            index, item, error = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
+            if not self.queue.empty() and remaining > 0:  # the common case while streaming: no timer needed
+                index, item, error = self.queue.get_nowait()
+            else:
+                index, item, error = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
         except asyncio.TimeoutError:
             self.state.counters["timeouts"] += 1
             raise APIError(503, f"The request did not finish within the server's limit of "
@@ -540,15 +543,14 @@ def _check_lengths(state: ServerState, prompt_len: int, max_tokens: int | None, 
 
 
 def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
-                     logprobs: int | None, prompt_logprobs: int | None = None,
-                     stop_token_ids: list[int] | None = None) -> Any:
+                     logprobs: int | None, prompt_logprobs: int | None = None) -> Any:
     from lmstack.engine.sampling import SamplingParams
 
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=max(req.top_k, 0), top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, stop=req.stop_list(), stop_token_ids=list(stop_token_ids or []),
+        frequency_penalty=req.frequency_penalty, stop=req.stop_list(),
         ignore_eos=req.ignore_eos, seed=req.seed, n=req.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
@@ -659,8 +661,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                            param="messages", code="invalid_value") from None
         max_tokens = _check_lengths(state, len(prompt_ids), req.max_new_tokens(), "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = _sampling_params(req, max_tokens, logprobs=logprobs,
-                                  stop_token_ids=list(getattr(tokenizer, "stop_token_ids", []) or []))
+        # the end-of-turn tokens (tokenizer.stop_token_ids) end the answer through the engine's EOS set,
+        # so the ignore_eos extension can switch them off
+        params = _sampling_params(req, max_tokens, logprobs=logprobs)
         gen = Generation(state, [list(prompt_ids)], params, new_id("chatcmpl"), _deadline(state))
         return await _respond(request, gen, req.stream,
                               lambda: _chat_stream(state, req, gen, len(prompt_ids)),

@@ -45,7 +45,16 @@ function safeHref(url) {
 
 // Inline markup of one line of text -> array of nodes. Order matters: code spans first, so that
 // markup characters inside them stay literal.
-const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([^*]+)\*\*|__([^_]+)__|\*([^*\s][^*]*)\*|_([^_\s][^_]*)_|\[([^\]]+)\]\(([^)\s]+)\)/g;
+// Emphasis roughly as CommonMark has it: delimiters hug their text (no space inside), and underscores
+// work only at word boundaries, so snake_case, __dunder__ names and <|token_names|> stay as they are.
+const INLINE = new RegExp([
+  /(`+)([\s\S]*?[^`])\1(?!`)/.source,                                                  // 1-2 code span
+  /\*\*(?!\s)([^*]+?)(?<!\s)\*\*/.source,                                              // 3 strong
+  /(?<![\p{L}\p{N}_])__(?![\s_])([^_]+?)(?<!\s)__(?![\p{L}\p{N}_])/.source,            // 4 strong
+  /\*(?![\s*])([^*]+?)(?<!\s)\*/.source,                                               // 5 emphasis
+  /(?<![\p{L}\p{N}_])_(?![\s_])([^_]+?)(?<!\s)_(?![\p{L}\p{N}_])/.source,              // 6 emphasis
+  /\[([^\]]+)\]\(([^)\s]+)\)/.source,                                                  // 7-8 link
+].join("|"), "gu");
 
 function renderInline(text) {
   const nodes = [];
