@@ -52,7 +52,7 @@ def train_subject(args: argparse.Namespace):
     tokenizer = Tokenizer.train(train_texts, vocab_size=args.vocab_size)
     cfg = tiny().model
     cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head = \
-        tokenizer.vocab_size, 128, 4, 256, 4, 4
+        tokenizer.vocab_size, 128, 4, args.n_embd, 4, 4
     torch.manual_seed(0)
     model = build_model(cfg)
     ids = torch.tensor([t for text in train_texts for t in [tokenizer.eot_id] + tokenizer.encode(text)])
@@ -72,7 +72,7 @@ def train_subject(args: argparse.Namespace):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 25 == 0 or step == args.steps - 1:
             print(f"train step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
     held = [t for text in held_texts for t in [tokenizer.eot_id] + tokenizer.encode(text)]
     return model.eval(), tokenizer, held
@@ -108,8 +108,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint to quantize (default: train a small one)")
     p.add_argument("--text", default=None, help="held-out text file (with --model)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-embd", type=int, default=128, help="width of the model trained as the subject")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--train-bytes", type=int, default=3_000_000)
     p.add_argument("--max-windows", type=int, default=200)

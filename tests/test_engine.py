@@ -220,3 +220,13 @@ def test_bad_requests_fail_clearly(model):
         engine.add_request([1], GREEDY, request_id=rid)
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         Engine(model, kv_cache_tokens=10)
+    with pytest.raises(ValueError, match="max_num_seqs, max_model_len"):
+        Engine(model, max_num_seqs=10**8)  # refused before allocating, with the knobs to turn
+
+
+def test_engine_refuses_encoder_models():
+    from lmstack.models import MODEL_CONFIGS
+
+    cfg = MODEL_CONFIGS["bert"](vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    with pytest.raises(ValueError, match="decoder-only"):
+        Engine(build_model(cfg))

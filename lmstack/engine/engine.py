@@ -117,7 +117,11 @@ class Engine:
             if num_slots < 1:
                 raise ValueError(f"kv_cache_tokens={kv_cache_tokens} holds no sequence of max_model_len="
                                  f"{self.max_model_len}; raise it or lower max_model_len")
+        if not hasattr(cfg, "kv_heads"):
+            raise ValueError(f"the engine runs decoder-only models; model family {cfg.family!r} has no KV cache "
+                             "(use lmstack.engine.embed for encoders)")
         self.device = next(model.parameters()).device
+        _check_kv_memory(model, num_slots, self.max_model_len, self.device)
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_model_len)
         self.scheduler = Scheduler(self.cache, max(max_num_batched_tokens, num_slots), prefix_reuse)
         self.eos_token_ids: set[int] = set()
@@ -372,6 +376,22 @@ class Engine:
                 self._requests.pop(request_id, None)
         self._touched = {}
         return outputs
+
+
+def _check_kv_memory(model: nn.Module, num_slots: int, max_len: int, device: torch.device) -> None:
+    """Refuse a KV pool that cannot fit, with the knobs that shrink it, instead of an allocator error."""
+    cfg = model.config
+    p = next(model.parameters())
+    need = 2 * cfg.n_layer * (num_slots + 1) * cfg.kv_heads * (max_len + 1) * cfg.dim_per_head * p.element_size()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise ValueError(f"the KV cache needs {need / 2**30:.1f} GiB ({num_slots} slots x {max_len} tokens) but only "
+                         f"{free / 2**30:.1f} GiB is free; lower max_num_seqs, max_model_len or kv_cache_tokens")
 
 
 def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
