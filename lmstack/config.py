@@ -184,11 +184,16 @@ def _field_types(obj: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
+_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
     """Apply ``section.key=value`` overrides (a list of strings or a flat dict) to ``cfg`` in place.
 
     ``model.family=bert`` switches the model config to that family's defaults first, keeping the
-    shared shape fields (vocab_size, block_size, n_layer, n_head, n_embd) that both families have.
+    shared shape fields (vocab_size, block_size, n_layer, n_head, n_embd) that both families have,
+    and any other shared field only where the old config had moved it off its own family's default
+    (a preset's choice): the old family's defaults (e.g. GPT's swiglu) are not the new family's.
     """
     items = _as_items(overrides)
     # family switches must happen before the other model keys are applied
@@ -198,8 +203,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
             new_cls = MODEL_CONFIGS.get(str(value))
             if new_cls is None:
                 raise ConfigError(f"model.family={value!r} is not known; choose one of {sorted(MODEL_CONFIGS)}")
+            old_defaults = model_config_to_dict(type(cfg.model)())
             keep = {f.name: old[f.name] for f in dataclasses.fields(new_cls)
-                    if f.name in old and f.name != "family"}
+                    if f.name in old and f.name != "family"
+                    and (f.name in _SHAPE_FIELDS or old[f.name] != old_defaults.get(f.name))}
             cfg.model = new_cls(**keep)
     for key, value in items:
         if key == "model.family":

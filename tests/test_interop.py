@@ -30,6 +30,7 @@ from lmstack.interop.hf_export import export_hf
 from lmstack.train.checkpoint import load_checkpoint
 
 TOL = 1e-4
+ROPE_THETA = 5000.0
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TEXT = ["the cat sat on the mat", "hello world, hello moon", "numbers 123 and 4567 too", "a quick brown fox"]
@@ -63,7 +64,7 @@ def tiny_llama(tmp_path, tie=False):
     vocab_size = save_chat_tokenizer(out).get_vocab_size()
     cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
-                                   rope_theta=5000.0, rms_norm_eps=1e-5, initializer_range=0.1,
+                                   rope_theta=ROPE_THETA, rms_norm_eps=1e-5, initializer_range=0.1,
                                    tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(out)
@@ -120,7 +121,7 @@ def test_llama_hf_import_matches_transformers(tmp_path):
     out = import_model(hf_dir, tmp_path / "ck")
     ckpt = assert_decoder_parity(reference, out, HFTokenizer.from_file(str(hf_dir / "tokenizer.json")))
     cfg = ckpt.model.config
-    assert (cfg.family, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == ("gpt", 2, 5000.0, False)
+    assert (cfg.family, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == ("gpt", 2, ROPE_THETA, False)
     tok = ckpt.tokenizer
     assert tok.chat_template == CHATML
     assert tok.stop_token_ids[0] == tok.token_to_id("<|im_end|>")
@@ -229,7 +230,7 @@ def write_tiny_gguf(path, model, tokenizer: HFTokenizer, types: dict[str, Q], pr
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(ROPE_THETA)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(cfg.head_dim)
     vocab = tokenizer.get_vocab()
@@ -280,7 +281,7 @@ def gguf_llama(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(byte_bpe().get_vocab()), hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                                   max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
+                                   max_position_embeddings=128, rope_theta=ROPE_THETA, rms_norm_eps=1e-5,
                                    initializer_range=0.1, tie_word_embeddings=False)
     return transformers.LlamaForCausalLM(cfg).eval()
 

@@ -212,36 +212,48 @@ blank_infilling.needs_tokenizer = True  # type: ignore[attr-defined]
 
 # ----------------------------------------------------------------------------- masked LM
 
-def masked_lm(tokenizer: Any, mask_prob: float = 0.15) -> Objective:
-    """BERT's masked-LM objective for the ``bert`` family.
+def mlm_mask(x: torch.Tensor, special: torch.Tensor, mask_id: int, mask_prob: float = 0.15,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption of a batch x (B, T) -> (inputs, targets), both (B, T).
 
-    Each non-special token is chosen with probability ``mask_prob`` (at least one per batch); a
-    chosen token becomes ``<|mask|>`` 80% of the time, a random regular token 10%, and stays as it
-    is 10%. The loss is the cross-entropy of the original token at chosen positions only. The
-    loader's next-token targets ``y`` are ignored: the window ``x`` is its own target. Imported BERT
+    Each token that is not special (``special``: (V,) bool over the vocabulary) is chosen with
+    probability ``mask_prob``, at least one per batch. A chosen token becomes ``mask_id`` 80% of the
+    time, a random non-special token 10%, and stays 10%. targets hold the original token at chosen
+    positions and -1 elsewhere. Draws come from ``generator`` (CPU) or the global RNG.
+    """
+    special = special.to(x.device)
+    regular_ids = (~special).nonzero().squeeze(1)  # random replacements never inject special tokens
+    draws = torch.rand(3, *x.shape, generator=generator).to(x.device)  # choose?, how?, which random token
+    maskable = ~special[x.clamp(max=special.numel() - 1)]  # (B, T)
+    chosen = (draws[0] < mask_prob) & maskable
+    if not bool(chosen.any()):  # a batch without targets has no loss; force the likeliest maskable position
+        chosen.view(-1)[int((draws[0] + 2.0 * ~maskable).argmin())] = True
+    to_mask = chosen & (draws[1] < 0.8)
+    to_random = chosen & (draws[1] >= 0.8) & (draws[1] < 0.9)
+    random_tokens = regular_ids[(draws[2] * len(regular_ids)).long().clamp(max=len(regular_ids) - 1)]  # (B, T)
+    inputs = torch.where(to_mask, torch.full_like(x, mask_id), x)
+    inputs = torch.where(to_random, random_tokens, inputs)
+    return inputs, x.masked_fill(~chosen, -1)
+
+
+def masked_lm(tokenizer: Any, mask_prob: float = 0.15) -> Objective:
+    """BERT's masked-LM objective for the ``bert`` family (the corruption is :func:`mlm_mask`).
+
+    The loss is the cross-entropy of the original token at the chosen positions only. The loader's
+    next-token targets ``y`` are ignored: the window ``x`` is its own target. Imported BERT
     tokenizers call the mask token ``[MASK]``; it is used when ``<|mask|>`` is absent.
+    Metrics: ``mlm_acc`` (accuracy at chosen positions) and ``masked_frac``.
     """
     specials = getattr(tokenizer, "special_tokens", None) or {}
     mask_name = MASK_TOKEN if MASK_TOKEN in specials or "[MASK]" not in specials else "[MASK]"
     mask_id, = special_token_ids(tokenizer, [mask_name], "masked LM")
     special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
     special[list(specials.values())] = True
-    regular_ids = (~special).nonzero().squeeze(1)  # random replacements never inject special tokens
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        generator = _eval_generator(model)
-        draws = torch.rand(3, *x.shape, generator=generator).to(x.device)  # choose, how, replacement
-        maskable = ~special.to(x.device)[x.clamp(max=special.numel() - 1)]  # (B, T)
-        chosen = (draws[0] < mask_prob) & maskable
-        if not bool(chosen.any()):  # a batch with no target has no loss; force one maskable position
-            chosen.view(-1)[int((draws[0] + (~maskable) * 2).argmin())] = True
-        replace_with_mask = chosen & (draws[1] < 0.8)
-        replace_random = chosen & (draws[1] >= 0.8) & (draws[1] < 0.9)
-        random_tokens = regular_ids.to(x.device)[(draws[2] * len(regular_ids)).long().clamp(max=len(regular_ids) - 1)]
-        inputs = torch.where(replace_with_mask, torch.full_like(x, mask_id), x)
-        inputs = torch.where(replace_random, random_tokens, inputs)
-        targets = x.masked_fill(~chosen, -1)
+        inputs, targets = mlm_mask(x, special, mask_id, mask_prob, _eval_generator(model))
         logits, loss = model(inputs, targets)
+        chosen = targets >= 0
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == x)[chosen].float().mean()
         return loss, {"mlm_acc": float(accuracy), "masked_frac": float(chosen.float().mean())}
