@@ -370,11 +370,12 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]],
+                 on_disconnect: Callable[[], None] | None = None):
         # no Response.__init__: it would render an empty body and declare Content-Length: 0
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events, self.on_close = events, on_close
+        self.events, self.on_close, self.on_disconnect = events, on_close, on_disconnect
 
     async def __call__(self, scope, receive, send) -> None:
         async def produce():
@@ -387,6 +388,8 @@ class EventStreamResponse(Response):
         listener = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if listener.done() and not producer.done() and self.on_disconnect is not None:
+                self.on_disconnect()
         finally:
             for task in (producer, listener):
                 task.cancel()
@@ -699,15 +702,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 async def _respond(request: Request, gen: Generation, stream: bool,
                    make_stream: Callable[[], AsyncIterator[str]], make_result: Callable[[], Awaitable[Any]]):
     """Run a generation for a plain or a streamed response, cancelling it if the client goes away."""
+    counters = request.app.state.lmstack.counters
+
+    def count_disconnect() -> None:
+        counters["disconnects"] += 1
+
     handed_over = False
     try:
         if not stream:
             return await until_disconnect(request, make_result())
         await until_disconnect(request, gen.start())
         handed_over = True  # from here the response closes the generation when the stream ends
-        return EventStreamResponse(make_stream(), on_close=gen.aclose)
+        return EventStreamResponse(make_stream(), on_close=gen.aclose, on_disconnect=count_disconnect)
     except ClientGone:
-        request.app.state.lmstack.counters["disconnects"] += 1
+        count_disconnect()
         return Response(status_code=499)  # nobody is left to read it
     finally:
         if not handed_over:
