@@ -21,7 +21,8 @@ removing other documents never moves a document between splits. If the hash pick
 document at all (a tiny corpus), the last document goes to validation so that the split exists; that
 one choice is the exception to stability.
 
-Tokenization runs in worker processes (``workers``; 0 = in this process). Workers are started with
+Tokenization runs in worker processes (``workers``; 0 = in this process, in batches big enough for
+the tokenizer's own thread pool, which is also the default for inputs under 32 MB). Workers are started with
 "spawn" (forking a process that runs rich's refresh thread or a Rust thread pool can deadlock) and
 receive the tokenizer as a saved file, loaded by its own class's ``load``: any object with
 ``save/load/encode_batch/eot_id/vocab_size`` works. The main process reads documents, keeps a bounded
@@ -51,8 +52,10 @@ __all__ = ["SHARD_FORMAT_VERSION", "DEFAULT_SHARD_TOKENS", "tokenize_to_shards",
 
 SHARD_FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard
-CHUNK_BYTES = 1 << 16  # text per worker task: amortises pickling; under the tokenizer's 100k-char threading cutoff
+WORKER_CHUNK_BYTES = 1 << 16  # text per worker task: amortises pickling, small enough to balance the workers
+INPROCESS_CHUNK_BYTES = 1 << 20  # in-process batches: big enough for encode_batch's own threads to pay off
 CHUNK_DOCUMENTS = 4096
+SMALL_INPUT_BYTES = 32 << 20  # workers=None below this: starting worker processes costs more than it saves
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -94,7 +97,8 @@ def _init_worker(class_path: tuple[str, str], path: str) -> None:
 
 
 def _encode_chunk(texts: list[str], tokenizer: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, lengths): each text's ids preceded by eot, concatenated; lengths include the eot."""
+    """(tokens, lengths): each text's ids preceded by eot, concatenated in the shard dtype (which keeps
+    what travels back from a worker small); lengths include the eot."""
     tok = tokenizer if tokenizer is not None else _worker_tokenizer
     encoded = tok.encode_batch(texts)
     lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
@@ -106,7 +110,7 @@ def _encode_chunk(texts: list[str], tokenizer: Any = None) -> tuple[np.ndarray, 
         position += len(ids) + 1
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
         raise DataError(f"the tokenizer produced id {int(tokens.max())} outside its vocabulary of {tok.vocab_size}")
-    return tokens, lengths
+    return tokens.astype(token_dtype(tok.vocab_size)), lengths
 
 
 # ----------------------------------------------------------------------------- writing
@@ -181,7 +185,8 @@ class _Chunk:
     position: int = 0  # input bytes read when this chunk closed (drives the progress bar)
 
 
-def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: list[int]) -> Iterable[_Chunk]:
+def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: list[int],
+            chunk_bytes: int) -> Iterable[_Chunk]:
     """Group documents into chunks of about CHUNK_BYTES of text, tracking input progress in disk bytes."""
     chunk, size = _Chunk(), 0
     seen_bytes, files_done, file_start_bytes, finished_bytes = 0, 0, 0, 0
@@ -196,7 +201,7 @@ def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: li
         chunk.texts.append(doc.text)
         chunk.text_bytes.append(doc_bytes)
         size += doc_bytes
-        if size >= CHUNK_BYTES or len(chunk.ids) >= CHUNK_DOCUMENTS:
+        if size >= chunk_bytes or len(chunk.ids) >= CHUNK_DOCUMENTS:
             current = min(seen_bytes - file_start_bytes, file_sizes[files_done] if files_done < len(file_sizes) else 0)
             chunk.position = finished_bytes + current
             yield chunk
@@ -204,6 +209,17 @@ def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: li
     if chunk.ids:
         chunk.position = sum(file_sizes)
         yield chunk
+
+
+def _result(chunk: _Chunk, future: Any) -> tuple[_Chunk, np.ndarray, np.ndarray]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return (chunk, *future.result())
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"a tokenizer worker process died ({e}). Workers are started with 'spawn', which "
+                           "re-imports the main script: run from a script file or module (not stdin), or "
+                           "pass workers=0 (--workers 0) to tokenize in this process") from e
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:
@@ -226,7 +242,8 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
     tokenizer: a Tokenizer (or anything with save/load/encode_batch/eot_id/vocab_size), or a path that
         ``lmstack.tokenizer.Tokenizer.load`` accepts.
     val_fraction: expected share of documents in the validation split, 0 < f < 1 (at least one document).
-    workers: tokenizer processes; None = one per CPU core, 0 = tokenize in this process.
+    workers: tokenizer processes; 0 = tokenize in this process (encode_batch may still use threads);
+        None = one per CPU core, or 0 for inputs under 32 MB, where starting processes costs more than it saves.
     shard_tokens: tokens per shard file.
     seed: keys the split hash; the same seed gives the same split.
     Returns the meta dict also written to OUT_DIR/meta.json.
@@ -235,12 +252,13 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise DataError(f"workers must be >= 0, got {workers}")
     sources = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     paths = resolve_inputs(sources, cache_dir, progress)
     file_sizes = [path.stat().st_size for path, _ in list_input_files(paths)]
+    if workers is None:
+        workers = 0 if sum(file_sizes) < SMALL_INPUT_BYTES else (os.cpu_count() or 1)
     if isinstance(tokenizer, (str, os.PathLike)):
         from lmstack.tokenizer import Tokenizer
 
@@ -257,11 +275,13 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         stats = ReadStats()
         last_train = (0, 0)  # (tokens, bytes) of the most recent train document, for the val fallback
 
-        if workers > 0:
+        if workers > 0:  # a worker that dies raises BrokenProcessPool here (multiprocessing.Pool would hang)
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-            pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(_tokenizer_class_path(tokenizer), str(staging)))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker,
+                                       initargs=(_tokenizer_class_path(tokenizer), str(staging)))
 
         started = time.time()
         with Progress(progress, bytes_mode=True) as bar:
@@ -282,18 +302,17 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
                 bar.update(task, completed=chunk.position)
 
             in_flight: deque = deque()
-            for chunk in _chunks(paths, text_field, stats, file_sizes):
+            chunk_bytes = INPROCESS_CHUNK_BYTES if pool is None else WORKER_CHUNK_BYTES
+            for chunk in _chunks(paths, text_field, stats, file_sizes, chunk_bytes):
                 if pool is None:
                     consume(chunk, *_encode_chunk(chunk.texts, tokenizer))
                     continue
-                in_flight.append((chunk, pool.apply_async(_encode_chunk, (chunk.texts,))))
-                chunk.texts = []  # the worker has its copy; keep main-process memory bounded
+                in_flight.append((chunk, pool.submit(_encode_chunk, chunk.texts)))
+                chunk.texts = []  # the task holds the texts; keep main-process memory bounded
                 if len(in_flight) >= 4 * workers:
-                    done, result = in_flight.popleft()
-                    consume(done, *result.get())
+                    consume(*_result(*in_flight.popleft()))
             while in_flight:
-                done, result = in_flight.popleft()
-                consume(done, *result.get())
+                consume(*_result(*in_flight.popleft()))
             bar.update(task, completed=sum(file_sizes))
         seconds = time.time() - started
 
@@ -332,7 +351,6 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         return meta
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
 
