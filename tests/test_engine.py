@@ -147,6 +147,11 @@ def test_logprobs_equal_log_softmax_of_plain_forward(model):
         assert entry["top"][0]["logprob"] == pytest.approx(float(row.max()), abs=1e-4)
 
 
+def test_generate_with_progress_bar(model, capsys):
+    outs = Engine(model).generate([[1, 2], [3]], GREEDY, progress=True)
+    assert [o.outputs[0].token_ids for o in outs] == [argmax_loop(model, [1, 2], 12), argmax_loop(model, [3], 12)]
+
+
 def test_scoring_with_max_tokens_zero_and_chunked_prefill(model):
     prompt = list(range(1, 60))
     engine = Engine(model, max_num_batched_tokens=16)  # the prompt is scored over four chunks

@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence as Seq
 
@@ -222,22 +223,29 @@ class Engine:
         self._counters["steps"] += 1
         return self._collect_outputs()
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
         """Blocking: run these prompts to completion and return their final outputs in order.
 
         Steps the engine until everything it holds is done (outputs of requests added elsewhere
-        are consumed and dropped).
+        are consumed and dropped). ``progress`` shows a bar with requests done and tokens/s.
         """
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
+        bar = _ProgressBar(len(ids), self) if progress else None
+        try:
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                if bar is not None:
+                    bar.update(len(final))
+        finally:
+            if bar is not None:
+                bar.close()
         return [final[i] for i in ids]
 
     # ------------------------------------------------------------------ phases
@@ -378,6 +386,28 @@ class Engine:
         return outputs
 
 
+class _ProgressBar:
+    """rich progress for Engine.generate: requests finished, generated tokens/s, ETA."""
+
+    def __init__(self, total: int, engine: Engine):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.engine, self.start = engine, time.perf_counter()
+        self.tokens0 = engine._counters["generated_tokens"]
+        self.progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), transient=True)
+        self.task = self.progress.add_task("generate", total=total, speed="")
+        self.progress.start()
+
+    def update(self, done: int) -> None:
+        tokens = self.engine._counters["generated_tokens"] - self.tokens0
+        speed = tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(self.task, completed=done, speed=f"{speed:,.0f} tokens/s")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 def _check_kv_memory(model: nn.Module, num_slots: int, max_len: int, device: torch.device) -> None:
     """Refuse a KV pool that cannot fit, with the knobs that shrink it, instead of an allocator error."""
     cfg = model.config
@@ -463,7 +493,12 @@ class CudaGraphDecoder:
             return self._run(batch, kv_bucket)[:B]
         key = (batch, kv_bucket)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch, kv_bucket)
+            try:
+                self.graphs[key] = self._capture(batch, kv_bucket)
+            except Exception as e:  # never lose a request to a capture problem: decode eagerly from now on
+                warnings.warn(f"CUDA graph capture failed ({e!r}); decoding without CUDA graphs")
+                self.capture = False
+                return self._run(batch, kv_bucket)[:B]
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:B]

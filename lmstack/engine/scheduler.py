@@ -84,7 +84,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        return all(s.finish_reason is not None for s in self.seqs)
 
 
 @dataclass
