@@ -95,6 +95,23 @@ def test_incremental_detokenizer_holds_back_split_characters(tokenizer):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_incremental_detokenizer_with_sentencepiece_byte_fallback():
+    """Tokenizers that decode through text show half a character as U+FFFD; it must not leak."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "\u2581hello": 257, "\u2581world": 258}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tokenizer = Tokenizer.from_hf_json(hf.to_str())
+    ids = [257] + [b + 1 for b in "日本".encode()] + [258]
+    assert "\ufffd" in tokenizer.decode(ids[:2])
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) + detok.flush() == tokenizer.decode(ids) == "hello日本 world"
+    assert all("\ufffd" not in d for d in deltas)
+
+
 def test_text_stream_cuts_stop_strings_across_tokens(tokenizer):
     text = "The quick brown fox jumps over the lazy dog."
     ids = tokenizer.encode(text)

@@ -3,7 +3,9 @@
 :class:`IncrementalDetokenizer` turns tokens into text as they arrive. Byte-level tokenizers split
 multi-byte UTF-8 characters across tokens, so it decodes *bytes* (``tokenizer.decode_bytes``) and
 emits only the longest complete UTF-8 prefix, holding the incomplete tail back until the next
-token completes it (a sequence that ends on a broken character gets U+FFFD on ``flush``). It
+token completes it (a sequence that ends on a broken character gets U+FFFD on ``flush``). Text that
+ends in U+FFFD is held back too: tokenizers that decode through text (sentencepiece byte fallback)
+report an unfinished character that way. It
 decodes a short window of recent tokens rather than single tokens, which keeps tokenizers whose
 pieces depend on their left neighbour (sentencepiece's leading-space marker) correct, and costs
 O(window) per token instead of re-decoding the whole sequence.
@@ -20,6 +22,7 @@ from typing import Any, Sequence
 
 # tokens of left context kept when decoding incrementally
 _WINDOW = 6
+_REPLACEMENT = "\ufffd".encode()
 
 
 def _complete_utf8_prefix(data: bytes) -> int:
@@ -50,7 +53,9 @@ class IncrementalDetokenizer:
         data = self.tokenizer.decode_bytes(self._ids)
         new = data[len(self._prefix_bytes):]  # the window's bytes beyond what was already emitted
         cut = _complete_utf8_prefix(new)
-        if cut == 0:
+        # tokenizers that decode to text (sentencepiece byte fallback) show an unfinished character as
+        # U+FFFD instead of raw bytes: hold that back too until a later token completes it
+        if cut == 0 or new[:cut].endswith(_REPLACEMENT):
             return ""
         # commit: everything up to the cut becomes the new prefix; trim the window
         self._prefix_bytes = data[:len(self._prefix_bytes) + cut]
