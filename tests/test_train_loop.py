@@ -155,3 +155,23 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_paths_train(tmp_path, dtype):
+    """bf16 autocast and fp16 autocast + GradScaler run through the same loop (on CPU here, CUDA on GPUs)."""
+    r = run(tmp_path / dtype, extra=[f"train.dtype={dtype}", "train.max_steps=16"])
+    rows = [json.loads(x) for x in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] and math.isfinite(r.final_val_loss)
+    w = weights(tmp_path / dtype)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())  # fp32 master weights
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager(tmp_path):
+    run(tmp_path / "eager", extra=["train.max_steps=4"])
+    run(tmp_path / "compiled", extra=["train.max_steps=4", "train.compile=true"])
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
