@@ -126,6 +126,8 @@ def tiny_checkpoint(tmp_path_factory):
                                    f"model.vocab_size={tokenizer.vocab_size}", "model.block_size=64"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
+    with torch.no_grad():  # a fresh model's logits are near-uniform; sharpen them so perplexities differ
+        model.lm_head.weight.mul_(20)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, model, cfg.to_dict(), tokenizer=tokenizer)
     return path
