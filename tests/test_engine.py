@@ -78,7 +78,9 @@ def test_random_arrivals_stress_matches_solo_runs(model, static_decode):
     rng = random.Random(1)
     engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=24, cuda_graphs=static_decode)
     assert (engine.graphs is not None) == static_decode
-    jobs = [([rng.randrange(101) for _ in range(rng.randint(1, 50))], rng.randint(1, 20)) for _ in range(16)]
+    header = [rng.randrange(101) for _ in range(30)]  # half the prompts share part of it: prefix reuse happens
+    jobs = [((header[:rng.randint(5, 30)] if rng.random() < 0.5 else [])
+             + [rng.randrange(101) for _ in range(rng.randint(1, 30))], rng.randint(1, 20)) for _ in range(16)]
     pending, submitted, done = list(enumerate(jobs)), {}, {}
     while pending or engine.has_unfinished():
         # requests arrive between steps at random moments
@@ -94,6 +96,7 @@ def test_random_arrivals_stress_matches_solo_runs(model, static_decode):
         assert done[i] == argmax_loop(model, prompt, n), f"request {i} differs from its solo run"
     stats = engine.stats()
     assert stats["kv_tokens_used"] == 0 and stats["kv_slots_free"] == stats["kv_slots_total"]
+    assert stats["prefix_reused_tokens"] > 0
 
 
 def test_seeded_sampling_is_independent_of_batch(model):
@@ -206,6 +209,21 @@ def test_prefix_reuse_skips_shared_prompt_and_keeps_output(model):
     assert engine.stats()["prefix_reused_tokens"] == len(header)
     assert second.outputs[0].token_ids == argmax_loop(model, header + [3], 12)
     assert first.outputs[0].token_ids == argmax_loop(model, header + [1, 2], 12)
+
+
+def test_prefix_of_a_running_sequence_is_copied(model):
+    engine = Engine(model, max_num_seqs=3)
+    header = list(range(20, 70))
+    first = engine.add_request(header + [1], SamplingParams(max_tokens=20, temperature=0.0))
+    engine.step()  # the first request's prompt is now cached and it is decoding
+    before = engine.stats()["prompt_tokens"]
+    second = engine.add_request(header + [2, 3], SamplingParams(max_tokens=12, temperature=0.0))
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.stats()["prompt_tokens"] - before == 2  # the shared header was copied, not recomputed
+    assert done[second].outputs[0].token_ids == argmax_loop(model, header + [2, 3], 12)
+    assert done[first].outputs[0].token_ids == argmax_loop(model, header + [1], 20)
 
 
 def test_bad_requests_fail_clearly(model):

@@ -25,7 +25,8 @@ Two implementations:
   blocks (vLLM) would pack more short sequences into the same memory. In exchange the attention
   kernel reads plain strided tensors and no block table exists. A freed slot keeps its contents,
   which the engine uses for prefix reuse: a new prompt that starts like the last occupant of a
-  free slot skips recomputing the shared part.
+  free slot skips recomputing the shared part (and one that starts like a running sequence gets
+  that sequence's computed prefix copied into its slot).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class SlotKVCache:
                 kept = self.retained.get(slot)
                 if not kept or kept[0] != prompt[0]:
                     continue
-                n = _common_prefix(kept, prompt)
+                n = common_prefix(kept, prompt)
                 if n > best_len:
                     best, best_len = slot, n
         self._free.discard(best)
@@ -179,7 +180,7 @@ class SlotBatch:
         return k_layer[self.slot_ids, :, :S], v_layer[self.slot_ids, :, :S]  # (B, H_kv, S, D) gathered
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

@@ -19,13 +19,14 @@ logprobs; the scheduler only moves them between its queues and owns slot bookkee
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lmstack.engine.kv_cache import SlotKVCache
+from lmstack.engine.kv_cache import SlotKVCache, common_prefix
 from lmstack.engine.sampling import SamplingParams
 
 
@@ -105,7 +106,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.decoding: list[Sequence] = []
-        self.reused_tokens = 0  # prompt tokens whose KV came from a free slot's previous occupant
+        self.reused_tokens = 0  # prompt tokens whose KV came from another sequence instead of a forward pass
 
     # ------------------------------------------------------------------ queues
     def add(self, request: Request) -> None:
@@ -155,12 +156,27 @@ class Scheduler:
         seq = request.prefill_seq
         reuse = self.prefix_reuse and request.params.prompt_logprobs is None
         seq.slot, reused = self.cache.allocate(request.prompt_ids if reuse else None)
+        if reuse:  # a running sequence may share a longer prefix: copy its keys/values instead of recomputing
+            source, shared = self._running_prefix(request.prompt_ids)
+            if shared > reused:
+                self.cache.copy_prefix(source, seq.slot, shared)
+                reused = shared
         # keep at least the last prompt token to compute: its logits give the first sampled token
         seq.num_computed = min(reused, len(request.prompt_ids) - 1) if reuse else 0
         self.reused_tokens += seq.num_computed
         request.reserved_slots = [self.cache.allocate()[0] for _ in range(request.params.n - 1)]
         request.status = Status.PREFILLING
         self.prefilling.append(request)
+
+    def _running_prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, length) of the longest computed prefix of ``prompt`` held by a running sequence."""
+        best_slot, best = -1, 0
+        for seq in itertools.chain(self.decoding, (r.prefill_seq for r in self.prefilling)):
+            if seq.num_computed > best and seq.slot >= 0 and seq.request.prompt_ids[0] == prompt[0]:
+                n = common_prefix(seq.cached_tokens(), prompt)
+                if n > best:
+                    best_slot, best = seq.slot, n
+        return best_slot, best
 
     # ------------------------------------------------------------------ transitions
     def prefill_done(self, request: Request) -> None:
