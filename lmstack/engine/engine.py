@@ -20,7 +20,8 @@ Design (one forward per phase per step):
   last column holds every row's newest token and the head runs on one position per row.
 * ``n > 1`` prefills once and forks: the prompt's KV is copied into the other samples' slots.
 * Prefix reuse: a freed slot keeps its last occupant's KV; a new prompt that starts the same way
-  (a chat's next turn, a shared few-shot header) takes that slot and skips the shared part.
+  (a chat's next turn, a shared few-shot header) takes that slot and skips the shared part, or
+  copies the computed prefix of a running sequence that shares it.
 * Sampling happens per request (:mod:`lmstack.engine.sampling`), each sampled request with its own
   ``torch.Generator``, so a seeded request's output does not depend on the rest of the batch.
 * On CUDA, decode steps replay CUDA graphs captured per (batch bucket, KV-length bucket)

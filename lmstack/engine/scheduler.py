@@ -11,6 +11,8 @@ A request moves WAITING -> PREFILLING -> DECODING -> FINISHED. Every step the sc
 A request is admitted when ``n`` KV-cache slots are free (one per sample; they are all reserved
 at admission so a request never stalls half-forked), first come first served. Finished and
 aborted sequences return their slot at once, so a waiting request can start in the very next step.
+At admission the prompt's longest already-computed prefix is looked up (a free slot's retained
+tokens, or a running sequence's, whose keys/values are then copied) and only the rest is prefilled.
 
 Requests and sequences are plain objects shared with the engine, which fills in tokens, text and
 logprobs; the scheduler only moves them between its queues and owns slot bookkeeping.
