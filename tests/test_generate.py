@@ -16,6 +16,7 @@ from lmstack.engine.detok import IncrementalDetokenizer, TextStream
 from lmstack.engine.generate import ChatSession, chat_cli, generate
 from lmstack.engine.kv_cache import KVCache
 from lmstack.models import build_model
+from lmstack.models.layers import POSITIONS
 from lmstack.tokenizer import Tokenizer
 from lmstack.train.checkpoint import save_checkpoint
 
@@ -46,7 +47,7 @@ def tokenizer():
     return Tokenizer.train(TEXTS, vocab_size=300)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal", "none"])
+@pytest.mark.parametrize("position", POSITIONS)  # every position option the model offers
 @pytest.mark.parametrize("n_kv_head", [4, 1])
 def test_greedy_with_kv_cache_equals_without(position, n_kv_head):
     model = tiny_model(position=position, n_kv_head=n_kv_head)
@@ -55,6 +56,15 @@ def test_greedy_with_kv_cache_equals_without(position, n_kv_head):
         cached = generate(model, prompt, params, use_kv_cache=True)
         plain = generate(model, prompt, params, use_kv_cache=False)
         assert len(cached) == 24 and cached == plain
+
+
+def test_sliding_window_attention_with_kv_cache_equals_without():
+    model = tiny_model(attn_window=6, sparse_every=2)  # GPT-3 style: every second layer is banded
+    params = SamplingParams(max_tokens=30, temperature=0.0)
+    prompt = list(range(3, 20))  # longer than the window
+    assert generate(model, prompt, params) == generate(model, prompt, params, use_kv_cache=False)
+    [out] = Engine(model, max_num_batched_tokens=8).generate([prompt], params)
+    assert out.outputs[0].token_ids == generate(model, prompt, params, use_kv_cache=False)
 
 
 def test_seeded_sampling_with_kv_cache_equals_without():
