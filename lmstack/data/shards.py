@@ -187,14 +187,19 @@ class _Chunk:
 
 def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: list[int],
             chunk_bytes: int) -> Iterable[_Chunk]:
-    """Group documents into chunks of about CHUNK_BYTES of text, tracking input progress in disk bytes."""
+    """Group documents into chunks of about CHUNK_BYTES of text. Each chunk records how far through the
+    input files (in disk bytes) reading had got, for the progress bar: the files finished so far plus the
+    text read from the current one, capped at its size (compressed files hold more text than bytes)."""
+    def size_of(index: int) -> int:  # tolerant of files appearing while we read
+        return file_sizes[index] if index < len(file_sizes) else 0
+
     chunk, size = _Chunk(), 0
     seen_bytes, files_done, file_start_bytes, finished_bytes = 0, 0, 0, 0
     for doc in iter_documents(paths, text_field, stats):
         # iter_documents has counted this document in stats before yielding it
         doc_bytes, seen_bytes = stats.text_bytes - seen_bytes, stats.text_bytes
         while files_done < stats.files - 1:  # a new file started: the ones before it are done
-            finished_bytes += file_sizes[files_done]
+            finished_bytes += size_of(files_done)
             files_done += 1
             file_start_bytes = seen_bytes - doc_bytes
         chunk.ids.append(doc.id)
@@ -202,8 +207,7 @@ def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: li
         chunk.text_bytes.append(doc_bytes)
         size += doc_bytes
         if size >= chunk_bytes or len(chunk.ids) >= CHUNK_DOCUMENTS:
-            current = min(seen_bytes - file_start_bytes, file_sizes[files_done] if files_done < len(file_sizes) else 0)
-            chunk.position = finished_bytes + current
+            chunk.position = finished_bytes + min(seen_bytes - file_start_bytes, size_of(files_done))
             yield chunk
             chunk, size = _Chunk(), 0
     if chunk.ids:
