@@ -268,6 +268,8 @@ def _add_data_tokenize(sub) -> None:
                    help="tokenizer processes (0 = tokenize in this process; unset = one per core, or 0 below 32 MB)")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (unset = 100,000,000)")
     p.add_argument("--seed", type=int, default=0, help="keys the train/val split hash")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="count and skip JSONL/Parquet records without the text field instead of stopping")
     p.add_argument("--cache-dir", default=None, help="where corpus names are built (unset = $LMSTACK_CACHE or ~/.cache/lmstack)")
 
     def run(a):
@@ -277,12 +279,18 @@ def _add_data_tokenize(sub) -> None:
         try:
             meta = tokenize_to_shards(a.inputs, a.tokenizer, a.out, text_field=a.text_field,
                                       val_fraction=a.val_fraction, workers=a.workers, seed=a.seed,
-                                      shard_tokens=a.shard_tokens or DEFAULT_SHARD_TOKENS, cache_dir=a.cache_dir)
+                                      shard_tokens=a.shard_tokens or DEFAULT_SHARD_TOKENS, cache_dir=a.cache_dir,
+                                      on_bad_record="skip" if a.skip_bad_records else "error")
         except DataError as e:
             raise UserError(str(e)) from None
         for name, s in meta["splits"].items():
             print(f"{name:<5} {s['documents']:>9,} documents {s['tokens']:>13,} tokens ({meta['dtype']}) "
                   f"in {len(s['shards'])} shard(s), {s['bytes'] / max(s['tokens'], 1):.2f} bytes/token")
+        read = meta["read_stats"]
+        for what, per_file in (("undecodable bytes replaced", read["undecodable_bytes"]),
+                               ("bad records skipped", read["skipped_records"])):
+            if per_file:
+                print(f"{sum(per_file.values()):,} {what} in {len(per_file)} file(s), e.g. {next(iter(per_file))}")
         print(f"wrote {a.out} in {meta['seconds']:.1f} s ({meta['text_mb_per_second']:.2f} MB/s of text)")
 
     p.set_defaults(func=run)

@@ -209,3 +209,16 @@ def test_cli_data_tokenize(tmp_path, tokenizer_dir, capsys):
     assert main(["data", "tokenize", str(tmp_path / "nope"), "--tokenizer", str(tokenizer_dir),
                  "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
+
+    messy = tmp_path / "messy.jsonl"
+    messy.write_bytes(b'{"text": "good one"}\n{"title": "no text"}\n{"text": "bad \xff byte"}\n{"text": "fine"}\n')
+    args = ["data", "tokenize", str(messy), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "m"),
+            "--workers", "0"]
+    assert main(args) == 2
+    assert "line 2: no 'text' field" in capsys.readouterr().err
+    assert main(args + ["--skip-bad-records"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 undecodable bytes replaced in 1 file(s)" in printed and "1 bad records skipped" in printed
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert meta["read_stats"]["skipped_records"] == {str(messy): 1}
+    assert sum(s["documents"] for s in meta["splits"].values()) == 3

@@ -39,6 +39,15 @@ def test_txt_one_document_per_file_normalizes_newlines_and_bom(tmp_path):
     assert stats.text_bytes == len(docs[0].text.encode())
 
 
+@pytest.mark.parametrize("compress", [gzip.compress, zstandard.ZstdCompressor().compress])
+def test_compressed_txt(tmp_path, compress):
+    suffix = ".txt.gz" if compress is gzip.compress else ".txt.zst"
+    (tmp_path / f"a{suffix}").write_bytes(compress("line one\r\nline two %\n%\nlast\n".encode()))
+    assert [d.text for d in iter_documents(tmp_path / f"a{suffix}")] == ["line one\nline two %\n%\nlast\n"]
+    assert [d.text for d in iter_documents(tmp_path / f"a{suffix}", delimiter="%")] == ["line one\nline two %\n",
+                                                                                     "last\n"]
+
+
 def test_txt_delimiter_splits_documents_and_skips_empty_ones(tmp_path):
     (tmp_path / "f.txt").write_text("one\nline two\n%\n%\nthree\n%\n")
     stats = ReadStats()

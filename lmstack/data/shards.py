@@ -185,7 +185,7 @@ class _Chunk:
     position: int = 0  # input bytes read when this chunk closed (drives the progress bar)
 
 
-def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: list[int],
+def _chunks(paths: list[Path], text_field: str, on_bad_record: str, stats: ReadStats, file_sizes: list[int],
             chunk_bytes: int) -> Iterable[_Chunk]:
     """Group documents into chunks of about CHUNK_BYTES of text. Each chunk records how far through the
     input files (in disk bytes) reading had got, for the progress bar: the files finished so far plus the
@@ -195,7 +195,7 @@ def _chunks(paths: list[Path], text_field: str, stats: ReadStats, file_sizes: li
 
     chunk, size = _Chunk(), 0
     seen_bytes, files_done, file_start_bytes, finished_bytes = 0, 0, 0, 0
-    for doc in iter_documents(paths, text_field, stats):
+    for doc in iter_documents(paths, text_field, stats, on_bad_record=on_bad_record):  # type: ignore[arg-type]
         # iter_documents has counted this document in stats before yielding it
         doc_bytes, seen_bytes = stats.text_bytes - seen_bytes, stats.text_bytes
         while files_done < stats.files - 1:  # a new file started: the ones before it are done
@@ -240,7 +240,8 @@ def _prepare_out_dir(out_dir: Path) -> Path:
 def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], tokenizer: Any,
                        out_dir: str | os.PathLike, *, text_field: str = "text", val_fraction: float = 0.005,
                        workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, seed: int = 0,
-                       progress: bool = True, cache_dir: str | os.PathLike | None = None) -> dict:
+                       on_bad_record: str = "error", progress: bool = True,
+                       cache_dir: str | os.PathLike | None = None) -> dict:
     """Tokenize INPUTS (files, directories or corpus names such as "classics") into shards in OUT_DIR.
 
     tokenizer: a Tokenizer (or anything with save/load/encode_batch/eot_id/vocab_size), or a path that
@@ -250,6 +251,7 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         None = one per CPU core, or 0 for inputs under 32 MB, where starting processes costs more than it saves.
     shard_tokens: tokens per shard file.
     seed: keys the split hash; the same seed gives the same split.
+    on_bad_record: "error" or "skip" (count in meta["read_stats"]) JSONL/Parquet records without text.
     Returns the meta dict also written to OUT_DIR/meta.json.
     """
     if not 0.0 < val_fraction < 1.0:
@@ -307,7 +309,7 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
 
             in_flight: deque = deque()
             chunk_bytes = INPROCESS_CHUNK_BYTES if pool is None else WORKER_CHUNK_BYTES
-            for chunk in _chunks(paths, text_field, stats, file_sizes, chunk_bytes):
+            for chunk in _chunks(paths, text_field, on_bad_record, stats, file_sizes, chunk_bytes):
                 if pool is None:
                     consume(chunk, *_encode_chunk(chunk.texts, tokenizer))
                     continue
