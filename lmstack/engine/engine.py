@@ -234,6 +234,9 @@ class Engine:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        params_list = [sp or SamplingParams() for sp in params_list]
+        for prompt, sp in zip(prompts, params_list):  # all or nothing: no half-submitted batch on bad input
+            self.check_request(prompt, sp)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}
         bar = _ProgressBar(len(ids), self) if progress else None
