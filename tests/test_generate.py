@@ -188,6 +188,9 @@ def test_generate_command_errors(tmp_path, checkpoint, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
     # an empty prompt starts a fresh document (from <|endoftext|>) rather than failing
     assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "", "--max-tokens", "3",
                      "--device", "cpu"]) == 0

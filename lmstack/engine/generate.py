@@ -93,7 +93,10 @@ def load_engine(model_path: str, device: str = "auto", quantize: str | None = No
     if not Path(model_path).exists():
         raise _user_error(f"checkpoint {model_path} does not exist; pass a checkpoint directory or a run "
                           "directory made by `lmstack pretrain` (or `lmstack import`)")
-    engine = Engine.from_checkpoint(model_path, device=device, quantize=quantize, **engine_kw)
+    try:
+        engine = Engine.from_checkpoint(model_path, device=device, quantize=quantize, **engine_kw)
+    except ValueError as e:  # bad device, KV pool too large, encoder checkpoint, ...
+        raise _user_error(str(e)) from None
     if engine.tokenizer is None:
         raise _user_error(f"checkpoint {model_path} has no tokenizer.json, so text cannot be encoded; "
                           "copy the tokenizer used for training into it (`lmstack tokenizer` writes one)")
