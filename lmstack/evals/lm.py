@@ -56,7 +56,9 @@ class EvalLM:
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.max_length = int(max_length or model.config.block_size)
+        # long-context models (SmolLM2: 8192) would make the engine reserve KV memory for contexts no benchmark
+        # needs; 2048 covers every built-in task (GSM8K 8-shot is ~1,000 tokens)
+        self.max_length = int(max_length or min(model.config.block_size, 2048))
         self.name = name
         self._engine = None
         if backend == "auto":
@@ -88,7 +90,7 @@ class EvalLM:
             from lmstack.engine.engine import Engine
 
             self._engine = Engine(self.model, self.tokenizer, max_num_seqs=self.batch_size,
-                                  max_num_batched_tokens=self.max_batch_tokens)
+                                  max_model_len=self.max_length, max_num_batched_tokens=self.max_batch_tokens)
         return self._engine
 
     # ------------------------------------------------------------------ tokenisation
