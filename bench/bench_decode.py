@@ -198,7 +198,6 @@ def run(args: argparse.Namespace) -> list[Result]:
             new = args.new_tokens
             prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), generator=g)
             lists = prompts.tolist()
-            traffic = decode_traffic(model, batch, args.prompt_tokens, new)
 
             def record(system: str, seconds: float, m: torch.nn.Module = model) -> None:
                 r = Result(name, system, batch, batch * new, seconds,
@@ -216,7 +215,6 @@ def run(args: argparse.Namespace) -> list[Result]:
                 for mode in args.quant:
                     qmodel = quantize_model(build(name, device, dtype), mode)
                     record(f"engine-{mode}", time_engine(Engine(qmodel, **engine_kw), lists, new, args.repeats), qmodel)
-            del traffic
         del model, hf
     return results
 

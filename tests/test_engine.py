@@ -10,38 +10,16 @@ import random
 import pytest
 import torch
 
-from lmstack.config import tiny
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.generate import generate
 from lmstack.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the CI machine is small and shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
+from family_helpers import argmax_loop
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    cfg = tiny().model
-    for key, value in {**dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=101, block_size=96),
-                       **overrides}.items():
-        setattr(cfg, key, value)
-    torch.manual_seed(seed)
-    return build_model(cfg).eval()
-
-
-def argmax_loop(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    """The plainest possible reference: full forward over the whole sequence, argmax, repeat."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits, _ = model(torch.tensor([ids]))
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return _tiny(seed, **{"n_kv_head": 2, **overrides})
 
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)

@@ -6,29 +6,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
-from lmstack.config import tiny
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.async_engine import AsyncEngine, QueueFull
-from lmstack.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the CI machine is small and shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from engine_helpers import one_thread, tiny_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = tiny().model
-    cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.block_size = 2, 64, 4, 4, 101, 128
-    torch.manual_seed(0)
-    return build_model(cfg).eval()
+    return tiny_model(block_size=128)
 
 
 async def collect(engine: AsyncEngine, prompt, params):

@@ -7,28 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmstack.config import tiny
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.embed import embed, embed_ids
 from lmstack.engine.quant import Int4Linear, Int8Linear, quantize_model, weight_bytes
-from lmstack.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    cfg = tiny().model
-    for key, value in {**dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=4, vocab_size=300, block_size=64),
-                       **overrides}.items():
-        setattr(cfg, key, value)
-    torch.manual_seed(seed)
-    return build_model(cfg).eval()
+    return _tiny(seed, **{"n_embd": 128, "vocab_size": 300, "block_size": 64, **overrides})
 
 
 def test_quantized_linear_layers_match_their_dequantized_weights():

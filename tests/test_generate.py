@@ -10,36 +10,22 @@ import pytest
 import torch
 
 from lmstack.cli import main as cli_main
-from lmstack.config import tiny
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.detok import IncrementalDetokenizer, TextStream
 from lmstack.engine.generate import ChatSession, chat_cli, generate
 from lmstack.engine.kv_cache import KVCache
-from lmstack.models import build_model
 from lmstack.models.layers import POSITIONS
 from lmstack.tokenizer import Tokenizer
 from lmstack.train.checkpoint import save_checkpoint
+
+from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
 
 TEXTS = ["héllo wörld, naïve café — 日本語のテキスト and emoji 😀🚀 here.\n",
          "The quick brown fox jumps over the lazy dog. " * 3, "def f(x):\n    return x * 2\n"] * 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the CI machine is small and shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    cfg = tiny().model
-    for key, value in {**dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=4, vocab_size=300, block_size=128),
-                       **overrides}.items():
-        setattr(cfg, key, value)
-    torch.manual_seed(seed)
-    return build_model(cfg).eval()
+    return _tiny(seed, **{"vocab_size": 300, "block_size": 128, **overrides})
 
 
 @pytest.fixture(scope="module")

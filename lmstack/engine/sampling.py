@@ -150,7 +150,6 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     touches the random generators.
     """
     logits = logits.float()
-    B = logits.shape[0]
     if all(r.params.greedy and not r.params.needs_penalties for r in rows):
         return logits.argmax(dim=-1)
     if any(r.params.needs_penalties for r in rows):
