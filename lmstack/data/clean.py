@@ -25,11 +25,16 @@ Non-obvious choices (and how they differ from datatrove's GopherQualityFilter/Go
   stripped (``"be,"`` -> ``"be"``). datatrove runs a spaCy tokenizer, which is most of its cost; the
   alphabetic-word rule on whitespace tokens is closer to the paper's wording ("80% of words contain an
   alphabetic character") than counting punctuation marks as words.
+* The ratio and repetition rules only judge documents of at least ``rules_min_words`` words (50, Gopher's
+  own minimum document length); shorter ones -- a line of verse, a one-line fortune -- are judged by
+  length, alphabetic ratio and the blocklist only. ``gopher_heuristics()`` sets it to 0.
 * The top-n-gram rule only looks at n-grams that occur at least twice: a 3-word fortune has a "top
   2-gram" covering half of its characters, which is not repetition.
 * The duplicated-n-gram rule is Gopher's greedy scan (a repeated n-gram's characters count once, the
-  scan then jumps past it), as in datatrove. If no 5-gram repeats, no longer n-gram can, so most
-  documents skip the scan entirely; that and doing the cheap rules first is where the speed comes from.
+  scan then jumps past it), as in datatrove. n-grams are hashed with numpy; the union of all repeated
+  windows bounds the scan's result from above and shrinks as n grows, so one cheap bound usually
+  clears all six rules and the exact scan runs only on documents near a threshold. That and doing
+  the cheap rules first is where the speed comes from (tests pin the fast path to a plain version).
 
 Run ``lmstack data clean --print-config`` to see every threshold with its default.
 """

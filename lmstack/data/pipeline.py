@@ -832,7 +832,7 @@ def plot_funnel(report: dict, path: Path) -> None:
             ax.text(v + 0.01 * top, yi, note, va="center", fontsize=8)
         ax.set_xlim(0, top * 1.35)
         ax.set_xlabel(label)
-        ax.invert_yaxis()
+    axes[0].invert_yaxis()  # the axes share y: inverting one inverts both (input on top)
     axes[0].set_yticks(np.arange(len(names)))
     axes[0].set_yticklabels(names)
     fig.suptitle(f"lmstack data clean: kept {report['documents_out']:,} of {report['documents_in']:,} documents")
