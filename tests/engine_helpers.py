@@ -1,6 +1,6 @@
 """Shared pieces of the engine / generation tests: tiny random decoders and a one-thread fixture.
 
-    from engine_helpers import one_thread, tiny_model   # noqa: F401  (the fixture is autouse)
+    from engine_helpers import argmax_loop, one_thread, tiny_model   # noqa: F401  (the fixture is autouse)
 """
 
 from __future__ import annotations
@@ -29,3 +29,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def argmax_loop(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """The plainest possible greedy reference: full forward over the whole sequence, argmax, repeat."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]

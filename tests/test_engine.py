@@ -14,8 +14,7 @@ from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.generate import generate
 from lmstack.models import build_model
 
-from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
-from family_helpers import argmax_loop
+from engine_helpers import argmax_loop, one_thread, tiny_model as _tiny  # noqa: F401
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
