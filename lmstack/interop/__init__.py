@@ -53,10 +53,10 @@ def import_model(source: str | Path, out: str | Path | None = None, dtype: str =
     """Convert ``source`` into an lmstack checkpoint at ``out`` (default: CACHE/models/NAME)."""
     from lmstack.interop.gguf_import import import_gguf
     from lmstack.interop.hf_import import import_hf
-    from lmstack.interop.registry import cache_dir
+    from lmstack.data.sources import default_cache_dir
 
     kind, path, name = resolve_source(source, progress)
-    target = Path(out).expanduser() if out is not None else cache_dir() / "models" / name
+    target = Path(out).expanduser() if out is not None else default_cache_dir() / "models" / name
     if kind == "gguf":
         return import_gguf(path, target, dtype=dtype, progress=progress)
     return import_hf(path, target, dtype=dtype)
@@ -64,8 +64,9 @@ def import_model(source: str | Path, out: str | Path | None = None, dtype: str =
 
 def models_report() -> dict[str, Any]:
     """What `lmstack models` prints: supported architectures and formats, and what is available locally."""
-    from lmstack.interop.registry import (ARCHITECTURES, GGUF_TENSOR_TYPES, WEIGHT_PACKAGES, cache_dir,
-                                          cached_weights, installed_weights, local_checkpoints)
+    from lmstack.data.sources import default_cache_dir
+    from lmstack.interop.registry import (ARCHITECTURES, GGUF_TENSOR_TYPES, WEIGHT_PACKAGES, cached_weights,
+                                          installed_weights, local_checkpoints)
 
     packages = []
     for w in WEIGHT_PACKAGES:
@@ -80,7 +81,7 @@ def models_report() -> dict[str, Any]:
                           for a in ARCHITECTURES],
         "gguf_tensor_types": list(GGUF_TENSOR_TYPES),
         "weight_packages": packages,
-        "cache_dir": str(cache_dir()),
+        "cache_dir": str(default_cache_dir()),
         "checkpoints": local_checkpoints(),
     }
 

@@ -32,25 +32,14 @@ class ImportedTokenizer:
     """A tokenizer read from foreign files, before it becomes an lmstack Tokenizer.
 
     ``hf_json`` is a Hugging Face ``tokenizers`` JSON document (tokenizer.json). Token fields hold
-    token *strings*; ``stop_tokens`` end an assistant turn (the model's eos plus end-of-turn tokens).
+    token *strings*; ``stop_tokens`` end an assistant turn, the model's eos first. Pad, unknown and
+    mask tokens need no field: they are special tokens of the vocabulary itself.
     """
 
     hf_json: str
     bos_token: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    unk_token: str | None = None
-    mask_token: str | None = None
     stop_tokens: list[str] = field(default_factory=list)
     chat_template: str | None = None
-
-    def backend(self):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return HFTokenizer.from_str(self.hf_json)
-
-    def token_id(self, token: str | None) -> int | None:
-        return None if token is None else self.backend().token_to_id(token)
 
     def to_lmstack(self):
         """The lmstack Tokenizer carrying the vocabulary, special tokens and chat template."""

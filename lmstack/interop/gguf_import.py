@@ -223,8 +223,8 @@ def gguf_tokenizer(f: GGUFFile) -> ImportedTokenizer:
     if "<|endoftext|>" in vocab and types[vocab["<|endoftext|>"]] == TOKEN_CONTROL:
         stops.append("<|endoftext|>")  # the document separator ends a plain continuation
     return ImportedTokenizer(
-        hf_json=backend.to_str(), bos_token=bos, eos_token=eos, pad_token=token("padding"),
-        unk_token=token("unknown"), stop_tokens=[s for i, s in enumerate(stops) if s and s not in stops[:i]],
+        hf_json=backend.to_str(), bos_token=bos,
+        stop_tokens=[s for i, s in enumerate(stops) if s and s not in stops[:i]],
         chat_template=f.get("tokenizer.chat_template"))
 
 

