@@ -538,7 +538,7 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         """<|pad|> when present, else the document boundary (padding is masked out either way)."""
-        return self.special_tokens.get(PAD, self.eot_id)
+        return self.special_tokens[PAD] if PAD in self.special_tokens else self.eot_id
 
     @property
     def mask_id(self) -> int | None:
