@@ -292,10 +292,12 @@ def engine_reference(checkpoint: str, cfg: LoadConfig, max_num_seqs: int) -> flo
     return sum(len(o.outputs[0].token_ids) for o in outputs) / wall
 
 
-def start_server(checkpoint: str, max_num_seqs: int, max_waiting: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: str, max_num_seqs: int, max_waiting: int,
+                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lmstack.cli", "serve", "--model", checkpoint, "--port", "0", "--device", "cpu",
            "--max-num-seqs", str(max_num_seqs), "--max-waiting", str(max_waiting), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     while True:
         line = proc.stdout.readline()
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=16, help="server's batch size (the rest queue)")
     p.add_argument("--max-waiting", type=int, default=256, help="server's waiting-queue bound")
     p.add_argument("--rss-slack-mb", type=float, default=32.0, help="allowed RSS growth after the warm-up round")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the server and the reference (default: torch's own choice); "
+                        "1 avoids OpenMP spinning on a CPU shared with other work")
     p.add_argument("--no-reference", action="store_true", help="skip the in-process engine reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                      disconnect_prob=a.disconnect_prob, seed=a.seed)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = a.model or str(build_tiny_checkpoint(Path(tmp) / "tiny-random"))
-        proc, url = start_server(checkpoint, a.max_num_seqs, a.max_waiting)
+        proc, url = start_server(checkpoint, a.max_num_seqs, a.max_waiting, a.threads)
         try:
             print(f"server {url} (pid {proc.pid}), {cfg.clients} clients x {cfg.requests} requests x "
                   f"{cfg.rounds} rounds, disconnect p={cfg.disconnect_prob}")
@@ -334,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
         reference = None if a.no_reference else engine_reference(checkpoint, cfg, a.max_num_seqs)
     failures = check(results, a.rss_slack_mb)
     steady = results[1:] or results

@@ -370,19 +370,31 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
+    MAX_WRITE = 1 << 16  # bytes of events gathered into one write while more are ready
+
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]],
-                 on_disconnect: Callable[[], None] | None = None):
+                 on_disconnect: Callable[[], None] | None = None, more_ready: Callable[[], bool] | None = None):
         # no Response.__init__: it would render an empty body and declare Content-Length: 0
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events, self.on_close, self.on_disconnect = events, on_close, on_disconnect
+        self.more_ready = more_ready or (lambda: False)
 
     async def __call__(self, scope, receive, send) -> None:
         async def produce():
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            pending: list[str] = []
+            size = 0
             async for event in self.events:
-                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                pending.append(event)
+                size += len(event)
+                # when the generation has fallen behind, several events go out in one write: each write
+                # costs a system call and, under load, a wait for the GIL
+                if not self.more_ready() or size >= self.MAX_WRITE:
+                    await send({"type": "http.response.body", "body": "".join(pending).encode(), "more_body": True})
+                    pending, size = [], 0
+            body = "".join(pending).encode()
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
         producer = asyncio.ensure_future(produce())
         listener = asyncio.ensure_future(_wait_for_disconnect(receive))
@@ -448,6 +460,10 @@ class Generation:
             index, item = await self._next()
             if item is not _END:
                 yield index, item
+
+    def has_ready(self) -> bool:
+        """Whether the next output is already here (events() would not wait)."""
+        return bool(self.buffer) or not self.queue.empty()
 
     async def _next(self) -> tuple[int, Any]:
         remaining = self.deadline - time.monotonic()
@@ -713,7 +729,8 @@ async def _respond(request: Request, gen: Generation, stream: bool,
             return await until_disconnect(request, make_result())
         await until_disconnect(request, gen.start())
         handed_over = True  # from here the response closes the generation when the stream ends
-        return EventStreamResponse(make_stream(), on_close=gen.aclose, on_disconnect=count_disconnect)
+        return EventStreamResponse(make_stream(), on_close=gen.aclose, on_disconnect=count_disconnect,
+                                   more_ready=gen.has_ready)
     except ClientGone:
         count_disconnect()
         return Response(status_code=499)  # nobody is left to read it
