@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 
+from lmstack.engine.embed import embed
 from lmstack.engine.engine import Engine
 from lmstack.engine.sampling import SamplingParams
 from lmstack.serve.app import create_app, default_model_name, serve_in_thread
@@ -249,6 +250,8 @@ def test_embeddings_float_and_base64(client, server, model_name, reference):
     single = client.embeddings.create(model=model_name, input=texts[1], encoding_format="float").data[0].embedding
     assert single == pytest.approx(vectors[1], abs=1e-5)
     assert vectors[0] != pytest.approx(vectors[1], abs=1e-3)
+    direct = embed(reference.model, reference.tokenizer, texts)  # mean-pooled decoder states
+    assert torch.tensor(vectors) == pytest.approx(direct, abs=1e-5)
     assert batch.usage.prompt_tokens == sum(len(reference.tokenizer.encode(t)) for t in texts)
     # the raw base64 is little-endian float32
     raw = httpx.post(f"{server}/v1/embeddings", headers={"Authorization": f"Bearer {API_KEY}"},
@@ -258,6 +261,29 @@ def test_embeddings_float_and_base64(client, server, model_name, reference):
     ids = reference.tokenizer.encode(texts[2])
     by_ids = client.embeddings.create(model=model_name, input=[ids], encoding_format="float").data[0].embedding
     assert by_ids == pytest.approx(vectors[2], abs=1e-5)
+
+
+def test_encoder_checkpoint_serves_embeddings_only(tiny_checkpoint, tmp_path):
+    from lmstack.models import build_model
+    from lmstack.models.bert import BertConfig
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train.checkpoint import save_checkpoint
+
+    tokenizer = Tokenizer.load(tiny_checkpoint)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = save_checkpoint(tmp_path / "tiny-encoder", model, {"model": cfg.__dict__}, tokenizer=tokenizer)
+    with serve_in_thread(create_app(path, device="cpu")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-encoder"]
+        texts = ["cats and dogs", "numbers and time"]
+        got = client.embeddings.create(model="tiny-encoder", input=texts, encoding_format="float")
+        assert torch.tensor([d.embedding for d in got.data]) == pytest.approx(embed(model, tokenizer, texts), abs=1e-5)
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="tiny-encoder", messages=MESSAGES)
+        assert _error(e)["code"] == "model_not_supported"
+        assert health(url)["status"] == "ok"
 
 
 # ----------------------------------------------------------------------------- errors

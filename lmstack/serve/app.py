@@ -26,6 +26,10 @@ does not depend on the ASGI server's flavour of disconnect reporting); the per-r
 fires; or the handler fails. A streamed response is started only after every prompt has produced
 its first output, so a full queue is still a proper 429 rather than an error inside a 200 stream.
 
+Embeddings are mean-pooled final hidden states (lmstack.engine.embed): of a decoder, or of an encoder
+checkpoint (BERT, T5), which is then served for /v1/embeddings only (generation routes answer 404,
+as OpenAI does for a model that does not support an endpoint).
+
 Caveats: one model per server; embeddings run in a worker thread next to the engine's stepping
 thread (same weights, read-only), one batch at a time.
 """
@@ -83,12 +87,14 @@ class ServerLimits:
 
 @dataclass
 class ServerState:
-    engine: Any  # lmstack.engine.engine.Engine
+    engine: Any  # lmstack.engine.engine.Engine; None for an encoder served for embeddings only
+    model: Any
     tokenizer: Any
     model_name: str
     max_model_len: int
     limits: ServerLimits
     api_keys: tuple[str, ...]
+    embed_frame: tuple[list[int], list[int]]  # ids the tokenizer wraps around one text ([CLS] ... [SEP] for BERT)
     async_engine: Any = None  # created at startup inside the event loop
     owns_async_engine: bool = True
     shutting_down: bool = False
@@ -108,45 +114,53 @@ def create_app(engine_or_checkpoint: Any, *, api_keys: list[str] | tuple[str, ..
 
     ``engine_or_checkpoint``: a checkpoint / run directory, an ``Engine``, or an ``AsyncEngine``
     (then ``max_waiting`` is the engine's own). ``engine_kwargs`` (max_num_seqs, kv_cache_tokens, ...)
-    go to ``Engine.from_checkpoint`` when a path is given. ``api_keys``: accepted Bearer keys; empty
-    or None = no authentication.
+    go to ``Engine.from_checkpoint`` when a path is given. A checkpoint of an encoder family (BERT,
+    T5) is served for /v1/embeddings only. ``api_keys``: accepted Bearer keys; empty or None = no
+    authentication.
     """
     from lmstack.engine.async_engine import AsyncEngine
     from lmstack.engine.engine import Engine
 
-    given_async = None
+    given_async, engine = None, None
     if isinstance(engine_or_checkpoint, AsyncEngine):
         given_async = engine_or_checkpoint
         engine = given_async.engine
+        model, tokenizer = engine.model, engine.tokenizer
     elif isinstance(engine_or_checkpoint, Engine):
         engine = engine_or_checkpoint
+        model, tokenizer = engine.model, engine.tokenizer
     elif isinstance(engine_or_checkpoint, (str, os.PathLike)):
-        engine = Engine.from_checkpoint(engine_or_checkpoint, device=device, **engine_kwargs)
+        engine, model, tokenizer = _load(str(engine_or_checkpoint), device, engine_kwargs)
         model_name = model_name or default_model_name(engine_or_checkpoint)
     else:
         raise TypeError(f"create_app needs a checkpoint path, an Engine or an AsyncEngine, "
                         f"not {type(engine_or_checkpoint).__name__}")
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer (no tokenizer.json in the checkpoint); the server needs one "
+                         "to read text: save the checkpoint with its tokenizer")
     for name, value in (("max_request_bytes", max_request_bytes), ("max_tokens_limit", max_tokens_limit),
                         ("max_waiting", max_waiting)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
     if request_timeout_s <= 0:
         raise ValueError(f"request_timeout_s={request_timeout_s} must be > 0")
-    max_model_len = int(getattr(engine, "max_model_len", None) or engine.model.config.block_size)
+    max_model_len = int(getattr(engine, "max_model_len", None) or model.config.block_size)
     if max_prompt_tokens is not None and not 1 <= max_prompt_tokens <= max_model_len:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be in [1, {max_model_len}] "
                          "(the model's context length)")
     limits = ServerLimits(max_request_bytes=max_request_bytes, max_prompt_tokens=max_prompt_tokens,
                           max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
                           request_timeout_s=request_timeout_s)
-    state = ServerState(engine=engine, tokenizer=engine.tokenizer, model_name=model_name or "lmstack",
+    from lmstack.engine.embed import special_frame
+
+    state = ServerState(engine=engine, model=model, tokenizer=tokenizer, model_name=model_name or "lmstack",
                         max_model_len=max_model_len, limits=limits,
-                        api_keys=tuple(k for k in (api_keys or ()) if k),
+                        api_keys=tuple(k for k in (api_keys or ()) if k), embed_frame=special_frame(tokenizer),
                         async_engine=given_async, owns_async_engine=given_async is None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if state.async_engine is None:
+        if state.async_engine is None and state.engine is not None:
             state.async_engine = AsyncEngine(state.engine, max_waiting=limits.max_waiting)
         state.embed_lock = asyncio.Semaphore(1)
         state.shutting_down = False
@@ -154,7 +168,7 @@ def create_app(engine_or_checkpoint: Any, *, api_keys: list[str] | tuple[str, ..
             yield
         finally:
             state.shutting_down = True
-            if state.owns_async_engine:
+            if state.owns_async_engine and state.async_engine is not None:
                 state.async_engine.shutdown()
                 state.async_engine = None
 
@@ -166,6 +180,21 @@ def create_app(engine_or_checkpoint: Any, *, api_keys: list[str] | tuple[str, ..
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(GatekeeperMiddleware, state=state)
     return app
+
+
+def _load(path: str, device: str, engine_kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(engine or None, model, tokenizer): an Engine for decoder families, the bare model for encoders."""
+    from lmstack.engine.engine import Engine, resolve_device
+    from lmstack.models import DECODER_FAMILIES
+    from lmstack.train.checkpoint import load_checkpoint, read_config
+
+    family = read_config(path)["model"].get("family", "gpt")
+    if family in DECODER_FAMILIES:
+        engine = Engine.from_checkpoint(path, device=device, **engine_kwargs)
+        return engine, engine.model, engine.tokenizer
+    ckpt = load_checkpoint(path, device=resolve_device(device))
+    log.info("model family %r is not a decoder: serving /v1/embeddings only", family)
+    return None, ckpt.model, ckpt.tokenizer
 
 
 def default_model_name(path: str | os.PathLike) -> str:
@@ -516,10 +545,15 @@ class Generation:
 
 # ----------------------------------------------------------------------------- request preparation
 
-def _check_ready(state: ServerState) -> None:
-    if state.shutting_down or state.async_engine is None:
+def _check_ready(state: ServerState, generate: bool = True) -> None:
+    if state.shutting_down:
         raise APIError(503, "The server is shutting down; retry on another instance.", type="server_error",
                        code="shutting_down")
+    if generate and state.engine is None:  # OpenAI answers 404 when a model does not do an endpoint
+        raise APIError(404, f"The model '{state.model_name}' is an encoder: it serves /v1/embeddings only, "
+                            "not text generation.", param="model", code="model_not_supported")
+    if generate and state.async_engine is None:
+        raise APIError(503, "The engine is not running.", type="server_error", code="engine_unavailable")
 
 
 def _check_model(state: ServerState, model: str) -> None:
@@ -529,7 +563,7 @@ def _check_model(state: ServerState, model: str) -> None:
 
 
 def _check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
-    vocab = state.engine.model.config.vocab_size
+    vocab = state.model.config.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"'{param}' holds token id {bad[0]}, outside this model's vocabulary [0, {vocab})",
@@ -628,7 +662,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         # the AsyncEngine's snapshot: the Engine itself is only touched by its stepping thread
-        stats = state.async_engine.stats() if state.async_engine is not None else state.engine.stats()
+        stats = state.async_engine.stats() if state.async_engine is not None else \
+            (state.engine.stats() if state.engine is not None else None)
         status = "shutting_down" if state.shutting_down else "ok"
         return JSONResponse({"status": status, "model": state.model_name, "engine": stats,
                              "counters": dict(state.counters),
@@ -691,7 +726,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     # ---------------------------------------------------------------- /v1/embeddings
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(req: EmbeddingRequest, request: Request):
-        _check_ready(state)
+        _check_ready(state, generate=False)
         _check_model(state, req.model)
         req.check_supported()
         state.counters["requests"] += 1
@@ -699,7 +734,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if len(inputs) > state.limits.max_embedding_inputs:
             raise APIError(400, f"{len(inputs)} inputs in one request; the limit is "
                                 f"{state.limits.max_embedding_inputs}.", param="input", code="invalid_value")
-        ids = [tokenizer.encode(x) if isinstance(x, str) else x for x in inputs]
+        prefix, suffix = state.embed_frame  # texts are framed as the tokenizer frames one sequence; ids as given
+        ids = [prefix + tokenizer.encode(x) + suffix if isinstance(x, str) else x for x in inputs]
         max_len = state.limits.max_prompt_tokens or state.max_model_len
         for i, x in enumerate(ids):
             _check_token_ids(state, x, "input")
@@ -887,7 +923,7 @@ async def _embed_queued(state: ServerState, ids: list[list[int]]) -> list[list[f
     state.embed_waiting += 1
     try:
         async with state.embed_lock:
-            return await asyncio.wait_for(asyncio.to_thread(embed_token_ids, state.engine, ids),
+            return await asyncio.wait_for(asyncio.to_thread(_embed, state, ids),
                                           timeout=state.limits.request_timeout_s)
     except asyncio.TimeoutError:
         raise APIError(503, "The embedding request ran past the server's timeout.", type="server_error",
@@ -896,22 +932,12 @@ async def _embed_queued(state: ServerState, ids: list[list[int]]) -> list[list[f
         state.embed_waiting -= 1
 
 
-def embed_token_ids(engine: Any, ids: list[list[int]]) -> list[list[float]]:
-    """Unit-length embeddings of token-id inputs: the mean of the model's final hidden states.
+def _embed(state: ServerState, ids: list[list[int]]) -> list[list[float]]:
+    """Unit-length, mean-pooled final hidden states (lmstack.engine.embed), for any model family."""
+    from lmstack.engine.embed import embed_ids
 
-    Stop-gap until lmstack/engine/embed.py lands: one input at a time, so no padding mask is needed.
-    """
-    import torch
-
-    model = engine.model
-    device = next(model.parameters()).device
-    vectors = []
-    with torch.inference_mode():
-        for x in ids:
-            hidden, _ = model(torch.tensor([x], device=device), return_hidden=True)  # (1, T, C)
-            pooled = hidden[0].float().mean(dim=0)  # (C,)
-            vectors.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
-    return vectors
+    pad_id = getattr(state.tokenizer, "pad_id", 0)
+    return embed_ids(state.model, ids, pooling="mean", pad_id=int(pad_id)).tolist()
 
 
 def _encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
