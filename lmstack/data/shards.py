@@ -291,7 +291,7 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
 
         started = time.time()
         with Progress(progress, bytes_mode=True) as bar:
-            task = bar.add(f"tokenize ({workers or 'no'} workers)", total=sum(file_sizes))
+            task = bar.add(f"tokenize ({workers} workers)" if workers else "tokenize (in-process)", total=sum(file_sizes))
 
             def consume(chunk: _Chunk, tokens: np.ndarray, lengths: np.ndarray) -> None:
                 nonlocal last_train
