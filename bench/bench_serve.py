@@ -2,6 +2,7 @@
 
     python bench/bench_serve.py                                # 64 clients x 3 rounds, tiny random model
     python bench/bench_serve.py --clients 16 --rounds 2 --model runs/speedrun/model
+    python bench/bench_serve.py --threads 1 --layers 4 --width 256     # a wider random model
 
 The server runs in a subprocess (`lmstack serve --port 0`, so its memory is measured on its own);
 without --model a tiny random checkpoint is built in a temporary directory. Each round, every client
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint to serve (default: a tiny random one)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the random model (without --model)")
+    p.add_argument("--width", type=int, default=64, help="embedding width of the random model (without --model)")
     p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
     p.add_argument("--rounds", type=int, default=3, help="rounds (the first one is the warm-up for RSS)")
     p.add_argument("--requests", type=int, default=3, help="requests per client per round")
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LoadConfig(clients=a.clients, rounds=a.rounds, requests=a.requests, max_tokens=a.max_tokens,
                      disconnect_prob=a.disconnect_prob, seed=a.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = a.model or str(build_tiny_checkpoint(Path(tmp) / "tiny-random"))
+        checkpoint = a.model or str(build_tiny_checkpoint(Path(tmp) / "tiny-random", n_layer=a.layers,
+                                                          n_embd=a.width))
         proc, url = start_server(checkpoint, a.max_num_seqs, a.max_waiting, a.threads)
         try:
             print(f"server {url} (pid {proc.pid}), {cfg.clients} clients x {cfg.requests} requests x "
