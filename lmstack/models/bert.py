@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.models.layers import MLP
+from lmstack.models.layers import MLP, SelfAttention
 
 
 # the MLM head's transform uses the same activation as the blocks (HF: config.hidden_act)
@@ -87,42 +87,19 @@ class BertConfig:
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention with biases (every token sees every non-padding token)."""
-
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.o_proj(y))
-
-
 class Block(nn.Module):
     """Post-norm encoder layer: normalise after each residual sum (BERT / original Transformer)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.n_head, cfg.head_dim, layer_idx=0, bias=True,
+                                  dropout=cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, bias=True, dropout=cfg.dropout)
         self.norm2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x, key_mask))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, None, key_mask))
         return self.norm2(x + self.mlp(x))
 
 
@@ -197,8 +174,10 @@ class Bert(nn.Module):
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
             x = x + self.type_emb(types)
         x = self.drop(self.emb_norm(x))
-        # (B, 1, 1, T) boolean: every query may see every real key; None lets SDPA skip masking
-        key_mask = None if pad is None or not bool(pad.any()) else ~pad[:, None, None, :]
+        # (B, 1, 1, T) boolean: every query sees every real key. Always a mask, never None: the shared
+        # attention reads a missing mask as causal
+        real = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
+        key_mask = real[:, None, None, :]
         for block in self.blocks:
             x = block(x, key_mask)
         if return_hidden:
