@@ -510,6 +510,28 @@ def test_engine_shut_down_is_503(tiny_checkpoint):
         assert e.value.status_code == 503 and _error(e)["code"] == "engine_unavailable"
 
 
+def test_requests_after_shutdown_began_are_503(tiny_checkpoint):
+    """The lifespan's shutdown marks the server as leaving; a request still reaching the app gets 503."""
+    app = create_app(tiny_checkpoint, device="cpu", model_name="m")
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            pass  # started, then shut down (the engine thread is stopped)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            assert (await client.get("/health")).status_code == 503
+
+    asyncio.run(main())
+
+
+def test_ignored_openai_fields_are_accepted(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, user="someone",
+                                       service_tier="auto", parallel_tool_calls=False)
+    assert r.choices[0].message.content is not None
+
+
 # ----------------------------------------------------------------------------- the CLI verb
 
 def test_cli_serve_subprocess(tiny_checkpoint):

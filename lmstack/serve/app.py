@@ -61,7 +61,7 @@ from lmstack.serve.protocol import (APIError, ChatChoice, ChatChunkChoice, ChatC
                                     ChatCompletionRequest, ChatDelta, ChatMessageOut, ChoiceLogprobs, Completion,
                                     CompletionChoice, CompletionLogprobs, CompletionRequest, EmbeddingData,
                                     EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList,
-                                    TokenLogprob, TopLogprob, Usage, error_body, new_id, now)
+                                    TokenLogprob, TopLogprob, Usage, new_id, now)
 
 log = logging.getLogger("lmstack.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -377,8 +377,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     if task.done():
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await asyncio.gather(task, return_exceptions=True)
     raise ClientGone()
 
 
@@ -434,9 +433,7 @@ class EventStreamResponse(Response):
         finally:
             for task in (producer, listener):
                 task.cancel()
-            for task in (producer, listener):
-                with contextlib.suppress(BaseException):
-                    await task
+            await asyncio.gather(producer, listener, return_exceptions=True)
             if producer.done() and not producer.cancelled() and producer.exception() is not None:
                 if not isinstance(producer.exception(), OSError):  # OSError: the client went away mid-send
                     log.error("streamed response failed", exc_info=producer.exception())
@@ -530,6 +527,10 @@ class Generation:
         except RuntimeError as e:  # the engine is shut down / its thread died
             error = APIError(503, f"The engine is not available: {e}", type="server_error",
                              code="engine_unavailable")
+        except Exception as e:  # a bug: report it rather than leave the request waiting for its timeout
+            log.exception("generation %s failed", request_id)
+            error = APIError(500, f"internal server error ({type(e).__name__}); see the server log",
+                             type="server_error", code="internal_error")
         finally:
             if outputs is not None:
                 await outputs.aclose()  # aborts the request in the engine if it is still running
@@ -538,9 +539,7 @@ class Generation:
     async def aclose(self) -> None:
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 # ----------------------------------------------------------------------------- request preparation
