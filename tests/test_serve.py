@@ -219,6 +219,12 @@ def test_completion_token_prompt_echo_and_logprobs_match_the_model(client, model
     assert r.choices[0].text.startswith(reference.tokenizer.decode(ids))
 
 
+def test_empty_prompt_starts_a_document(client, model_name, reference):
+    r = client.completions.create(model=model_name, prompt="", max_tokens=5, temperature=0, extra_body=NO_EOS)
+    assert r.usage.prompt_tokens == 1
+    assert r.choices[0].text == greedy(reference, [reference.tokenizer.eot_id], 5, ignore_eos=True)
+
+
 def test_completion_several_prompts_times_n(client, model_name, reference):
     prompts = ["Numbers and time", "A question about code"]
     r = client.completions.create(model=model_name, prompt=prompts, max_tokens=5, n=2, temperature=0,

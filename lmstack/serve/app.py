@@ -643,10 +643,6 @@ def _completion_logprobs(tokenizer: Any, entries: list[dict | None], token_ids: 
         text_offset=offsets)
 
 
-def _finish_reason(reason: str | None) -> str | None:
-    return "stop" if reason == "abort" else reason
-
-
 # ----------------------------------------------------------------------------- routes
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
@@ -684,11 +680,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _check_model(state, req.model)
         req.check_supported()
         state.counters["requests"] += 1
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        # an empty text prompt starts a fresh document, as OpenAI's default prompt "<|endoftext|>" does
+        prompts = [(tokenizer.encode(p) or [tokenizer.eot_id]) if isinstance(p, str) else p for p in req.prompts()]
         for p in prompts:
             _check_token_ids(state, p, "prompt")
-            if not p:
-                raise APIError(400, "The prompt is empty after tokenization.", param="prompt", code="invalid_value")
         max_tokens = min(_check_lengths(state, len(p), req.max_tokens, "prompt") for p in prompts)
         params = _sampling_params(req, max_tokens, logprobs=req.logprobs,
                                   prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else
@@ -802,7 +797,7 @@ async def _completion_result(state: ServerState, req: CompletionRequest, gen: Ge
                     ids = list(prompts[p_index]) + ids
                 logprobs = _completion_logprobs(tok, entries, ids, 0)
             choices.append(CompletionChoice(index=p_index * req.n + c.index, text=prompt_text + c.text,
-                                            logprobs=logprobs, finish_reason=_finish_reason(c.finish_reason)))
+                                            logprobs=logprobs, finish_reason=c.finish_reason))
     prompt_tokens = sum(len(p) for p in prompts)
     return Completion(id=gen.request_id, model=state.model_name, choices=choices,
                       usage=Usage.of(prompt_tokens, completion_tokens))
@@ -842,7 +837,7 @@ async def _completion_stream(state: ServerState, req: CompletionRequest, gen: Ge
                 if not text and c.finish_reason is None and not new_ids:
                     continue
                 choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                          finish_reason=_finish_reason(c.finish_reason))
+                                          finish_reason=c.finish_reason)
                 chunk = {**base, "choices": [choice.model_dump()]}
                 if req.include_usage():
                     chunk["usage"] = None
@@ -866,7 +861,7 @@ async def _chat_result(state: ServerState, req: ChatCompletionRequest, gen: Gene
         completion_tokens += len(c.token_ids)
         logprobs = _chat_logprobs(state.tokenizer, list(c.logprobs or [])) if req.logprobs else None
         choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
-                                  finish_reason=_finish_reason(c.finish_reason)))
+                                  finish_reason=c.finish_reason))
     return ChatCompletion(id=gen.request_id, model=state.model_name, choices=choices,
                           usage=Usage.of(prompt_tokens, completion_tokens))
 
@@ -902,7 +897,7 @@ async def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Gene
                     logprobs = _chat_logprobs(state.tokenizer, fresh)
                 delta = ChatDelta(content=c.new_text) if c.new_text else ChatDelta()
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=_finish_reason(c.finish_reason))])
+                                             finish_reason=c.finish_reason)])
         if include_usage:
             yield chunk([], Usage.of(prompt_tokens, completion_tokens))
         yield sse("[DONE]")
