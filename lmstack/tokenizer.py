@@ -61,12 +61,13 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Literal, Sequence
+
+from lmstack.atomic import write_text_atomic
 
 import tiktoken
 
@@ -734,14 +735,14 @@ class Tokenizer:
         """Write DIR/tokenizer.json and DIR/lmstack_tokenizer.json (each atomically; DIR is created)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "tokenizer.json", self._backend.to_hf_json())
+        write_text_atomic(out / "tokenizer.json", self._backend.to_hf_json())
         meta = {
             "format": "lmstack-tokenizer", "version": 1, "kind": self.kind, "backend": self.backend,
             "split_pattern": self.split_pattern, "eot_token": self._meta.eot_token, "bos_token": self._meta.bos_token,
             "stop_tokens": self._meta.stop_tokens, "special_tokens": list(self.special_tokens),
             "chat_format": self.chat_format, "chat_template": self.chat_template,
         }
-        _write_atomic(out / SIDECAR, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(out / SIDECAR, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         return out
 
     @classmethod
@@ -863,17 +864,6 @@ def _train_unigram(texts: _CountingIterator, learned: int, vocab_size: int) -> A
     specials = special_token_list(vocab_size - hf.get_vocab_size())
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return hf
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _token_content(value: Any) -> str | None:

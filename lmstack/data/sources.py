@@ -70,6 +70,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Literal
 
+from lmstack.atomic import make_staging_dir, swap_directory
+
 __all__ = [
     "CORPORA", "DataError", "Document", "ReadStats", "default_cache_dir", "download_corpus",
     "iter_documents", "list_input_files", "make_staging_dir", "resolve_inputs", "strip_gutenberg",
@@ -546,29 +548,6 @@ def _verify(corpus_dir: Path) -> dict | None:
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def make_staging_dir(final: Path) -> Path:
-    """An empty directory next to FINAL (same file system, so ``swap_directory`` is a rename), with the
-    permissions a plain mkdir would give (mkdtemp alone makes it private to the user)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    return staging
-
-
-def swap_directory(staging: Path, final: Path) -> None:
-    """Move a finished STAGING directory to FINAL (same file system), replacing what was there: readers
-    see the old complete directory or the new one, never a half-written mix."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def download_corpus(name: str = "classics", cache_dir: str | os.PathLike | None = None, force: bool = False,

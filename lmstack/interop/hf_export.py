@@ -128,7 +128,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     """Write a LlamaForCausalLM directory for an lmstack checkpoint; returns the directory."""
     from safetensors.torch import save_file
 
-    from lmstack.train.checkpoint import atomic_dir, commit_dir, load_checkpoint
+    from lmstack.atomic import make_staging_dir, swap_directory
+    from lmstack.train.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -142,7 +143,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     check_llama_compatible(cfg)
     if ckpt.tokenizer is None:
         raise ConversionError(f"{ckpt.path} has no tokenizer.json; an HF export needs the tokenizer")
-    tmp = atomic_dir(out)
+    tmp = make_staging_dir(out)
     try:
         save_file(llama_hf_state(ckpt.model, cfg, DTYPES[dtype]), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -151,7 +152,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
         generation = {"bos_token_id": bos, "eos_token_id": stops if len(stops) != 1 else stops[0]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         write_hf_tokenizer(ckpt.tokenizer, tmp, cfg.block_size)
-        commit_dir(tmp, out)
+        swap_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -79,7 +79,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
     summary = {**result.to_dict(), "flops_per_token": model.flops_per_token(cfg.train.seq_len),
                "config": cfg.to_dict()}
     if info.is_main:
-        from lmstack.train.checkpoint import write_json_atomic
+        from lmstack.atomic import write_json_atomic
 
         write_json_atomic(out_dir / "summary.json", summary)
     return summary

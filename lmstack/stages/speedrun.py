@@ -76,7 +76,7 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
     from lmstack.data.sources import download_corpus, iter_documents
     from lmstack.stages.pretrain import pretrain
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import write_json_atomic
+    from lmstack.atomic import write_json_atomic
 
     t0 = time.time()
     out = Path(out_dir)

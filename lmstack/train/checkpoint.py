@@ -17,9 +17,7 @@ in RUN/model; :func:`resolve_checkpoint` accepts either kind of path.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from lmstack.atomic import make_staging_dir, swap_directory
 
 FORMAT_VERSION = 1
 
@@ -41,34 +41,6 @@ class Checkpoint:
     config: dict[str, Any]  # the whole config.json
     tokenizer: Any | None  # lmstack.tokenizer.Tokenizer when tokenizer.json is present
     path: Path
-
-
-# ----------------------------------------------------------------------------- atomic directories
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary directory next to ``final``; pass it to :func:`commit_dir` when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Atomically replace ``final`` by ``tmp`` (the old directory is removed only after the rename)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -115,7 +87,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], 
     trainer_state (optional): {"optimizer": optim.state_dict(), "rng": {name: tensor}, "state": json-able}.
     """
     final = Path(path)
-    tmp = atomic_dir(final)
+    tmp = make_staging_dir(final)
     try:
         save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = {"format": "lmstack", "version": FORMAT_VERSION, **config}
@@ -130,7 +102,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], 
             save_file({k: v.contiguous() for k, v in trainer_state.get("rng", {}).items()}, str(ts / "rng.safetensors"))
             (ts / "state.json").write_text(json.dumps({**trainer_state.get("state", {}), "param_groups": groups},
                                                       indent=2))
-        commit_dir(tmp, final)
+        swap_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
