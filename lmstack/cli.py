@@ -349,9 +349,10 @@ def _add_data_clean(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set dedup.threshold=0.7 (repeatable; after --config)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
-    p.add_argument("--format", choices=["jsonl", "parquet"], default=None, help="output shard format "
-                   "(default: the config's output.format, jsonl)")
-    p.add_argument("--text-field", default=None, help="JSONL key / Parquet column with the text (read.text_field)")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default=None,
+                   help="output shard format (unset = the config's output.format)")
+    p.add_argument("--text-field", default=None,
+                   help="JSONL key / Parquet column with the text (unset = the config's read.text_field)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
