@@ -121,8 +121,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--backend", default="auto", choices=["auto", "engine", "plain"])
     ap.add_argument("--out", default=None, help="write the comparison as JSON here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (on a shared 2-core VM one thread is several times faster than two)")
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(a.threads)
     report = compare(a.model, a.tasks.split(","), a.limit, a.backend)
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))

@@ -131,7 +131,7 @@ def _fit(points: Sequence[ScalingPoint], delta: float, steps: int) -> ScalingLaw
         final = _objective(theta, log_n, log_d, log_l, delta)
         final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf")))
     best_theta, best_value = None, float("inf")
-    for idx in torch.argsort(final)[:8].tolist():  # polish the best starts with L-BFGS
+    for idx in torch.argsort(final)[:3].tolist():  # polish the best starts with L-BFGS
         t = theta[idx].detach().clone()[None].requires_grad_(True)
         lbfgs = torch.optim.LBFGS([t], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
                                   line_search_fn="strong_wolfe")

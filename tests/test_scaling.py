@@ -1,0 +1,69 @@
+"""Scaling laws: the fit recovers a known law, compute-optimal allocation is optimal, fit CLI writes its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from lmstack.cli import main
+from lmstack.evals.scaling import ScalingLaw, ScalingPoint, fit_report, fit_scaling_law
+
+TRUE = ScalingLaw(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)  # Chinchilla's published fit
+
+
+def _points(noise: float = 0.0, seed: int = 0) -> list[ScalingPoint]:
+    rng = random.Random(seed)
+    return [ScalingPoint(f"n{n:g}-d{d:g}", int(n), int(d), TRUE.predict(n, d) * math.exp(rng.gauss(0, noise)))
+            for n in (1e5, 3e5, 1e6, 3e6) for d in (3e6, 1e7, 3e7)]
+
+
+def test_fit_recovers_a_known_law():
+    law = fit_scaling_law(_points())
+    assert law.alpha == pytest.approx(TRUE.alpha, rel=0.02) and law.beta == pytest.approx(TRUE.beta, rel=0.02)
+    assert law.E == pytest.approx(TRUE.E, rel=0.02)
+    # extrapolation 10x beyond the largest run in both N and D
+    assert law.predict(3e7, 3e8) == pytest.approx(TRUE.predict(3e7, 3e8), rel=1e-3)
+
+
+def test_fit_is_robust_to_noise_and_an_outlier():
+    pts = _points(noise=0.003, seed=1)
+    pts[4].loss *= 1.3  # one broken run: Huber keeps it from dragging the law
+    law = fit_scaling_law(pts)
+    assert law.predict(1e7, 1e8) == pytest.approx(TRUE.predict(1e7, 1e8), rel=0.02)
+
+
+def test_compute_optimal_split_is_the_constrained_minimum():
+    C = 1e18
+    n, d = TRUE.compute_optimal(C)
+    assert 6 * n * d == pytest.approx(C, rel=1e-9)
+    best = TRUE.predict(n, d)
+    for factor in (0.5, 0.8, 1.25, 2.0):  # moving along 6ND = C only makes the loss worse
+        assert TRUE.predict(n * factor, d / factor) > best
+    with pytest.raises(ValueError):
+        ScalingLaw(E=1, A=1, alpha=0.0, B=1, beta=0.3).compute_optimal(C)
+
+
+def test_fit_needs_enough_varied_runs():
+    with pytest.raises(ValueError, match="at least 5"):
+        fit_scaling_law(_points()[:3])
+    same_size = [ScalingPoint(f"p{i}", 1000, 10 ** (6 + i), 3.0 - 0.1 * i) for i in range(6)]
+    with pytest.raises(ValueError, match="vary both"):
+        fit_scaling_law(same_size)
+
+
+def test_fit_report_predicts_the_held_out_run_and_plots(tmp_path, capsys):
+    pts = _points()
+    held = ScalingPoint("big", int(1e7), int(1e8), TRUE.predict(1e7, 1e8), heldout=True)
+    (tmp_path / "points.jsonl").write_text("".join(json.dumps(p.__dict__) + "\n" for p in pts + [held]))
+    result = fit_report(tmp_path, flops=1e17)
+    assert abs(result["heldout"][0]["relative_error"]) < 0.01
+    assert result["compute_optimal"]["params"] * result["compute_optimal"]["tokens"] * 6 == pytest.approx(1e17)
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "fit.json").read_text())["law"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
+    assert main(["scaling", "fit", str(tmp_path), "--flops", "1e17"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out big" in out and "compute-optimal" in out
+    assert main(["scaling", "fit", str(tmp_path / "nowhere")]) == 2
