@@ -42,6 +42,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-chat")
 
 
+@pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory) -> Path:
+    """4 layers x 256 (3.3M parameters): slow enough that a long answer can be interrupted midway."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "wide-chat", n_layer=4, n_embd=256)
+
+
 def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=10).json()
 

@@ -26,7 +26,7 @@ from lmstack.engine.embed import embed
 from lmstack.engine.engine import Engine
 from lmstack.engine.sampling import SamplingParams
 from lmstack.serve.app import create_app, default_model_name, serve_in_thread
-from serve_helpers import API_KEY, health, tiny_checkpoint, wait_for, wait_idle  # noqa: F401
+from serve_helpers import API_KEY, health, tiny_checkpoint, wait_for, wait_idle, wide_checkpoint  # noqa: F401
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about cats."}]
 NO_EOS = {"ignore_eos": True}
@@ -409,9 +409,10 @@ def test_text_content_parts_are_accepted(client, model_name):
 # ----------------------------------------------------------------------------- queue, timeout, engine down
 
 @pytest.fixture()
-def one_slot_server(tiny_checkpoint):
-    """One sequence at a time and one waiting place: easy to fill."""
-    app = create_app(tiny_checkpoint, max_num_seqs=1, max_waiting=1, device="cpu", model_name="m")
+def one_slot_server(wide_checkpoint):
+    """One sequence at a time and one waiting place: easy to fill; the wider model keeps a long request
+    running long enough to watch another one queue and leave."""
+    app = create_app(wide_checkpoint, max_num_seqs=1, max_waiting=1, device="cpu", model_name="m")
     with serve_in_thread(app) as url:
         yield url
 
@@ -457,7 +458,7 @@ def test_disconnect_while_queued_frees_the_place_without_disturbing_the_running_
     runner.start()
     wait_for(lambda: health(url)["engine"]["running"] == 1, what="the long request to start")
 
-    queued = threading.Thread(target=lambda: _post_and_hang_up(url, {**long_body, "prompt": "queued"}, 0.3))
+    queued = threading.Thread(target=lambda: _post_and_hang_up(url, {**long_body, "prompt": "queued"}, 0.15))
     queued.start()
     wait_for(lambda: health(url)["engine"]["waiting"] == 1, what="the second request to queue")
     queued.join()

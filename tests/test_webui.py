@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from lmstack.serve.app import create_app, serve_in_thread
-from serve_helpers import API_KEY, ARTIFACTS, build_tiny_checkpoint, health, wait_idle
+from serve_helpers import API_KEY, ARTIFACTS, health, wait_idle, wide_checkpoint  # noqa: F401
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -36,14 +36,8 @@ OBSERVE_JS = """() => {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """Wider than the other tests' model (4 x 256): slow enough that a long answer can be stopped midway."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("webui") / "tiny-chat", n_layer=4, n_embd=256)
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    app = create_app(checkpoint, api_keys=[API_KEY], device="cpu")
+def server(wide_checkpoint):
+    app = create_app(wide_checkpoint, api_keys=[API_KEY], device="cpu")
     with serve_in_thread(app) as url:
         yield url
 
@@ -73,7 +67,7 @@ def page(browser, server):
     assert "API key" in page.inner_text("#model-name")
     page.fill("#api-key", API_KEY)
     page.press("#api-key", "Tab")  # "change" -> the page retries GET /v1/models
-    page.wait_for_function("() => document.getElementById('model-name').textContent.includes('tiny-chat')")
+    page.wait_for_function("() => document.getElementById('model-name').textContent.includes('wide-chat')")
     page.evaluate(OBSERVE_JS)
     yield page
     context.close()
