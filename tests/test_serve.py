@@ -364,6 +364,9 @@ def test_not_found_404_and_wrong_method_405(server, client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
     r = httpx.get(f"{server}/v1/chat/completions", headers=headers)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    routes = httpx.get(f"{server}/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"} <= set(routes)
+    assert httpx.get(f"{server}/docs").status_code == 404  # its page would load scripts from a CDN
 
 
 def test_body_too_large_413(server, client, model_name):

@@ -172,8 +172,9 @@ def create_app(engine_or_checkpoint: Any, *, api_keys: list[str] | tuple[str, ..
                 state.async_engine.shutdown()
                 state.async_engine = None
 
+    # no /docs or /redoc: FastAPI's versions load their scripts from a CDN; /openapi.json describes the API
     app = FastAPI(title="lmstack", description="OpenAI-compatible API for an lmstack checkpoint",
-                  version="1", lifespan=lifespan)
+                  version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.lmstack = state
     _install_error_handlers(app)
     _add_routes(app, state)
@@ -225,7 +226,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, err: StarletteHTTPException):
         if err.status_code == 404:
             return error_response(APIError(404, f"Unknown request URL: {request.method} {request.url.path}. "
-                                                "See /docs for the routes this server has.",
+                                                "GET /openapi.json lists the routes this server has.",
                                            type="not_found_error", code="unknown_url"))
         if err.status_code == 405:
             return error_response(APIError(405, f"Method {request.method} is not allowed on {request.url.path}",
