@@ -19,7 +19,8 @@ What it measures (one process unless stated; all numbers go to BENCHMARKS.md):
    synthetic_near_duplicates), each at its default settings, against exact 5-gram Jaccard >= 0.8.
 
 datatrove runs in its own virtualenv (default /tmp/lmstack-bench-datatrove, created on first use with
-``pip install datatrove==0.10.1 regex nltk spacy xxhash``) so it never touches lmstack's environment;
+``pip install datatrove==0.10.1 regex nltk spacy xxhash==3.4.1 tokenizers orjson``;
+newer xxhash releases refuse the str input datatrove 0.10.1 hashes) so it never touches lmstack's environment;
 this script drives it through a small helper program and reads back its timings and decisions.
 Caveat: the machine is shared, so compare ratios measured in one run, not absolute numbers across runs.
 """
@@ -50,15 +51,15 @@ DATATROVE_HELPER = textwrap.dedent('''
         docs = [Document(text=r["text"], id=r["id"]) for r in map(json.loads, open(src))]
         repetition, quality = GopherRepetitionFilter(), GopherQualityFilter()
         quality.filter(Document(text="warm up the spaCy tokenizer " * 20, id="w"))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         keep = {}
         for d in docs:
             r = repetition.filter(d)
             if r is True:
                 r = quality.filter(d)
             keep[d.id] = r is True
-        seconds = time.perf_counter() - start
-        json.dump({"seconds": seconds, "keep": keep}, open(out, "w"))
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        json.dump({"seconds": seconds, "cpu_seconds": cpu, "keep": keep}, open(out, "w"))
     else:  # minhash over a folder holding one jsonl file
         import glob, os, shutil
         from datatrove.executor import LocalPipelineExecutor
@@ -70,8 +71,8 @@ DATATROVE_HELPER = textwrap.dedent('''
         work = out + ".work"
         shutil.rmtree(work, ignore_errors=True)
         cfg = MinhashConfig()
-        def run(pipeline, tasks=1):
-            LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=None,
+        def run(pipeline, tasks=1):  # logging_dir=None would mean ./logs in the caller's directory
+            LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=f"{work}/logs",
                                   skip_completed=False).run()
         start = time.perf_counter()
         run([JsonlReader(src), MinhashDedupSignature(output_folder=f"{work}/sigs", config=cfg)])
@@ -97,7 +98,7 @@ def datatrove_python(venv: Path) -> Path:
         print(f"creating {venv} with datatrove==0.10.1 (one time)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "datatrove==0.10.1", "regex", "nltk", "spacy",
-                        "xxhash"], check=True)
+                        "xxhash==3.4.1", "tokenizers", "orjson"], check=True)
     return py
 
 
@@ -128,20 +129,23 @@ def bench_heuristics(docs, tmp: Path, py: Path | None) -> dict:
     out: dict = {"documents": len(docs), "mb": round(mb, 3)}
     for name, cfg in (("lmstack_gopher", gopher_heuristics()), ("lmstack_default", HeuristicConfig())):
         f = HeuristicFilter(cfg)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         decisions = {d.id: f.reason(d.text) is None for d in docs}
-        seconds = time.perf_counter() - start
-        out[name] = {"seconds": round(seconds, 3), "mb_per_s": round(mb / seconds, 3),
-                     "docs_per_s": round(len(docs) / seconds, 1), "kept": sum(decisions.values())}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        out[name] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "mb_per_s": round(mb / seconds, 3),
+                     "mb_per_cpu_s": round(mb / cpu, 3), "docs_per_s": round(len(docs) / seconds, 1),
+                     "kept": sum(decisions.values())}
         if name == "lmstack_gopher":
             ours = decisions
     if py is not None:
         src = write_jsonl(tmp / "docs.jsonl", ({"id": d.id, "text": d.text} for d in docs))
         dt = run_datatrove(py, "gopher", src)
         theirs = dt["keep"]
-        out["datatrove_gopher"] = {"seconds": round(dt["seconds"], 3), "mb_per_s": round(mb / dt["seconds"], 3),
+        out["datatrove_gopher"] = {"seconds": round(dt["seconds"], 3), "cpu_seconds": round(dt["cpu_seconds"], 3),
+                                   "mb_per_s": round(mb / dt["seconds"], 3), "mb_per_cpu_s": round(mb / dt["cpu_seconds"], 3),
                                    "docs_per_s": round(len(docs) / dt["seconds"], 1), "kept": sum(theirs.values())}
         out["speedup_vs_datatrove"] = round(dt["seconds"] / out["lmstack_gopher"]["seconds"], 2)
+        out["cpu_speedup_vs_datatrove"] = round(dt["cpu_seconds"] / out["lmstack_gopher"]["cpu_seconds"], 2)
         out["decision_agreement"] = round(np.mean([ours[k] == theirs[k] for k in ours]), 4)
     return out
 
@@ -154,9 +158,14 @@ def bench_pipeline(corpus: Path, tmp: Path, workers_list: list[int]) -> dict:
     load_eval_index(cfg.decontam)  # build/cache the benchmark n-gram index outside the timed runs
     out = {}
     for w in workers_list:
+        before = _cpu_seconds()
         report = clean_corpus([corpus], tmp / f"clean_w{w}", cfg, workers=w, progress=False)
+        cpu = _cpu_seconds() - before  # this process plus its (joined) workers: independent of machine load
         t = report["timing"]
-        out[f"workers_{w}"] = {"seconds": t["total_s"], "docs_per_s": t["docs_per_s"], "mb_per_s": t["mb_per_s"],
+        mb = report["bytes_in"] / 1e6
+        out[f"workers_{w}"] = {"seconds": t["total_s"], "cpu_seconds": round(cpu, 3),
+                               "mb_per_cpu_s": round(mb / cpu, 3), "docs_per_cpu_s": round(report["documents_in"] / cpu, 1),
+                               "docs_per_s": t["docs_per_s"], "mb_per_s": t["mb_per_s"],
                                "mb_per_s_per_worker": t["mb_per_s_per_worker"],
                                "docs_per_s_per_worker": round(t["docs_per_s"] / w, 1),
                                "documents_in": report["documents_in"], "documents_out": report["documents_out"],
@@ -164,6 +173,13 @@ def bench_pipeline(corpus: Path, tmp: Path, workers_list: list[int]) -> dict:
                                "stage_cpu_s": {s["name"]: s["seconds"] for s in report["stages"]},
                                "removed": report["removed"]}
     return out
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def bench_minhash(docs, tmp: Path, py: Path | None, families: int) -> dict:
@@ -176,6 +192,7 @@ def bench_minhash(docs, tmp: Path, py: Path | None, families: int) -> dict:
     for lsh in ("fast", "datasketch"):
         cfg = DedupConfig(lines=False, exact=False, lsh=lsh)
         hasher = MinHasher(cfg.num_perm, cfg.seed, cfg.shingle_size)
+        cpu = time.process_time()
         start = time.perf_counter()
         keys = [dedup_keys(texts[i:i + 2000], cfg, hasher) for i in range(0, len(texts), 2000)]
         mapped = time.perf_counter()
@@ -183,7 +200,8 @@ def bench_minhash(docs, tmp: Path, py: Path | None, families: int) -> dict:
         for k in keys:
             index.add_batch(k)
         done = time.perf_counter()
-        out["classics"][f"lmstack_{lsh}"] = {
+        cpu = time.process_time() - cpu
+        out["classics"][f"lmstack_{lsh}"] = {"cpu_seconds": round(cpu, 3), "mb_per_cpu_s": round(mb / cpu, 3),
             "signature_s": round(mapped - start, 3), "lsh_s": round(done - mapped, 3),
             "seconds": round(done - start, 3), "docs_per_s": round(len(texts) / (done - start), 1),
             "mb_per_s": round(mb / (done - start), 3), "near_duplicates": index.counts["near"]}
@@ -238,6 +256,7 @@ def main() -> None:
     ap.add_argument("--skip-datatrove", action="store_true", help="measure lmstack only")
     ap.add_argument("--workers", default="1,2", help="worker counts for the pipeline run")
     ap.add_argument("--families", type=int, default=500, help="originals in the synthetic near-duplicate set")
+    ap.add_argument("--sections", default="heuristics,pipeline,minhash", help="which parts to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "clean.json"), help="results file")
     args = ap.parse_args()
 
@@ -246,20 +265,23 @@ def main() -> None:
     corpus = download_corpus("classics", progress=False)
     docs = list(iter_documents([corpus]))
     py = None if args.skip_datatrove else datatrove_python(Path(args.datatrove_venv))
-    results: dict = {"machine": f"{os.cpu_count()}-core CPU", "corpus": str(corpus),
+    results: dict = {"machine": f"{os.cpu_count()}-core CPU", "load_average": os.getloadavg(), "corpus": str(corpus),
                      "command": "python bench/bench_clean.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        print("1/3 Gopher heuristics: lmstack vs datatrove ...", flush=True)
-        results["heuristics"] = bench_heuristics(docs, tmp, py)
-        print(json.dumps(results["heuristics"], indent=1), flush=True)
-        print("2/3 default pipeline ...", flush=True)
-        results["pipeline"] = bench_pipeline(corpus, tmp, [int(w) for w in args.workers.split(",")])
-        print(json.dumps({k: {kk: v[kk] for kk in ("seconds", "docs_per_s", "mb_per_s", "mb_per_s_per_worker")}
-                          for k, v in results["pipeline"].items()}, indent=1), flush=True)
-        print("3/3 MinHash dedup: throughput and precision/recall ...", flush=True)
-        results["minhash"] = bench_minhash(docs, tmp, py, args.families)
-        print(json.dumps(results["minhash"], indent=1), flush=True)
+        sections = args.sections.split(",")
+        if "heuristics" in sections:
+            print("Gopher heuristics: lmstack vs datatrove ...", flush=True)
+            results["heuristics"] = bench_heuristics(docs, tmp, py)
+            print(json.dumps(results["heuristics"], indent=1), flush=True)
+        if "pipeline" in sections:
+            print("default pipeline ...", flush=True)
+            results["pipeline"] = bench_pipeline(corpus, tmp, [int(w) for w in args.workers.split(",")])
+            print(json.dumps(results["pipeline"], indent=1), flush=True)
+        if "minhash" in sections:
+            print("MinHash dedup: throughput and precision/recall ...", flush=True)
+            results["minhash"] = bench_minhash(docs, tmp, py, args.families)
+            print(json.dumps(results["minhash"], indent=1), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -20,6 +20,8 @@ from lmstack.data.sources import DataError, iter_documents
 STORY = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, trimmed the wick, polished the "
          "great lens until it shone, and wrote in his log the state of the sea, the direction of the wind and the "
          "names of the ships that passed the point before the light went on. {n}")
+EVAL_QUESTION = ("A train leaves the station at nine in the morning travelling at sixty miles an hour towards the "
+                 "coast; how far has it gone by noon?")
 LICENSE = "This electronic edition is provided for study only and may be copied freely with this notice intact."
 
 
@@ -31,6 +33,7 @@ def _write_inputs(root: Path) -> list[Path]:
     docs.append({"id": "spam", "text": "Click here to claim your prize! " * 3})
     docs.append({"id": "tiny", "text": "ok"})
     docs.append({"id": "pii", "text": STORY.format(n="Write to keeper@lighthouse.example or call +44 20 7946 0958.")})
+    docs.append({"id": "leak", "text": "Quiz night notes. " + EVAL_QUESTION + " Answers on the back."})
     root.mkdir(parents=True, exist_ok=True)
     jsonl = root / "stories.jsonl.gz"
     with gzip.open(jsonl, "wt", encoding="utf-8") as f:
@@ -61,12 +64,15 @@ def _records(out: Path) -> list[dict]:
 
 def test_clean_corpus_end_to_end(tmp_path):
     inputs = _write_inputs(tmp_path / "in")
+    eval_file = tmp_path / "my_eval.jsonl"
+    eval_file.write_text(json.dumps({"question": EVAL_QUESTION, "answer": "180 miles"}) + "\n")
     out = tmp_path / "out"
-    report = clean_corpus(inputs, out, _config(), progress=False)
+    report = clean_corpus(inputs, out, _config(decontam__files=[str(eval_file)]), progress=False)
     records = _records(out)
     ids = [r["id"] for r in records]
-    assert report["documents_in"] == 16 and report["documents_out"] == len(records)
+    assert report["documents_in"] == 17 and report["documents_out"] == len(records)
     assert "dup-exact" not in ids and "dup-near" not in ids and "spam" not in ids and "tiny" not in ids
+    assert "leak" not in ids and report["decontamination"]["documents"] == {str(eval_file): 1}
     assert not any("Leuchtturm" in r["text"] for r in records)
     assert report["removed"]["dedup_exact"] == 1 and report["removed"]["dedup_near"] == 1
     assert report["removed"]["blocklist"] == 1 and report["removed"]["language"] == 1
@@ -86,11 +92,11 @@ def test_clean_corpus_end_to_end(tmp_path):
     assert list(report["read"]["undecodable_bytes"].values()) == [1]
     # per-stage accounting chains: each stage starts where the previous one ended
     stages = [s for s in report["stages"] if s["name"] != "dedup_map"]
-    assert stages[0]["docs_in"] == 16
+    assert stages[0]["docs_in"] == 17
     for a, b in zip(stages, stages[1:]):
         assert a["docs_out"] == b["docs_in"]
     assert stages[-1]["docs_out"] == len(records) and report["bytes_out"] == stages[-1]["bytes_out"]
-    assert sum(report["removed"].values()) == 16 - len(records)
+    assert sum(report["removed"].values()) == 17 - len(records)
     # the readable outputs
     summary = (out / "summary.md").read_text()
     assert "## Removed documents per reason" in summary and "blocklist" in summary and "Click here" in summary
@@ -127,8 +133,8 @@ def test_workers_give_the_same_output_as_one_process(tmp_path):
 def test_parquet_output_and_fewer_shards_remove_stale_files(tmp_path):
     inputs = _write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    clean_corpus(inputs, out, _config(), progress=False)
-    assert len(list(out.glob("shard_*.jsonl"))) == 4
+    first = clean_corpus(inputs, out, _config(), progress=False)
+    assert len(list(out.glob("shard_*.jsonl"))) == -(-first["documents_in"] // 4) > 1  # shards follow input batches
     report = clean_corpus(inputs, out, _config(output__format="parquet", output__shard_docs=100), progress=False)
     assert not list(out.glob("shard_*.jsonl")) and [p.name for p in out.glob("shard_*.parquet")] == ["shard_00000.parquet"]
     table = pq.read_table(out / "shard_00000.parquet")

@@ -544,8 +544,9 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
 
     timing: dict[str, float] = {}
     eval_index_path = None
-    decontam_info: dict[str, Any] = {"enabled": cfg.decontam.enabled}
-    if cfg.decontam.enabled:
+    decontam_on = cfg.decontam.enabled and bool(cfg.decontam.benchmarks or cfg.decontam.files)
+    decontam_info: dict[str, Any] = {"enabled": decontam_on}
+    if decontam_on:
         t0 = time.perf_counter()
         index = load_eval_index(cfg.decontam)
         eval_index_path = str(work / "eval_ngrams.npz")

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from lmstack.interop.common import ConversionError, ImportedTokenizer, source_info, write_imported_checkpoint
-from lmstack.interop.registry import GGUF_TENSOR_TYPES, GGUF_TOKENIZER_MODELS, architecture_for_gguf
+from lmstack.interop.registry import (GGUF_PRE_TOKENIZERS, GGUF_TENSOR_TYPES, GGUF_TOKENIZER_MODELS,
+                                      architecture_for_gguf)
 from lmstack.models.gpt import GPTConfig
 
 # GGUF token types (llama.cpp's llama_token_type)
@@ -184,9 +185,6 @@ def _pre_tokenizer(pre: str):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     raise ConversionError(f"GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; supported: "
                           f"{', '.join(GGUF_PRE_TOKENIZERS)}")
-
-
-GGUF_PRE_TOKENIZERS = ("default", "gpt-2", "smollm")
 
 
 def gguf_tokenizer(f: GGUFFile) -> ImportedTokenizer:

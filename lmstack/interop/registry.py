@@ -50,6 +50,7 @@ GGUF_TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_
                                       "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # GGUF tokenizers: tokenizer.ggml.model values and the byte-level pre-tokenizers we reproduce
 GGUF_TOKENIZER_MODELS: tuple[str, ...] = ("gpt2",)
+GGUF_PRE_TOKENIZERS: tuple[str, ...] = ("default", "gpt-2", "smollm")  # tokenizer.ggml.pre values
 
 
 def architecture_for_hf(model_type: str | None, architectures: list[str] | None = None) -> Architecture:
