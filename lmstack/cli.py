@@ -106,16 +106,18 @@ def _add_speedrun(sub) -> None:
     p.add_argument("--out", default="runs/speedrun", help="output directory")
     p.add_argument("--corpus", default="classics", help="corpus name for `data download`, or a path to your own text")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="wall-time budget for pretraining (default: the preset's train.max_minutes / max_steps)")
+    p.add_argument("--minutes", type=float, default=6.0,
+                   help="wall-time budget for pretraining; the steps follow the measured speed, capped by "
+                        "train.max_steps (a train.max_minutes=... override wins)")
     p.add_argument("--no-clean", action="store_true", help="skip the data-cleaning pipeline")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for cleaning and tokenizing")
     _add_run_config_args(p)
 
     def run(a):
         from lmstack.stages.speedrun import speedrun
 
         speedrun(out_dir=a.out, corpus=a.corpus, preset=a.preset, config_file=a.config, overrides=a.overrides,
-                 vocab_size=a.vocab_size, minutes=a.minutes, clean=not a.no_clean)
+                 vocab_size=a.vocab_size, minutes=a.minutes, clean=not a.no_clean, workers=a.workers)
 
     p.set_defaults(func=run)
 
@@ -604,6 +606,9 @@ def _add_scaling(sub) -> None:
     fit.add_argument("--predict-tokens", type=float, default=None, help="... and D tokens")
     fit.add_argument("--flops", type=float, default=None,
                      help="FLOP budget for the compute-optimal N and D (default: 10x the largest run)")
+    fit.add_argument("--holdout", default="",
+                     help="comma-separated run names (as in points.jsonl) to leave out of the fit and predict, "
+                          "besides the sweep's held-out run")
 
     def parse_size(text: str) -> tuple[int, int, int]:
         try:
@@ -635,7 +640,8 @@ def _add_scaling(sub) -> None:
             print(f"wrote {a.out}/points.jsonl; next: lmstack scaling fit {a.out}")
         elif a.scaling_verb == "fit":
             try:
-                result = scaling.fit_report(a.run_dir, a.predict_params, a.predict_tokens, a.flops)
+                result = scaling.fit_report(a.run_dir, a.predict_params, a.predict_tokens, a.flops,
+                                            holdout=[n.strip() for n in a.holdout.split(",") if n.strip()])
             except ValueError as e:
                 raise UserError(str(e)) from None
             print(scaling.format_fit(result))

@@ -50,6 +50,56 @@ def test_schedules():
     assert lr_multiplier(90, 100, cfg) == pytest.approx(0.55)
     cfg.schedule = "linear"
     assert lr_multiplier(55, 100, cfg) == pytest.approx(0.55)
+    # warmup is capped at a fifth of the run: 20 steps warm up over 4, then still decay to the floor
+    cfg.schedule = "cosine"
+    assert lr_multiplier(3, 20, cfg) == pytest.approx(1.0) and lr_multiplier(20, 20, cfg) == pytest.approx(0.1)
+
+
+class SlowLoader(PatternLoader):
+    """PatternLoader that takes `delay(batch_index)` seconds per batch: a machine whose speed changes."""
+
+    def __init__(self, *args, delay, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay, self.served = delay, 0
+
+    def __iter__(self):
+        import time
+
+        for batch in super().__iter__():
+            time.sleep(self.delay(self.served))
+            self.served += 1
+            yield batch
+
+
+def test_wall_clock_budget_follows_the_machine_speed(tmp_path):
+    """max_minutes becomes a step count from the measured speed, re-estimated while the run is in its first
+    half: a machine that gets 4x faster after 10 steps gets more steps than the first estimate, and the
+    schedule still ends at its floor when the budget runs out."""
+    import time
+
+    budget_s = 12.0
+    cfg = build_run_config("tiny", overrides=TINY + [f"train.max_minutes={budget_s / 60}", "train.max_steps=100000",
+                                                     "train.eval_every=100000", "train.ckpt_every=100000",
+                                                     "train.log_every=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    tl = SlowLoader(4, 16, delay=lambda i: 0.3 if i < 10 else 0.01)
+    vl = PatternLoader(4, 16, split="val", n_windows=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier step times on a busy machine: the sleeps must dominate the compute
+    try:
+        start = time.time()
+        r = train(model, cfg, tl, vl, causal_lm, tmp_path / "run", progress=False)
+        wall = time.time() - start
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    plans = [row["max_steps"] for row in rows if row.get("event") == "budget"]
+    assert len(plans) >= 2 and plans[-1] > 1.3 * plans[0]  # re-estimated upwards once the machine sped up
+    assert r.steps == plans[-1] < 100000
+    assert 0.5 * budget_s < wall < 2 * budget_s  # ends near the budget, not at max_steps
+    last_lr = [row["lr"] for row in rows if "lr" in row][-1]
+    assert last_lr < 0.15 * cfg.optim.lr  # cosine reached (close to) min_lr_ratio=0.1: the decay was planned
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():

@@ -159,12 +159,9 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
     }
     write_json_atomic(out / "report.json", report)
     _write_report_md(out, report)
-    try:  # the evaluation harness's report card, when it is installed with this version
-        from lmstack.evals.report import build_report
+    from lmstack.evals.report import build_report
 
-        build_report(out)
-    except ImportError:
-        pass
+    build_report(out)  # the report card: training curves, samples and any evaluations of this run
     _print_summary(report)
     return report
 

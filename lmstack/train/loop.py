@@ -17,11 +17,14 @@ What it takes care of so stages do not have to:
   the running mean, or whose gradient norm is not finite, is skipped before it touches the weights
   (the weights stay at the last good state). If the weights themselves ever turn non-finite, they
   are restored from the newest checkpoint. Every event is logged; after ``max_rollbacks`` the run stops.
-- a wall-clock budget (``train.max_minutes``): the step count is fixed from the measured speed of the
-  first steps, so the LR schedule still ends on time and the run stays deterministic afterwards.
+- a wall-clock budget (``train.max_minutes``): the step count (capped by ``train.max_steps``) is
+  estimated from the measured speed after 10 steps and re-estimated (when it moves by over 2%) until
+  the run is half-way, so the LR schedule still ends on time when the machine gets busier or quieter; from then
+  on it is fixed. The current step count is saved with every checkpoint, so a resumed run keeps the
+  schedule it had (and goes on re-estimating only if it is still in the first half).
 
-The exactness of resume is why the budget is converted into a step count once (and saved), rather
-than checked against the clock at every step.
+The budget is a step count rather than a check of the clock at every step so that the schedule's
+decay phase is planned, not cut off, and a run with ``max_minutes=0`` is bit-for-bit reproducible.
 """
 
 from __future__ import annotations
@@ -329,7 +332,7 @@ def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective:
     flops_per_token = raw_model.flops_per_token(tcfg.seq_len) if hasattr(raw_model, "flops_per_token") else None
     peak = peak_flops(device)
     bytes_per_token = getattr(val_loader, "bytes_per_token", None)
-    budget_fixed = resume_from is not None or tcfg.max_minutes <= 0
+    budgeted = tcfg.max_minutes > 0
 
     def save(step: int) -> None:
         if not info.is_main:
@@ -362,7 +365,7 @@ def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective:
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 bad = f"non-finite loss {loss_value}"
-            elif (loss_ema is not None and step >= cfg.optim.warmup_steps
+            elif (loss_ema is not None and step >= min(cfg.optim.warmup_steps, max_steps // 5)
                   and loss_value > tcfg.spike_factor * loss_ema):
                 bad = f"loss spike {loss_value:.3f} > {tcfg.spike_factor} x running mean {loss_ema:.3f}"
             if bad:
@@ -400,14 +403,16 @@ def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective:
         loss_ema = step_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * step_loss
         loss_acc, loss_n, last_loss = loss_acc + step_loss, loss_n + 1, step_loss
 
-        if not budget_fixed and step == min(10, max_steps):
-            # convert the wall-clock budget into a fixed step count once (keeps resume exact)
-            per_step = (time.time() - t_start) / step
-            eval_reserve = 0.08 * tcfg.max_minutes * 60  # validation passes + final save
-            affordable = int((tcfg.max_minutes * 60 - eval_reserve) / per_step)
-            max_steps = max(step, min(max_steps, affordable))
-            budget_fixed = True
-            bar.set_total(max_steps)
+        if budgeted and step - start_step >= 10 and step <= max_steps // 2:
+            # (re-)convert the wall-clock budget into a step count from the average speed so far
+            per_step = (time.time() - t_start) / (step - start_step)
+            left = tcfg.max_minutes * 60 * 0.92 - elapsed_before - (time.time() - t_start)  # 8%: evals, save
+            planned = max(step + 1, min(tcfg.max_steps, step + int(left / per_step)))
+            if step - start_step == 10 or abs(planned - max_steps) > max(1, 0.02 * max_steps):
+                max_steps = planned
+                bar.set_total(max_steps)
+                logger.log({"step": step, "event": "budget", "max_steps": max_steps,
+                            "seconds_per_step": round(per_step, 4)})
 
         if step % tcfg.log_every == 0 or step == max_steps:
             if step % tcfg.log_every == 0 and not _weights_finite(raw_model):

@@ -40,9 +40,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 def lr_multiplier(step: int, max_steps: int, cfg: OptimConfig) -> float:
-    """Factor in [min_lr_ratio, 1] applied to cfg.lr at optimizer step ``step`` (0-based)."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    """Factor in [min_lr_ratio, 1] applied to cfg.lr at optimizer step ``step`` (0-based).
+
+    Warmup never takes more than a fifth of the run: a short run (or a wall-clock budget that affords
+    fewer steps than planned) still reaches its peak LR and still decays."""
+    warmup = min(cfg.warmup_steps, max_steps // 5)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
@@ -52,7 +56,7 @@ def lr_multiplier(step: int, max_steps: int, cfg: OptimConfig) -> float:
             return 1.0
         frac = (step - decay_start) / max(1, max_steps - decay_start)
         return 1.0 - (1.0 - floor) * min(1.0, frac)
-    frac = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    frac = (step - warmup) / max(1, max_steps - warmup)
     frac = min(1.0, max(0.0, frac))
     if cfg.schedule == "linear":
         return 1.0 - (1.0 - floor) * frac
