@@ -67,3 +67,31 @@ def test_fit_report_predicts_the_held_out_run_and_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out big" in out and "compute-optimal" in out
     assert main(["scaling", "fit", str(tmp_path / "nowhere")]) == 2
+
+
+def test_fit_holdout_leaves_named_runs_out_and_predicts_them(tmp_path, capsys):
+    pts = _points()
+    biggest = max(pts, key=lambda p: (p.params, p.tokens))
+    biggest.loss *= 1.5  # were it fitted, this run would bend the law; held out, it only shows up as the error
+    (tmp_path / "points.jsonl").write_text("".join(json.dumps(p.__dict__) + "\n" for p in pts))
+    assert main(["scaling", "fit", str(tmp_path), "--holdout", f" {biggest.name} "]) == 0  # one fit, via the CLI
+    assert f"held-out {biggest.name}" in capsys.readouterr().out
+    result = json.loads((tmp_path / "fit.json").read_text())
+    assert [h["name"] for h in result["heldout"]] == [biggest.name]
+    assert result["heldout"][0]["predicted_loss"] == pytest.approx(TRUE.predict(biggest.params, biggest.tokens),
+                                                                   rel=1e-3)
+    assert result["heldout"][0]["relative_error"] == pytest.approx(1 / 1.5 - 1, rel=1e-2)
+    assert result["law"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
+    assert main(["scaling", "fit", str(tmp_path), "--holdout", "no-such-run"]) == 2
+    assert "no run called no-such-run" in capsys.readouterr().err
+    assert main(["scaling", "fit", str(tmp_path), "--predict-params", "1e7"]) == 2
+
+
+def test_default_data_builds_shards_with_a_validation_split(tmp_path):
+    from lmstack.evals.scaling import _default_data
+
+    data = _default_data(tmp_path, vocab_size=300, max_mb=0.2)  # the classics corpus, a 0.2 MB slice
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] > 1 and meta["splits"]["val"]["tokens"] > 0
+    assert meta["vocab_size"] == 300
+    assert _default_data(tmp_path, vocab_size=300, max_mb=0.2) == data  # cached: the second call reuses it

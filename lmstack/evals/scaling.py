@@ -2,6 +2,7 @@
 
     lmstack scaling sweep --out runs/scaling          # train a small grid of sizes x token budgets (~10 min, CPU)
     lmstack scaling fit runs/scaling --predict-params 2e6 --predict-tokens 3e6 --flops 1e15
+    lmstack scaling fit runs/scaling --holdout L4-C128-D1500000  # also predict a grid run the fit leaves out
 
 ``sweep`` trains every (model size, token budget) pair of a small grid with ``lmstack.stages.pretrain`` on the
 default corpus (or ``--data DIR`` shards), plus one *held-out* larger run that the fit never sees, and writes
@@ -168,20 +169,27 @@ def _default_data(out_dir: Path, vocab_size: int, max_mb: float) -> Path:
 
     corpus = download_corpus("classics")
     budget = int(max_mb * 1024 * 1024)
-    subset = out_dir / "corpus.txt"  # a fixed-size slice keeps tokenizing within the CPU budget
+    # a fixed-size slice keeps tokenizing within the CPU budget; JSONL keeps the documents apart (a .txt file
+    # would be one document, and the train/val split needs several)
+    subset = out_dir / "corpus.jsonl"
     if not subset.is_file():
         written = 0
         tmp = subset.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for doc in iter_documents([corpus]):
-                f.write(doc.text.strip() + "\n\n")
-                written += len(doc.text.encode("utf-8"))
+                text = doc.text.strip()
+                if not text:
+                    continue
+                f.write(json.dumps({"text": text}) + "\n")
+                written += len(text.encode("utf-8"))
                 if written >= budget:
                     break
         tmp.replace(subset)
-    print(f"training a {vocab_size}-token BPE tokenizer on {subset}", file=sys.stderr)
-    tokenizer = Tokenizer.train([p for p in subset.read_text(encoding="utf-8").split("\n\n") if p.strip()],
-                                vocab_size=vocab_size)
+    texts = [doc.text for doc in iter_documents([subset])]
+    if len(texts) < 2:
+        raise ValueError(f"{subset} holds {len(texts)} document(s); the train/val split needs at least two")
+    print(f"training a {vocab_size}-token BPE tokenizer on {subset} ({len(texts)} documents)", file=sys.stderr)
+    tokenizer = Tokenizer.train(texts, vocab_size=vocab_size)
     tokenize_to_shards([subset], tokenizer, data_dir, workers=0, val_fraction=0.02, progress=True)
     return data_dir
 
@@ -282,11 +290,28 @@ def plot_fit(points: Sequence[ScalingPoint], law: ScalingLaw, out_png: Path) -> 
     plt.close(fig)
 
 
+def mark_heldout(points: Sequence[ScalingPoint], names: Sequence[str]) -> list[ScalingPoint]:
+    """Copies of ``points`` with the runs called ``names`` also held out of the fit (to be predicted instead)."""
+    known = {p.name for p in points}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--holdout names no run called {', '.join(unknown)}; the runs are: "
+                         f"{', '.join(p.name for p in points)}")
+    wanted = set(names)
+    return [ScalingPoint(**{**asdict(p), "heldout": p.heldout or p.name in wanted}) for p in points]
+
+
 def fit_report(run_dir: str | Path, predict_params: float | None = None, predict_tokens: float | None = None,
-               flops: float | None = None) -> dict[str, Any]:
-    """Fit the law to RUN/points.jsonl, predict the held-out run (+ an optional N, D), write fit.json + scaling.png."""
+               flops: float | None = None, holdout: Sequence[str] = ()) -> dict[str, Any]:
+    """Fit the law to RUN/points.jsonl, predict the held-out run (+ an optional N, D), write fit.json + scaling.png.
+
+    ``holdout`` names grid runs to leave out of the fit as well (e.g. the largest token budget, to test
+    extrapolation in D); they are reported next to the sweep's own held-out run.
+    """
+    if (predict_params is None) != (predict_tokens is None):
+        raise ValueError("--predict-params and --predict-tokens go together: give both N and D")
     run = Path(run_dir)
-    points = load_points(run)
+    points = mark_heldout(load_points(run), holdout)
     law = fit_scaling_law(points)
     grid = [p for p in points if not p.heldout]
     result: dict[str, Any] = {"law": law.to_dict(), "points": [asdict(p) for p in points],
