@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lmstack.models import MODEL_CONFIGS, ModelConfig
+ModelConfig = Any  # any registered family's config dataclass (lmstack.models.MODEL_CONFIGS)
+
+
+def _model_configs() -> dict[str, type]:
+    """family -> config class. Imported on first use so that torch-free tools (the data pipeline and its
+    worker processes) can use this module without paying for ``import torch``."""
+    from lmstack.models import MODEL_CONFIGS
+
+    return MODEL_CONFIGS
 
 
 class ConfigError(ValueError):
@@ -126,10 +134,10 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    family = d.get("family", "gpt")
-    if family not in MODEL_CONFIGS:
-        raise ConfigError(f"model.family={family!r} is not known; choose one of {sorted(MODEL_CONFIGS)}")
-    return _from_fields(MODEL_CONFIGS[family], d, "model")
+    family, known = d.get("family", "gpt"), _model_configs()
+    if family not in known:
+        raise ConfigError(f"model.family={family!r} is not known; choose one of {sorted(known)}")
+    return _from_fields(known[family], d, "model")
 
 
 def _from_fields(cls: type, d: dict[str, Any], prefix: str) -> Any:
@@ -200,9 +208,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
     for key, value in items:
         if key == "model.family" and value != cfg.model.family:
             old = model_config_to_dict(cfg.model)
-            new_cls = MODEL_CONFIGS.get(str(value))
+            new_cls = _model_configs().get(str(value))
             if new_cls is None:
-                raise ConfigError(f"model.family={value!r} is not known; choose one of {sorted(MODEL_CONFIGS)}")
+                raise ConfigError(f"model.family={value!r} is not known; choose one of {sorted(_model_configs())}")
             old_defaults = model_config_to_dict(type(cfg.model)())
             keep = {f.name: old[f.name] for f in dataclasses.fields(new_cls)
                     if f.name in old and f.name != "family"

@@ -83,3 +83,14 @@ def test_override_dict_form():
     cfg = get_preset("tiny")
     apply_overrides(cfg, {"model": {"n_layer": 2}, "train.seed": 7})
     assert cfg.model.n_layer == 2 and cfg.train.seed == 7
+
+
+def test_config_and_data_pipeline_import_without_torch():
+    """Cleaning workers import lmstack.data.pipeline (and through it lmstack.config) in every process:
+    they must not pay for `import torch` (about 1.5 CPU seconds each)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmstack.config, lmstack.data.pipeline, lmstack.atomic; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
