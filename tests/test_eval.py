@@ -178,3 +178,18 @@ def test_cli_eval_writes_json_and_rejects_unknown_tasks(ckpt, tmp_path, capsys):
     assert "arc_easy" in capsys.readouterr().out
     assert main(["eval", "--model", str(ckpt), "--tasks", "no_such_task"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_requests_longer_than_the_context_are_counted_and_reported(plain):
+    short = EvalLM(plain.model, plain.tokenizer, backend="plain", max_length=48)
+    results = evaluate(short, ["arc_easy"], limit=4, num_fewshot=3, show_progress=False)
+    records = results["records"]["arc_easy"]
+    lengths = [sum(len(part) for part in short.encode_pair(rec["prompt"], choice))
+               for rec in records for choice in rec["choices"]]
+    expected = sum(n > 48 for n in lengths)
+    assert expected > 0 and results["results"]["arc_easy"]["truncated"] == expected
+    table = results_table(results)
+    assert f"arc_easy: {expected} request(s) were longer than the model's 48-token context" in table
+    assert "truncated" not in table.split("note:")[0]  # a count, not a metric row
+    roomy = evaluate(plain, ["arc_easy"], limit=2, num_fewshot=0, show_progress=False)
+    assert roomy["results"]["arc_easy"]["truncated"] == 0 and "note:" not in results_table(roomy)

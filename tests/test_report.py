@@ -27,8 +27,10 @@ def _fake_run(run: Path) -> None:
         "samples": [{"prompt": "To be", "completion": " or not to be, that is the question"}]}))
     (run / "evals").mkdir()
     (run / "evals" / "eval.json").write_text(json.dumps({
-        "model": "runs/x/model", "config": {"limit": 2, "num_fewshot": 0, "seed": 1234, "backend": "engine"},
-        "results": {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 2, "num_fewshot": 0, "baseline": 0.25}},
+        "model": "runs/x/model", "config": {"limit": 2, "num_fewshot": 0, "seed": 1234, "backend": "engine",
+                                            "max_length": 256},
+        "results": {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 2, "num_fewshot": 0, "baseline": 0.25,
+                                 "truncated": 3}},
         "primary_metrics": {"arc_easy": "acc"}, "core": {"core": 0.3333, "centered/arc_easy": 0.3333},
         "records": {"arc_easy": [{"id": "q1", "prompt": "Question: Which is a gas?\nAnswer:", "choices": [" oxygen", " iron"],
                                   "gold": 0, "pred": 1, "acc": 0.0}]}}))
@@ -43,8 +45,10 @@ def test_report_collects_curves_evals_and_samples(tmp_path):
     for needle in ["## Summary", "validation bits / byte | 1.31", "unigram baseline bits / byte | 2.4",
                    "## Training", "![training curves](report_training.png)", "## Evaluation", "| arc_easy | acc | 0.5 |",
                    "CORE-style centered accuracy: 0.3333", "predicted: ' iron'; gold: ' oxygen'", "## Samples",
-                   "To be or not to be"]:
+                   "To be or not to be", "| parameters | 3,500,000 |",
+                   "longer than the model's 256-token context (their start was cut): arc_easy 3"]:
         assert needle in text, needle
+    assert "| truncated |" not in text  # a count shown as a note, not a metric row
     for png in ("report_training.png", "report_evals.png"):
         data = (run / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -61,6 +61,8 @@ class EvalLM:
         self.max_length = int(max_length or min(model.config.block_size, 2048))
         self.name = name
         self._engine = None
+        # requests whose prompt + continuation exceeded max_length and lost their start (reported by `eval`)
+        self.truncated_requests = 0
         if backend == "auto":
             try:
                 import lmstack.engine.engine  # noqa: F401
@@ -119,6 +121,7 @@ class EvalLM:
             if len(cont) >= self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's context of "
                                  f"{self.max_length}")
+        self.truncated_requests += sum(len(ctx) + len(cont) > self.max_length for ctx, cont in requests)
         if self.backend == "engine":
             return score_with_engine(self.engine, requests, self.max_length, progress)
         return score_plain(self.model, requests, self.max_length, self.batch_size, self.max_batch_tokens, progress)
@@ -175,7 +178,9 @@ class EvalLM:
 
     def _prompt_ids(self, r: GenerationRequest) -> list[int]:
         ids = self.tokenizer.encode(r.prompt) or [self.tokenizer.bos_id]
-        return ids[-(self.max_length - r.max_tokens):]  # keep the end of a long prompt (the question itself)
+        keep = self.max_length - r.max_tokens
+        self.truncated_requests += len(ids) > keep
+        return ids[-keep:]  # keep the end of a long prompt (the question itself)
 
     def _generate_engine(self, part: Sequence[GenerationRequest], prompts: list[list[int]], seed: int
                          ) -> list[list[str]]:

@@ -136,6 +136,8 @@ def plot_evals(evals: list[tuple[Path, dict]], out_png: Path) -> bool:
             ax.hlines(base, i - 0.4, i + 0.4, colors="#c44e52", linestyles="--",
                       label="random baseline" if i == 0 else None)
         ax.text(i, rows[n][0], f"{rows[n][0]:.3f}", ha="center", va="bottom", fontsize=8)
+    top = max([rows[n][0] for n in names] + [float(rows[n][1]) for n in names if _finite(rows[n][1])])
+    ax.set_ylim(0, max(top, 1e-9) * 1.35)  # headroom: the value labels stay clear of the legend
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n}\n({rows[n][2]})" for n in names], fontsize=8)
     ax.set_title("evaluation (primary metric per task)")
@@ -152,6 +154,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
+        if 1e4 <= abs(v) < 1e12:
+            return f"{v:,.0f}"  # throughput, token counts: 15,830 reads better than 1.583e+04
         return f"{v:,.4g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.4f}".rstrip("0").rstrip(".")
     return str(v)
 
@@ -186,12 +190,16 @@ def _eval_lines(path: Path, data: dict, run_dir: Path, samples_per_task: int = 2
     for task, metrics in data["results"].items():
         first = True
         for metric, value in metrics.items():
-            if metric in ("n", "num_fewshot", "baseline", "tokens", "bytes") or not _finite(value):
+            if metric in ("n", "num_fewshot", "baseline", "tokens", "bytes", "truncated") or not _finite(value):
                 continue
             lines.append(f"| {task if first else ''} | {metric} | {_fmt(float(value))} | "
                          f"{metrics.get('n', '') if first else ''} | {metrics.get('num_fewshot', '') if first else ''}"
                          f" | {_fmt(metrics.get('baseline')) if first and 'baseline' in metrics else ''} |")
             first = False
+    cut = {t: m["truncated"] for t, m in data["results"].items() if _finite(m.get("truncated")) and m["truncated"]}
+    if cut:
+        lines += ["", f"Requests longer than the model's {cfg.get('max_length')}-token context (their start was cut): "
+                      + ", ".join(f"{t} {n}" for t, n in cut.items())]
     core = data.get("core") or {}
     if "core" in core:
         lines += ["", f"**CORE-style centered accuracy: {core['core']:.4f}** (0 = chance, 1 = perfect; "

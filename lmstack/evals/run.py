@@ -88,6 +88,7 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
     if k < 0:
         raise ValueError(f"--num-fewshot {k} must be >= 0")
     prefixes = [task.fewshot_prefix(ex, k, seed) for ex in examples]
+    truncated_before = getattr(lm, "truncated_requests", 0)
     records: list[dict[str, Any]] = []
     item_scores: list[dict[str, Any]] = []
 
@@ -151,6 +152,8 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
     metrics = task.aggregate(item_scores)
     metrics["n"] = len(examples)
     metrics["num_fewshot"] = k
+    # requests longer than the model's context keep only their end (few-shot demonstrations go first)
+    metrics["truncated"] = getattr(lm, "truncated_requests", 0) - truncated_before
     if task.mode in ("multiple_choice", "target", "generate", "code"):
         metrics["baseline"] = task.baseline(examples)
     return metrics, records
@@ -217,7 +220,7 @@ def results_table(results: dict[str, Any]) -> str:
     for task, metrics in results["results"].items():
         first = True
         for metric, value in metrics.items():
-            if metric in ("n", "num_fewshot", "baseline", "tokens", "bytes"):
+            if metric in ("n", "num_fewshot", "baseline", "tokens", "bytes", "truncated"):
                 continue
             shown = f"{value:>9.4f}" if abs(value) < 1e4 else f"{value:>9.3g}"
             lines.append(f"{task if first else '':<18} {metric:<16} {shown} "
@@ -228,6 +231,12 @@ def results_table(results: dict[str, Any]) -> str:
     if "core" in core:
         lines.append("-" * 67)
         lines.append(f"{'CORE (centered)':<18} {'mean':<16} {core['core']:>9.4f}")
+    max_length = results.get("config", {}).get("max_length")
+    for task, metrics in results["results"].items():
+        if metrics.get("truncated"):
+            lines.append(f"note: {task}: {metrics['truncated']} request(s) were longer than the model's "
+                         f"{max_length}-token context and kept only their last {max_length} tokens "
+                         "(fewer shots with --num-fewshot avoid this)")
     return "\n".join(lines)
 
 
