@@ -591,7 +591,8 @@ def _add_scaling(sub) -> None:
     sw = verbs.add_parser("sweep", help="train every (size, token budget) of the grid on the default corpus",
                           formatter_class=_Formatter)
     sw.add_argument("--out", default="runs/scaling", help="sweep directory (runs/, points.jsonl)")
-    sw.add_argument("--data", default=None, help="token shard directory (default: build one from the classics corpus)")
+    sw.add_argument("--data", default=None,
+                    help="token shard directory; when not given, OUT/data is built from an 8 MB classics slice")
     sw.add_argument("--sizes", default="2x64,3x96,4x128", help="model sizes as LAYERSxWIDTH (head dim 32)")
     sw.add_argument("--tokens", default="250000,600000,1500000", help="token budgets per size")
     sw.add_argument("--heldout", default="5x192:1500000",
