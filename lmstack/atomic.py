@@ -13,22 +13,33 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp)`` to fill a temporary sibling of PATH, then rename it over PATH.
+
+    For writers that want a file name rather than bytes (``np.savez``, ``pq.write_table``,
+    ``fig.savefig``). ``suffix`` ends the temporary name: give ".png" to a writer that picks its
+    format from the extension. If ``write`` raises, the temporary file is removed and PATH is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; match a plain open()
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

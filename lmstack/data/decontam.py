@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from lmstack.atomic import write_atomic
 from lmstack.config import ConfigError
 from lmstack.data.clean import Doc, Stage, StageStats
 from lmstack.data.dedup import match_words, ngram_hashes, stable_hash, text_word_hashes, word_hashes
@@ -142,10 +142,8 @@ class EvalIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"ngram": self.ngram, "names": self.names, "texts": self.texts, "skipped": self.skipped,
                            "version": INDEX_VERSION})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, hashes=self.hashes, owners=self.owners, meta=np.array(meta))
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: np.savez(tmp, hashes=self.hashes, owners=self.owners,
+                                                meta=np.array(meta)), suffix=".npz")
 
     @classmethod
     def load(cls, path: Path) -> "EvalIndex":

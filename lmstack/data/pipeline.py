@@ -45,7 +45,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,9 +53,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from lmstack.atomic import write_atomic, write_text_atomic
 from lmstack.config import ConfigError, _coerce, _field_types, load_config_file
 from lmstack.data.clean import (CleanDoc, HeuristicConfig, HeuristicFilter, LanguageConfig, LanguageFilter,
-                                Normalize, NormalizeConfig, Stage, StageStats, text_bytes)
+                                Normalize, NormalizeConfig, Stage, StageStats)
 from lmstack.data.decontam import DecontamConfig, Decontaminate, load_eval_index
 from lmstack.data.dedup import EXACT, KEEP, NEAR, DedupConfig, DedupIndex, DedupKeys, MinHasher, cut_spans, \
     dedup_keys, stable_hash
@@ -261,16 +261,6 @@ def _init_worker(cfg_dict: dict, work_dir: str, eval_index_path: str | None, tor
     _STATE = _WorkerState(cfg, Path(work_dir), build_stages(cfg, eval_index), hasher)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -278,14 +268,14 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
                 f.write(json.dumps(r, ensure_ascii=False))
                 f.write("\n")
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def _write_json(path: Path, obj: Any) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
@@ -325,7 +315,7 @@ def _map_shard(task: tuple[int, list[tuple[str, str, str]]]) -> dict:
         with open(tmp, "wb") as f:
             np.savez(f, ids=ids, perplexity=perplexity, **keys.to_arrays())
 
-    _write_atomic(base.with_suffix(".keys.npz"), write_keys)
+    write_atomic(base.with_suffix(".keys.npz"), write_keys)
     done = {"shard": k, "docs_in": len(rows), "docs_out": len(docs), "seconds": time.perf_counter() - t0,
             "stages": [s.to_dict() for s in stage_stats]}
     _write_json(base.with_suffix(".done.json"), done)
@@ -430,7 +420,7 @@ def _finalize_shard(task: dict) -> dict:
         table = pa.Table.from_pylist(records) if records else pa.table({"id": pa.array([], pa.string()),
                                                                          "text": pa.array([], pa.string()),
                                                                          "source": pa.array([], pa.string())})
-        _write_atomic(out, lambda tmp: pq.write_table(table, tmp))
+        write_atomic(out, lambda tmp: pq.write_table(table, tmp))
     result = {"shard": task["shard"], "fingerprint": task["fingerprint"], "docs_out": len(records),
               "bytes_out": sum(len(r["text"].encode("utf-8", "surrogatepass")) for r in records),
               "seconds": time.perf_counter() - t0, "stages": [s.to_dict() for s in stage_stats],
@@ -666,8 +656,7 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
     report = _build_report(paths, out, cfg, workers, read_stats, [stats_by_name[n] for n in order], index_,
                            decontam_info, timing, n_shards, ext, ppl_cut)
     _write_json(out / "report.json", report)
-    (out / ".summary.md.tmp").write_text(render_summary(report), encoding="utf-8")
-    os.replace(out / ".summary.md.tmp", out / "summary.md")
+    write_text_atomic(out / "summary.md", render_summary(report))
     if cfg.output.plot:
         plot_funnel(report, out / "funnel.png")
     return report
@@ -699,7 +688,7 @@ def _write_duplicates(path: Path, rows: list[tuple]) -> None:
             for row in rows:
                 f.write("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n")
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------- report
@@ -838,7 +827,5 @@ def plot_funnel(report: dict, path: Path) -> None:
     axes[0].set_yticklabels(names)
     fig.suptitle(f"lmstack data clean: kept {report['documents_out']:,} of {report['documents_in']:,} documents")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from lmstack.atomic import write_atomic
 from lmstack.config import ConfigError
 from lmstack.data.clean import Doc, Stage, StageStats
 from lmstack.data.dedup import ngram_hashes, text_word_hashes
@@ -119,10 +119,8 @@ class QualityClassifier:
         header = json.dumps({"format": CLASSIFIER_FORMAT, "version": 1, "n_features": self.n_features,
                              "ngram_orders": list(self.ngram_orders), "bias": self.bias,
                              "metrics": self.metrics or {}})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, weights=self.weights.astype(np.float32), header=np.array(header))
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: np.savez(tmp, weights=self.weights.astype(np.float32),
+                                                header=np.array(header)), suffix=".npz")
         return path
 
     @classmethod

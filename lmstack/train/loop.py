@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lmstack.atomic import write_atomic
 from lmstack.config import RunConfig
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.dist import DistInfo, all_reduce_mean, init_distributed
@@ -262,10 +262,8 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
         axes[1].grid(alpha=0.3)
         axes[1].set_title("validation bits-per-byte")
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 
