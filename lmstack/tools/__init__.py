@@ -1,1 +1,0 @@
-"""lmstack.tools"""
