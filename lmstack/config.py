@@ -40,6 +40,12 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message says which and how to fix it."""
 
 
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok: the one-line checks of every config's validate()."""
+    if not ok:
+        raise ConfigError(message)
+
+
 @dataclass
 class OptimConfig:
     """AdamW + learning-rate schedule."""

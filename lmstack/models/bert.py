@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmstack.config import require
 from lmstack.models.layers import MLP, SelfAttention
 
 
@@ -70,21 +71,15 @@ class BertConfig:
         return self.mlp_hidden or 4 * self.n_embd
 
     def validate(self) -> None:
-        from lmstack.config import ConfigError
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
-        need(self.n_embd % self.n_head == 0,
-             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        need(self.activation in HEAD_ACTIVATIONS,
-             f"model.activation={self.activation!r}: BERT blocks use a plain (non-gated) MLP; choose one of "
-             f"{tuple(HEAD_ACTIVATIONS)}")
-        need(self.type_vocab_size >= 0, f"model.type_vocab_size={self.type_vocab_size} must be >= 0")
-        need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+            require(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        require(self.n_embd % self.n_head == 0,
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        require(self.activation in HEAD_ACTIVATIONS,
+                f"model.activation={self.activation!r}: BERT blocks use a plain (non-gated) MLP; choose one of "
+                f"{tuple(HEAD_ACTIVATIONS)}")
+        require(self.type_vocab_size >= 0, f"model.type_vocab_size={self.type_vocab_size} must be >= 0")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 class Block(nn.Module):

@@ -40,15 +40,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, alibi_slopes,
-                                   attention_bias, default_mlp_hidden, make_norm, rope_cache,
-                                   sinusoidal_embedding)
+from lmstack.config import require
+from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, TransformerShape,
+                                   alibi_slopes, attention_bias, make_norm, rope_cache, sinusoidal_embedding)
 
 GPT_POSITIONS = POSITIONS + ("alibi",)
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(TransformerShape):
     family: str = "gpt"
     vocab_size: int = 4096
     block_size: int = 256  # longest sequence the position tables cover
@@ -72,18 +72,6 @@ class GPTConfig:
     sparse_every: int = 0  # 0: every layer uses attn_window; N: only layers N, 2N, ... do (GPT-3: 2)
     deepnorm: bool = False  # DeepNet residual scaling + init; needs norm_placement=post
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
-
     def layer_window(self, layer_idx: int) -> int:
         """Attention window of one layer: 0 (dense) or attn_window (locally banded)."""
         if self.attn_window <= 0 or (self.sparse_every > 0 and (layer_idx + 1) % self.sparse_every != 0):
@@ -96,31 +84,25 @@ class GPTConfig:
         return (2 * self.n_layer) ** 0.25 if self.deepnorm else 1.0
 
     def validate(self) -> None:
-        from lmstack.config import ConfigError
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
-        need(self.norm_placement in ("pre", "post"), f"model.norm_placement={self.norm_placement!r}: pre or post")
-        need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
-        need(self.position in GPT_POSITIONS, f"model.position={self.position!r}: choose one of {GPT_POSITIONS}")
+        require(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
+        require(self.norm_placement in ("pre", "post"), f"model.norm_placement={self.norm_placement!r}: pre or post")
+        require(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
+        require(self.position in GPT_POSITIONS, f"model.position={self.position!r}: choose one of {GPT_POSITIONS}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
-        need(self.head_dim is not None or self.n_embd % self.n_head == 0,
-             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        need(self.n_head % self.kv_heads == 0,
-             f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.kv_heads}")
-        need(self.position != "rope" or self.dim_per_head % 2 == 0, "RoPE needs an even head dimension")
-        need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
-        need(self.attn_window >= 0, f"model.attn_window={self.attn_window} must be >= 0 (0 = dense attention)")
-        need(self.sparse_every >= 0, f"model.sparse_every={self.sparse_every} must be >= 0")
-        need(self.sparse_every == 0 or self.attn_window > 0,
-             f"model.sparse_every={self.sparse_every} alternates dense and windowed layers; "
-             "also set model.attn_window (e.g. model.attn_window=64)")
-        need(not self.deepnorm or self.norm_placement == "post",
-             "model.deepnorm=true is a post-norm scheme; also set model.norm_placement=post")
+            require(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        require(self.head_dim is not None or self.n_embd % self.n_head == 0,
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        require(self.n_head % self.kv_heads == 0,
+                f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.kv_heads}")
+        require(self.position != "rope" or self.dim_per_head % 2 == 0, "RoPE needs an even head dimension")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        require(self.attn_window >= 0, f"model.attn_window={self.attn_window} must be >= 0 (0 = dense attention)")
+        require(self.sparse_every >= 0, f"model.sparse_every={self.sparse_every} must be >= 0")
+        require(self.sparse_every == 0 or self.attn_window > 0,
+                f"model.sparse_every={self.sparse_every} alternates dense and windowed layers; "
+                "also set model.attn_window (e.g. model.attn_window=64)")
+        require(not self.deepnorm or self.norm_placement == "post",
+                "model.deepnorm=true is a post-norm scheme; also set model.norm_placement=post")
 
 
 @dataclass

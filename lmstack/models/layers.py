@@ -129,6 +129,26 @@ def default_mlp_hidden(dim: int, activation: str, multiple_of: int = 64) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+class TransformerShape:
+    """Mixin for the model config dataclasses: the sizes every family derives the same way.
+
+    Expects ``n_embd``, ``n_head``, ``head_dim`` (None = n_embd // n_head), ``mlp_hidden`` (None = the
+    activation's default width) and ``activation``; ``n_kv_head`` (0/None = n_head) where the family has
+    grouped-query attention."""
+
+    @property
+    def kv_heads(self) -> int:
+        return getattr(self, "n_kv_head", 0) or self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
+
+
 # ----------------------------------------------------------------------------- attention
 
 def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,

@@ -42,12 +42,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, attention_mask, default_mlp_hidden,
+from lmstack.config import require
+from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, TransformerShape, attention_mask,
                                    make_norm, rope_cache)
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(TransformerShape):
     family: str = "moe"
     vocab_size: int = 4096
     block_size: int = 256
@@ -73,18 +74,6 @@ class MoEConfig:
     balance_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
-
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (layer_idx + 1) % self.moe_every == 0
 
@@ -93,30 +82,24 @@ class MoEConfig:
         return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
     def validate(self) -> None:
-        from lmstack.config import ConfigError
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
-        need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
+        require(self.norm in NORMS, f"model.norm={self.norm!r}: choose one of {NORMS}")
+        require(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_expert", "moe_every"):
-            need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
-        need(self.head_dim is not None or self.n_embd % self.n_head == 0,
-             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        need(self.n_head % self.kv_heads == 0,
-             f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.kv_heads}")
-        need(self.dim_per_head % 2 == 0, "RoPE needs an even head dimension")
-        need(self.top_k in (1, 2), f"model.top_k={self.top_k}: choose 1 (Switch) or 2 (GShard / GLaM)")
-        need(self.top_k <= self.n_expert, f"model.top_k={self.top_k} needs at least that many experts "
-             f"(model.n_expert={self.n_expert})")
-        need(self.n_moe_layers >= 1, f"model.moe_every={self.moe_every} > model.n_layer={self.n_layer} "
-             "leaves no MoE layer; lower model.moe_every")
-        need(self.capacity_factor >= 0 and self.eval_capacity_factor >= 0,
-             "model.capacity_factor and model.eval_capacity_factor must be >= 0 (0 = unlimited)")
-        need(self.balance_loss_coef >= 0 and self.z_loss_coef >= 0, "MoE loss coefficients must be >= 0")
-        need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+            require(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        require(self.head_dim is not None or self.n_embd % self.n_head == 0,
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        require(self.n_head % self.kv_heads == 0,
+                f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.kv_heads}")
+        require(self.dim_per_head % 2 == 0, "RoPE needs an even head dimension")
+        require(self.top_k in (1, 2), f"model.top_k={self.top_k}: choose 1 (Switch) or 2 (GShard / GLaM)")
+        require(self.top_k <= self.n_expert, f"model.top_k={self.top_k} needs at least that many experts "
+                f"(model.n_expert={self.n_expert})")
+        require(self.n_moe_layers >= 1, f"model.moe_every={self.moe_every} > model.n_layer={self.n_layer} "
+                "leaves no MoE layer; lower model.moe_every")
+        require(self.capacity_factor >= 0 and self.eval_capacity_factor >= 0,
+                "model.capacity_factor and model.eval_capacity_factor must be >= 0 (0 = unlimited)")
+        require(self.balance_loss_coef >= 0 and self.z_loss_coef >= 0, "MoE loss coefficients must be >= 0")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 class MoEFeedForward(nn.Module):

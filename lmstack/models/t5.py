@@ -40,11 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.models.layers import ACTIVATIONS, MLP, RMSNorm, default_mlp_hidden, scaled_dot_product_attention
+from lmstack.config import require
+from lmstack.models.layers import ACTIVATIONS, MLP, RMSNorm, TransformerShape, scaled_dot_product_attention
 
 
 @dataclass
-class T5Config:
+class T5Config(TransformerShape):
     family: str = "t5"
     vocab_size: int = 4096
     block_size: int = 256  # training window length; relative positions do not limit inference
@@ -68,34 +69,20 @@ class T5Config:
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
 
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
-
     def validate(self) -> None:
-        from lmstack.config import ConfigError
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
+        require(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}: choose one of {ACTIVATIONS}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
-        need(self.n_decoder_layer is None or self.n_decoder_layer >= 1,
-             f"model.n_decoder_layer={self.n_decoder_layer} must be >= 1 (or none = n_layer)")
-        need(self.head_dim is not None or self.n_embd % self.n_head == 0,
-             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        need(self.rel_buckets >= 4, f"model.rel_buckets={self.rel_buckets} must be >= 4")
-        need(self.rel_max_distance > self.rel_buckets // 2,
-             f"model.rel_max_distance={self.rel_max_distance} must exceed rel_buckets/2 = {self.rel_buckets // 2}")
-        need(0.0 < self.noise_density < 1.0, f"model.noise_density={self.noise_density} must be in (0, 1)")
-        need(self.mean_span >= 1.0, f"model.mean_span={self.mean_span} must be >= 1")
-        need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+            require(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        require(self.n_decoder_layer is None or self.n_decoder_layer >= 1,
+                f"model.n_decoder_layer={self.n_decoder_layer} must be >= 1 (or none = n_layer)")
+        require(self.head_dim is not None or self.n_embd % self.n_head == 0,
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        require(self.rel_buckets >= 4, f"model.rel_buckets={self.rel_buckets} must be >= 4")
+        require(self.rel_max_distance > self.rel_buckets // 2,
+                f"model.rel_max_distance={self.rel_max_distance} must exceed rel_buckets/2 = {self.rel_buckets // 2}")
+        require(0.0 < self.noise_density < 1.0, f"model.noise_density={self.noise_density} must be in (0, 1)")
+        require(self.mean_span >= 1.0, f"model.mean_span={self.mean_span} must be >= 1")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 # ----------------------------------------------------------------------------- relative positions
