@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 ModelConfig = Any  # any registered family's config dataclass (lmstack.models.MODEL_CONFIGS)
 
@@ -223,26 +223,35 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
                     and (f.name in _SHAPE_FIELDS or old[f.name] != old_defaults.get(f.name))}
             cfg.model = new_cls(**keep)
     for key, value in items:
-        if key == "model.family":
-            continue
-        section, _, name = key.partition(".")
-        if section not in ("model", "optim", "train") or not name:
-            raise ConfigError(f"override {key!r}: keys look like model.NAME, optim.NAME or train.NAME")
-        target = getattr(cfg, section)
-        types_ = _field_types(target)
-        if name not in types_:
-            raise ConfigError(f"unknown key {key!r}; valid {section} keys: {', '.join(sorted(types_))}")
-        setattr(target, name, _coerce(value, types_[name], key))
+        if key != "model.family":
+            set_section_value(cfg, key, value, ("model", "optim", "train"))
     return cfg
 
 
-def _as_items(overrides: list[str] | dict[str, Any]) -> list[tuple[str, Any]]:
+def set_section_value(cfg: Any, key: str, value: Any, sections: Sequence[str]) -> None:
+    """Set ``SECTION.NAME = value`` on a config made of dataclass sections, converted to the field's type.
+
+    Shared by the run config and the data-cleaning config, so both take the same ``key=value`` syntax
+    and give the same errors for unknown sections and keys."""
+    section, _, name = key.partition(".")
+    if section not in sections or not name:
+        raise ConfigError(f"unknown config section {section!r} (in key {key!r}): keys look like SECTION.NAME; "
+                          f"valid sections: {', '.join(sections)}")
+    target = getattr(cfg, section)
+    types_ = _field_types(target)
+    if name not in types_:
+        raise ConfigError(f"unknown key {key!r}; valid {section} keys: {', '.join(sorted(types_))}")
+    setattr(target, name, _coerce(value, types_[name], key))
+
+
+def _as_items(overrides: Sequence[str] | dict[str, Any], example: str = "model.n_layer=4") -> list[tuple[str, Any]]:
+    """``key=value`` strings, or a nested/flat dict, as (dotted key, value) pairs."""
     if isinstance(overrides, dict):
         return list(_flatten(overrides).items())
     items = []
     for o in overrides:
         if "=" not in o:
-            raise ConfigError(f"override {o!r} is not of the form section.key=value (e.g. model.n_layer=4)")
+            raise ConfigError(f"override {o!r} is not of the form section.key=value (e.g. {example})")
         k, v = o.split("=", 1)
         items.append((k.strip(), v.strip()))
     return items

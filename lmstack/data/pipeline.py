@@ -54,7 +54,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from lmstack.atomic import write_atomic, write_text_atomic
-from lmstack.config import ConfigError, _coerce, _field_types, load_config_file
+from lmstack.config import ConfigError, _as_items, load_config_file, set_section_value
 from lmstack.data.clean import (CleanDoc, HeuristicConfig, HeuristicFilter, LanguageConfig, LanguageFilter,
                                 Normalize, NormalizeConfig, Stage, StageStats)
 from lmstack.data.decontam import DecontamConfig, Decontaminate, load_eval_index
@@ -140,36 +140,9 @@ def apply_config_overrides(cfg: CleanConfig, overrides: dict[str, Any] | Sequenc
     Unknown sections or keys raise ConfigError listing the valid ones; values are converted to the
     field's type with the same rules as model/optim/train overrides (lmstack.config).
     """
-    if isinstance(overrides, dict):
-        items = list(_flatten(overrides).items())
-    else:
-        items = []
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(f"override {o!r} is not of the form section.key=value (e.g. dedup.threshold=0.7)")
-            k, v = o.split("=", 1)
-            items.append((k.strip(), v.strip()))
-    for key, value in items:
-        section, _, name = key.partition(".")
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r} (in key {key!r}); valid sections: "
-                              f"{', '.join(SECTIONS)}")
-        target = getattr(cfg, section)
-        types = _field_types(target)
-        if name not in types:
-            raise ConfigError(f"unknown key {key!r}; valid {section} keys: {', '.join(sorted(types))}")
-        setattr(target, name, _coerce(value, types[name], key))
+    for key, value in _as_items(overrides, example="dedup.threshold=0.7"):
+        set_section_value(cfg, key, value, SECTIONS)
     return cfg
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_clean_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CleanConfig:
