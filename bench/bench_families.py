@@ -1,6 +1,6 @@
 """Model families at equal training compute on the default corpus: validation loss against FLOPs.
 
-    python bench/bench_families.py --out runs/bench_families            # ~15-20 min on a busy 2-core CPU
+    python bench/bench_families.py --out runs/bench_families            # ~20 min on a busy 2-core CPU
     python bench/bench_families.py --out /tmp/bf --gpt-steps 20         # quick look, every family
     python bench/bench_families.py --out /tmp/bf --gpt-steps 40 --families gpt,t5,moe-top1
 
@@ -301,7 +301,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_families", help="output directory (default: %(default)s)")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset (default: all)")
-    ap.add_argument("--gpt-steps", type=int, default=150,
+    ap.add_argument("--gpt-steps", type=int, default=200,
                     help="steps of the gpt baseline; sets the FLOP budget (default: %(default)s)")
     ap.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default: %(default)s)")
     ap.add_argument("--tokenizer-bytes", type=int, default=3_000_000,
