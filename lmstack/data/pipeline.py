@@ -572,7 +572,7 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
 
             # phase 3: finalize
             t0 = time.perf_counter()
-            fin_id = bar.add("clean: write shards", total=n_shards)
+            fin_id = bar.add("clean: write shards", total=n_shards, unit="shards")
             ext = "jsonl" if cfg.output.format == "jsonl" else "parquet"
             finals: dict[int, dict] = {}
 

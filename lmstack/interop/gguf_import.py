@@ -160,7 +160,7 @@ def gguf_state(f: GGUFFile, cfg: GPTConfig, progress: bool = True) -> dict[str, 
     state: dict[str, torch.Tensor] = {}
     tensors = f.tensors
     with Progress(enabled=progress) as bar:
-        task = bar.add(f"dequantizing {f.path.name}", total=len(tensors))
+        task = bar.add(f"dequantizing {f.path.name}", total=len(tensors), unit="tensors")
         for tensor in tensors:
             name = lmstack_name(tensor.name)
             w = dequantize(tensor)
