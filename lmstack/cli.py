@@ -595,7 +595,7 @@ def _add_scaling(sub) -> None:
                     help="token shard directory; when not given, OUT/data is built from an 8 MB classics slice")
     sw.add_argument("--sizes", default="2x64,3x96,4x128", help="model sizes as LAYERSxWIDTH (head dim 32)")
     sw.add_argument("--tokens", default="250000,600000,1500000", help="token budgets per size")
-    sw.add_argument("--heldout", default="5x192:1500000",
+    sw.add_argument("--heldout", default="5x160:1500000",
                     help="the larger run to predict, LAYERSxWIDTH:TOKENS ('none' to skip)")
     sw.add_argument("--seq-len", type=int, default=128, help="training sequence length")
     sw.add_argument("--batch-size", type=int, default=16, help="sequences per step")

@@ -95,3 +95,15 @@ def test_default_data_builds_shards_with_a_validation_split(tmp_path):
     assert meta["splits"]["train"]["documents"] > 1 and meta["splits"]["val"]["tokens"] > 0
     assert meta["vocab_size"] == 300
     assert _default_data(tmp_path, vocab_size=300, max_mb=0.2) == data  # cached: the second call reuses it
+
+
+def test_compute_optimal_far_outside_the_grid_carries_caveats():
+    from lmstack.evals.scaling import extrapolation_caveats
+
+    grid = _points()
+    assert extrapolation_caveats(grid, TRUE, 1e6, 1e7) == []  # inside the fitted ranges, a real floor
+    caveats = extrapolation_caveats(grid, TRUE, 1e9, 1e7)
+    assert len(caveats) == 1 and "N=1e+09" in caveats[0]
+    floorless = ScalingLaw(E=0.001, A=TRUE.A, alpha=TRUE.alpha, B=TRUE.B, beta=TRUE.beta)
+    assert any("irreducible" in c for c in extrapolation_caveats(grid, floorless, 1e6, 1e12))
+    assert len(extrapolation_caveats(grid, floorless, 1e6, 1e12)) == 2

@@ -1,6 +1,6 @@
 """Scaling laws: predict a larger model's loss from small runs (Kaplan et al. 2020; Hoffmann et al. 2022).
 
-    lmstack scaling sweep --out runs/scaling          # train a small grid of sizes x token budgets (~10 min, CPU)
+    lmstack scaling sweep --out runs/scaling          # 3 sizes x 3 budgets + 1 held-out run (~30 min, busy 2-core VM)
     lmstack scaling fit runs/scaling --predict-params 2e6 --predict-tokens 3e6 --flops 1e15
     lmstack scaling fit runs/scaling --holdout L4-C128-D1500000  # also predict a grid run the fit leaves out
 
@@ -37,10 +37,10 @@ from typing import Any, Sequence
 
 import torch
 
-# default grid: (n_layer, n_embd, n_head) per size, and token budgets; held-out = one size up, largest budget
+# default grid: (n_layer, n_embd, n_head) per size, and token budgets; held-out = one size up (1.9x N), largest budget
 DEFAULT_SIZES: list[tuple[int, int, int]] = [(2, 64, 2), (3, 96, 3), (4, 128, 4)]
 DEFAULT_TOKENS: list[int] = [250_000, 600_000, 1_500_000]
-DEFAULT_HELDOUT: tuple[tuple[int, int, int], int] = ((5, 192, 6), 1_500_000)
+DEFAULT_HELDOUT: tuple[tuple[int, int, int], int] = ((5, 160, 5), 1_500_000)
 
 
 @dataclass
@@ -279,11 +279,21 @@ def plot_fit(points: Sequence[ScalingPoint], law: ScalingLaw, out_png: Path) -> 
                 label=f"N={n / 1e6:.2f}M{' (held out)' if held else ''}")
         ax.scatter([p.tokens for p in pts], [p.loss for p in pts], color=color, marker="*" if held else "o",
                    s=120 if held else 30, zorder=3)
-    ax.axhline(law.E, color="gray", lw=0.8, ls=":", label=f"E = {law.E:.3f}")
+    for p in points:
+        if p.heldout:
+            predicted = law.predict(p.params, p.tokens)
+            ax.annotate(f"predicted {predicted:.3f}\nactual {p.loss:.3f} ({100 * (predicted - p.loss) / p.loss:+.1f}%)",
+                        (p.tokens, p.loss), textcoords="offset points", xytext=(-10, -30), ha="right", fontsize=8)
+    lowest = min(p.loss for p in points)
+    if law.E > 0.5 * lowest:  # a far-away floor would squash the curves; then it is only named in the title
+        ax.axhline(law.E, color="gray", lw=0.8, ls=":", label=f"E = {law.E:.3f}")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2e5, 3e5, ...) overlap on a short axis
     ax.set_xlabel("training tokens D")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
+    ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -299,6 +309,22 @@ def mark_heldout(points: Sequence[ScalingPoint], names: Sequence[str]) -> list[S
                          f"{', '.join(p.name for p in points)}")
     wanted = set(names)
     return [ScalingPoint(**{**asdict(p), "heldout": p.heldout or p.name in wanted}) for p in points]
+
+
+def extrapolation_caveats(grid: Sequence[ScalingPoint], law: ScalingLaw, params: float, tokens: float,
+                          factor: float = 10.0) -> list[str]:
+    """Plain warnings when an answer rests on the law far outside the runs it was fitted to."""
+    caveats = []
+    n_lo, n_hi = min(p.params for p in grid), max(p.params for p in grid)
+    d_lo, d_hi = min(p.tokens for p in grid), max(p.tokens for p in grid)
+    if not n_lo / factor <= params <= n_hi * factor:
+        caveats.append(f"N={params:.3g} is more than {factor:g}x outside the fitted sizes ({n_lo:,}..{n_hi:,})")
+    if not d_lo / factor <= tokens <= d_hi * factor:
+        caveats.append(f"D={tokens:.3g} is more than {factor:g}x outside the fitted budgets ({d_lo:,}..{d_hi:,})")
+    if law.E < 0.1 * min(p.loss for p in grid):
+        caveats.append(f"the fitted floor E={law.E:.3g} is far below every run's loss: the grid does not pin the "
+                       "irreducible loss down, so the split follows the power-law tails")
+    return caveats
 
 
 def fit_report(run_dir: str | Path, predict_params: float | None = None, predict_tokens: float | None = None,
@@ -330,6 +356,9 @@ def fit_report(run_dir: str | Path, predict_params: float | None = None, predict
         n_opt, d_opt = law.compute_optimal(budget)
         result["compute_optimal"] = {"flops": budget, "params": n_opt, "tokens": d_opt,
                                      "tokens_per_param": d_opt / n_opt, "loss": law.predict(n_opt, d_opt)}
+        caveats = extrapolation_caveats(grid, law, n_opt, d_opt)
+        if caveats:
+            result["compute_optimal"]["caveats"] = caveats
     except ValueError as e:
         result["compute_optimal"] = {"flops": budget, "error": str(e)}
     plot_fit(points, law, run / "scaling.png") if run.is_dir() else None
@@ -352,6 +381,7 @@ def format_fit(result: dict[str, Any]) -> str:
     if "params" in c:
         lines.append(f"compute-optimal for C={c['flops']:.3g} FLOPs (C = 6ND): N={c['params']:.3g}, "
                      f"D={c['tokens']:.3g} ({c['tokens_per_param']:.1f} tokens/param), loss {c['loss']:.4f}")
+        lines += [f"  caveat: {text}; treat this split as rough" for text in c.get("caveats", [])]
     elif c:
         lines.append(f"compute-optimal: {c.get('error')}")
     return "\n".join(lines)
