@@ -46,8 +46,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """``default`` converts what json cannot (e.g. ``float`` for numpy scalars)."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=default) + "\n")
 
 
 def make_staging_dir(final: str | os.PathLike) -> Path:

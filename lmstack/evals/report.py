@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lmstack.atomic import write_atomic, write_text_atomic
 
 _EVAL_DIRS = ("", "evals", "eval")
 
@@ -105,7 +105,7 @@ def plot_training(records: list[dict], out_png: Path) -> bool:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
     return True
 
@@ -143,7 +143,7 @@ def plot_evals(evals: list[tuple[Path, dict]], out_png: Path) -> bool:
     ax.set_title("evaluation (primary metric per task)")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
     return True
 
@@ -277,9 +277,4 @@ def build_report(run_dir: str | Path) -> Path:
     if len(lines) <= 2:
         lines += ["Nothing to report yet: no metrics.jsonl, report.json, summary.json or evaluation JSON found.", ""]
 
-    out = run_dir / "report.md"
-    fd, tmp = tempfile.mkstemp(prefix=".report.md.", dir=run_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(run_dir / "report.md", "\n".join(lines))

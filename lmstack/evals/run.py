@@ -20,16 +20,13 @@ Few-shot defaults (``num_fewshot=None``): the task's ``default_fewshot`` (MMLU 5
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from lmstack.atomic import write_json_atomic
 from lmstack.evals.lm import EvalLM
 from lmstack.evals.metrics import core_score
 from lmstack.evals.task import (CodeTask, Example, GenerativeTask, MultipleChoiceTask, PerplexityTask, Response,
@@ -200,20 +197,6 @@ def evaluate(lm: EvalLM, tasks: Sequence[str | Task], *, limit: int | None = Non
     return out
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def results_table(results: dict[str, Any]) -> str:
     """A fixed-width text table: one row per task and metric, with the CORE aggregate at the end."""
     lines = [f"{'task':<18} {'metric':<16} {'value':>9} {'n':>6} {'shots':>5} {'baseline':>8}", "-" * 67]
@@ -255,6 +238,6 @@ def evaluate_checkpoint(model: str, tasks: Sequence[str], *, limit: int | None =
     results["model"] = str(model)
     print(results_table(results))
     if out:
-        write_json_atomic(out, results)
+        write_json_atomic(out, results, indent=1, default=float)
         print(f"wrote {out}")
     return results
