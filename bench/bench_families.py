@@ -224,7 +224,7 @@ def moe_routing(rows: list[dict[str, Any]], model: torch.nn.Module, x: torch.Ten
 def run_family(name: str, out: Path, data_dir: Path, vocab: int, budget: float, a: argparse.Namespace) -> dict:
     """Train one family for its share of the FLOP budget (or reuse the finished run) and measure it."""
     from lmstack.models import build_model
-    from lmstack.train.checkpoint import load_checkpoint
+    from lmstack.checkpoint import load_checkpoint
 
     cfg = family_config(name, vocab)
     model = build_model(cfg.model)

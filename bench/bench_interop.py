@@ -42,7 +42,7 @@ from lmstack.engine.sampling import SamplingParams  # noqa: E402
 from lmstack.interop import import_model  # noqa: E402
 from lmstack.interop.hf_export import export_hf  # noqa: E402
 from lmstack.interop.registry import fetch_weights, weight_package  # noqa: E402
-from lmstack.train.checkpoint import load_checkpoint  # noqa: E402
+from lmstack.checkpoint import load_checkpoint  # noqa: E402
 
 
 def decoder_row(name: str, reference, ckpt_dir: Path, prompts: list[str], new_tokens: int, special: bool = False):

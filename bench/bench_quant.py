@@ -119,7 +119,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        from lmstack.train.checkpoint import load_checkpoint
+        from lmstack.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(args.model)
         if not args.text or ckpt.tokenizer is None:

@@ -55,7 +55,7 @@ def build_tiny_checkpoint(path: Path, block_size: int = 1024, n_layer: int = 2, 
     from lmstack.config import model_config_to_dict, tiny
     from lmstack.models import build_model
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
 
     rng = random.Random(seed)
     lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))).capitalize() + rng.choice(".?!:") + f" {i % 10}"

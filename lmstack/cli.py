@@ -13,8 +13,7 @@ import sys
 from typing import Callable
 
 
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
+from lmstack.errors import LmstackError, UserError  # noqa: F401  (UserError: re-exported for callers)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -240,7 +239,7 @@ def _add_embed(sub) -> None:
         import json
 
         from lmstack.engine.embed import embed
-        from lmstack.train.checkpoint import load_checkpoint
+        from lmstack.checkpoint import load_checkpoint
 
         texts = a.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not texts:
@@ -281,7 +280,8 @@ def _add_data_download(sub) -> None:
     def run(a):
         import json
 
-        from lmstack.data.sources import DataError, download_corpus
+        from lmstack.data.sources import download_corpus
+        from lmstack.errors import DataError
 
         try:
             path = download_corpus(a.corpus, cache_dir=a.cache_dir, force=a.force)
@@ -316,7 +316,7 @@ def _add_data_tokenize(sub) -> None:
 
     def run(a):
         from lmstack.data.shards import DEFAULT_SHARD_TOKENS, tokenize_to_shards
-        from lmstack.data.sources import DataError
+        from lmstack.errors import DataError
 
         try:
             meta = tokenize_to_shards(a.inputs, a.tokenizer, a.out, text_field=a.text_field,
@@ -360,7 +360,7 @@ def _add_data_clean(sub) -> None:
 
     def run(a):
         from lmstack.data.pipeline import clean_corpus, config_yaml, load_clean_config
-        from lmstack.data.sources import DataError
+        from lmstack.errors import DataError
 
         overrides = list(a.overrides)
         if a.format:
@@ -410,7 +410,7 @@ def _add_data_train_classifier(sub) -> None:
 
     def run(a):
         from lmstack.data.quality import train_classifier
-        from lmstack.data.sources import DataError
+        from lmstack.errors import DataError
 
         try:
             orders = tuple(int(x) for x in a.ngrams.split(",") if x.strip())

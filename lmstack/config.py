@@ -36,14 +36,7 @@ def _model_configs() -> dict[str, type]:
     return MODEL_CONFIGS
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message says which and how to fix it."""
-
-
-def require(ok: bool, message: str) -> None:
-    """Raise ConfigError(message) unless ok: the one-line checks of every config's validate()."""
-    if not ok:
-        raise ConfigError(message)
+from lmstack.errors import ConfigError, require  # noqa: F401  (re-exported: config.ConfigError)
 
 
 @dataclass

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from lmstack.evals.data import benchmark_texts
+from lmstack.data.benchmarks import benchmark_texts
 
 
 def make_tiny_checkpoint(path: Path, n_layer: int = 2, n_embd: int = 64, block_size: int = 256, seed: int = 0) -> Path:
     from lmstack.models.gpt import GPT, GPTConfig
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
     import dataclasses
 
     texts = [t for _, t in zip(range(3000), benchmark_texts("arc_easy"))]

@@ -10,7 +10,7 @@ from lmstack.config import apply_overrides, get_preset
 from lmstack.engine.embed import embed
 from lmstack.models import build_model
 from lmstack.models.bert import BertConfig
-from lmstack.train.checkpoint import load_checkpoint, save_checkpoint
+from lmstack.checkpoint import load_checkpoint, save_checkpoint
 from lmstack.train.losses import mlm_mask, objective_for
 
 

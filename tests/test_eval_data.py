@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmstack.evals import data
+from lmstack.data import benchmarks as data
 
 
 def test_core_benchmarks_are_available_and_nonempty():

@@ -16,7 +16,7 @@ from lmstack.engine.generate import ChatSession, chat_cli, generate
 from lmstack.engine.kv_cache import KVCache
 from lmstack.models.layers import POSITIONS
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.checkpoint import save_checkpoint
+from lmstack.checkpoint import save_checkpoint
 
 from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
 

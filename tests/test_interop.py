@@ -27,7 +27,7 @@ from lmstack.engine.sampling import SamplingParams
 from lmstack.interop import ConversionError, import_model, models_report
 from lmstack.interop.gguf_import import unpermute_rope_rows
 from lmstack.interop.hf_export import export_hf
-from lmstack.train.checkpoint import load_checkpoint
+from lmstack.checkpoint import load_checkpoint
 
 TOL = 1e-4
 ROPE_THETA = 5000.0
@@ -407,7 +407,7 @@ def test_export_of_lmstack_trained_model_carries_its_chat_format(tmp_path):
     from lmstack.models import build_model
     from lmstack.models.gpt import GPTConfig
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
 
     tok = Tokenizer.train(TEXT * 50, vocab_size=320)
     cfg = GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=False)

@@ -26,7 +26,7 @@ from lmstack.engine.sampling import SamplingParams
 from lmstack.interop import import_model
 from lmstack.interop.hf_export import export_hf
 from lmstack.interop.registry import fetch_weights, weight_package
-from lmstack.train.checkpoint import load_checkpoint
+from lmstack.checkpoint import load_checkpoint
 
 SENTENCES = [
     "A man is eating food.",

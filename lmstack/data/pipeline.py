@@ -481,7 +481,8 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
     Writes DIR/shard_NNNNN.{jsonl,parquet}, DIR/report.json, DIR/summary.md, DIR/funnel.png and
     DIR/duplicates.tsv (see the module docstring). Safe to re-run: finished shards are skipped.
     """
-    from lmstack.data.sources import Progress, ReadStats, iter_documents, resolve_inputs
+    from lmstack.data.sources import ReadStats, iter_documents, resolve_inputs
+    from lmstack.progress import Progress
 
     t_start = time.perf_counter()
     cfg = (config or CleanConfig()).validate()

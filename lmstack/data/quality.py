@@ -288,7 +288,7 @@ class PerplexityScorer:
     def __init__(self, checkpoint: str | Path, max_tokens: int = 256, batch_size: int = 16, device: str = "cpu"):
         import torch
 
-        from lmstack.train.checkpoint import load_checkpoint
+        from lmstack.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint, device=device)
         if ckpt.tokenizer is None:

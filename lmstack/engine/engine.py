@@ -145,7 +145,7 @@ class Engine:
     def from_checkpoint(cls, path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                         quantize: str | None = None, **kw: Any) -> "Engine":
         """Load a checkpoint directory (or run directory); bf16 on CUDA, fp32 on CPU unless dtype says."""
-        from lmstack.train.checkpoint import load_checkpoint
+        from lmstack.checkpoint import load_checkpoint
 
         dev = resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, dev)

@@ -75,7 +75,7 @@ class EvalLM:
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", backend: str = "auto", batch_size: int = 16,
                         dtype: str = "auto") -> "EvalLM":
-        from lmstack.train.checkpoint import load_checkpoint
+        from lmstack.checkpoint import load_checkpoint
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))

@@ -53,7 +53,7 @@ def import_model(source: str | Path, out: str | Path | None = None, dtype: str =
     """Convert ``source`` into an lmstack checkpoint at ``out`` (default: CACHE/models/NAME)."""
     from lmstack.interop.gguf_import import import_gguf
     from lmstack.interop.hf_import import import_hf
-    from lmstack.data.sources import default_cache_dir
+    from lmstack.paths import default_cache_dir
 
     kind, path, name = resolve_source(source, progress)
     target = Path(out).expanduser() if out is not None else default_cache_dir() / "models" / name
@@ -64,7 +64,7 @@ def import_model(source: str | Path, out: str | Path | None = None, dtype: str =
 
 def models_report() -> dict[str, Any]:
     """What `lmstack models` prints: supported architectures and formats, and what is available locally."""
-    from lmstack.data.sources import default_cache_dir
+    from lmstack.paths import default_cache_dir
     from lmstack.interop.registry import (ARCHITECTURES, GGUF_TENSOR_TYPES, WEIGHT_PACKAGES, cached_weights,
                                           installed_weights, local_checkpoints)
 

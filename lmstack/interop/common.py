@@ -23,8 +23,7 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConversionError(ValueError):
-    """Foreign weights that lmstack cannot convert; the message names what is supported."""
+from lmstack.errors import ConversionError  # noqa: E402,F401  (re-exported: interop.ConversionError)
 
 
 @dataclass
@@ -77,7 +76,7 @@ def write_imported_checkpoint(out: str | Path, model_config: Any, state: dict[st
     """
     from lmstack.config import model_config_to_dict
     from lmstack.models import build_model
-    from lmstack.train.checkpoint import save_checkpoint
+    from lmstack.checkpoint import save_checkpoint
 
     out = Path(out)
     check_output_dir(out)

@@ -155,7 +155,7 @@ def lmstack_name(gguf_name: str) -> str:
 
 
 def gguf_state(f: GGUFFile, cfg: GPTConfig, progress: bool = True) -> dict[str, torch.Tensor]:
-    from lmstack.data.sources import Progress
+    from lmstack.progress import Progress
 
     state: dict[str, torch.Tensor] = {}
     tensors = f.tensors

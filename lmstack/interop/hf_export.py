@@ -129,7 +129,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     from safetensors.torch import save_file
 
     from lmstack.atomic import make_staging_dir, swap_directory
-    from lmstack.train.checkpoint import load_checkpoint
+    from lmstack.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

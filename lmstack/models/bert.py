@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.config import require
+from lmstack.errors import require
 from lmstack.models.layers import MLP, SelfAttention
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.config import require
+from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, TransformerShape,
                                    alibi_slopes, attention_bias, make_norm, rope_cache, sinusoidal_embedding)
 

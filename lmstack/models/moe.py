@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.config import require
+from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, TransformerShape, attention_mask,
                                    make_norm, rope_cache)
 

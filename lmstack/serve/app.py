@@ -187,7 +187,7 @@ def _load(path: str, device: str, engine_kwargs: dict[str, Any]) -> tuple[Any, A
     """(engine or None, model, tokenizer): an Engine for decoder families, the bare model for encoders."""
     from lmstack.engine.engine import Engine, resolve_device
     from lmstack.models import DECODER_FAMILIES
-    from lmstack.train.checkpoint import load_checkpoint, read_config
+    from lmstack.checkpoint import load_checkpoint, read_config
 
     family = read_config(path)["model"].get("family", "gpt")
     if family in DECODER_FAMILIES:

@@ -86,7 +86,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
 
 
 def _config_of_run(out_dir: Path) -> RunConfig:
-    from lmstack.train.checkpoint import latest_checkpoint
+    from lmstack.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(out_dir / "checkpoints")
     if latest is None:

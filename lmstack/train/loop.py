@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from lmstack.atomic import write_atomic
 from lmstack.config import RunConfig
-from lmstack.train import checkpoint as ckpt
+from lmstack import checkpoint as ckpt
 from lmstack.train.dist import DistInfo, all_reduce_mean, init_distributed
 from lmstack.train.losses import Objective
 from lmstack.train.optim import build_optimizer, lr_multiplier

@@ -6,7 +6,7 @@ option's text scored as the continuation (lm-evaluation-harness's ``arc_easy`` /
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

@@ -6,7 +6,7 @@ right 62% of the time, which is the baseline the CORE-style aggregate centers on
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

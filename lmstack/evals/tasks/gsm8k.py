@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, GenerativeTask, Response, _as_response
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")

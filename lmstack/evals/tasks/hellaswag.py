@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

@@ -4,14 +4,14 @@ Each item is a human request with two candidate replies, one judged more helpful
 (subtasks ``helpful``, ``honest``, ``harmless``, ``other``). The model "prefers" the reply it gives the
 higher log-likelihood after ``"Human: …\\n\\nAssistant:"``; ``acc`` is how often that is the better reply and
 ``acc_norm`` the same per byte. Per-subtask accuracies are reported too. The data is extracted once from the
-BIG-bench sdist (see lmstack/evals/data.py). BIG-bench's canary applies: evaluation only, never training.
+BIG-bench sdist (see lmstack/data/benchmarks.py). BIG-bench's canary applies: evaluation only, never training.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

@@ -8,7 +8,7 @@ decoding; ``--num-samples n --temperature t`` gives the unbiased pass@k for k <=
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import CodeTask, Example
 
 

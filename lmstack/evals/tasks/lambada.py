@@ -6,7 +6,7 @@ perplexity is lm-eval's per-item ``exp(-mean log p(target))``; bits_per_byte is 
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, TargetTask
 
 

@@ -7,7 +7,7 @@ The program run in the sandbox is the generated code + the task's setup code + i
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import CodeTask, Example
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 LETTERS = ["A", "B", "C", "D"]

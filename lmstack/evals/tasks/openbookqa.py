@@ -5,7 +5,7 @@ The question stem is the context and each option's text the continuation (lm-eva
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

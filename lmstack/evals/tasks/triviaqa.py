@@ -6,7 +6,7 @@ SQuAD normalisation against every alias of the answer.
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, GenerativeTask
 
 

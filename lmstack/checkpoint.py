@@ -27,12 +27,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmstack.atomic import make_staging_dir, swap_directory
+from lmstack.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(FileNotFoundError):
-    """A checkpoint is missing or malformed; the message names the path and what is wrong."""
 
 
 @dataclass
