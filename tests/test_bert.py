@@ -57,7 +57,7 @@ def test_forward_shapes_loss_and_errors():
     assert logits.shape == (2, 12, 400) and loss.ndim == 0 and torch.isfinite(loss)
     assert model(x, return_hidden=True)[0].shape == (2, 12, 32)
     assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # tied decoder
-    with pytest.raises(ValueError, match="longer than the model's 64 positions"):
+    with pytest.raises(ValueError, match="beyond the model's context of 64 tokens"):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="no KV cache"):
         model(x, kv_cache=object())

@@ -10,6 +10,9 @@ from family_helpers import tiny_tokenizer, token_windows, train_steps
 from family_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from lmstack.config import ConfigError, build_run_config
+from lmstack.engine.sampling import SamplingParams
+from lmstack.engine.seq2seq import generate_seq2seq
+from lmstack.errors import UserError
 from lmstack.models import build_model
 from lmstack.models.t5 import T5, RelativePositionBias, T5Config, relative_position_bucket
 from lmstack.train.losses import SENTINELS, objective_for, random_span_mask, span_layout, split_spans
@@ -80,18 +83,52 @@ def test_encoder_padding_is_ignored():
 
 # ----------------------------------------------------------------------------- generation
 
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
 def test_cached_generation_matches_uncached():
     model = tiny_t5()
     sources = [[5, 6, 7, 8, 9], [11, 12, 13]]  # ragged: padded and masked inside generate
-    cached = model.generate(sources, 12, decoder_start_id=1)
-    assert cached == model.generate(sources, 12, decoder_start_id=1, use_cache=False)
+    cached = generate_seq2seq(model, sources, greedy(12), decoder_start_id=1)
+    assert cached == generate_seq2seq(model, sources, greedy(12), decoder_start_id=1, use_cache=False)
     # each row decodes as it would alone
-    assert cached[1] == model.generate([sources[1]], 12, decoder_start_id=1)[0]
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    sampled = model.generate(sources, 12, decoder_start_id=1, temperature=1.0, top_k=20, top_p=0.9, generator=g1)
-    assert sampled == model.generate(sources, 12, decoder_start_id=1, temperature=1.0, top_k=20, top_p=0.9,
-                                     generator=g2, use_cache=False)
+    assert cached[1] == generate_seq2seq(model, [sources[1]], greedy(12), decoder_start_id=1)[0]
+    sampling = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_tokens=12, seed=3)
+    sampled = generate_seq2seq(model, sources, sampling, decoder_start_id=1)
+    assert sampled == generate_seq2seq(model, sources, sampling, decoder_start_id=1, use_cache=False)
     assert all(len(row) == 12 for row in sampled)
+    # a seeded row samples the same tokens whatever shares its batch (one generator per row, as in the engine)
+    assert sampled[1] == generate_seq2seq(model, [sources[1]], sampling, decoder_start_id=1)[0]
+    assert sampled != generate_seq2seq(model, sources, greedy(12), decoder_start_id=1)
+
+
+def test_generation_uses_the_engine_sampler_and_its_stops():
+    """The loop draws through lmstack.engine.sampling: top_k=1 is greedy at any temperature, a stop token
+    ends its row (and is not returned), per-row max_tokens bound each row, and what this loop cannot
+    honour is refused."""
+    model = tiny_t5()
+    sources = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    reference = generate_seq2seq(model, sources, greedy(10), decoder_start_id=1)
+    assert generate_seq2seq(model, sources, SamplingParams(temperature=5.0, top_k=1, max_tokens=10, seed=0),
+                            decoder_start_id=1) == reference
+    stop = reference[0][3]
+    cut = generate_seq2seq(model, sources, SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop]),
+                           decoder_start_id=1)
+    for row, ref in zip(cut, reference):
+        assert row == (ref[:ref.index(stop)] if stop in ref else ref)
+    assert generate_seq2seq(model, sources, SamplingParams(temperature=0.0, max_tokens=10), decoder_start_id=1,
+                            eos_id=stop)[0] == reference[0][:reference[0].index(stop)]
+    short = generate_seq2seq(model, sources, [greedy(3), greedy(7)], decoder_start_id=1)
+    assert short == [reference[0][:3], reference[1][:7]]
+    with pytest.raises(UserError, match="stop_token_ids"):
+        generate_seq2seq(model, sources, SamplingParams(stop=["."]), decoder_start_id=1)
+    with pytest.raises(UserError, match="n=2"):
+        generate_seq2seq(model, sources, SamplingParams(n=2), decoder_start_id=1)
+    with pytest.raises(UserError, match="non-empty"):
+        generate_seq2seq(model, [[1], []], decoder_start_id=1)
+    with pytest.raises(UserError, match="not an encoder-decoder"):
+        generate_seq2seq(build_model(build_run_config("tiny").model), sources, decoder_start_id=1)
 
 
 def test_learns_to_copy():
@@ -114,7 +151,7 @@ def test_learns_to_copy():
         loss.backward()
         optimizer.step()
     test = sources(16, torch.Generator().manual_seed(1))
-    out = model.generate(test, 8, decoder_start_id=start, eos_id=eos)
+    out = generate_seq2seq(model, test, greedy(8), decoder_start_id=start, eos_id=eos)
     exact = sum(row == src_row for row, src_row in zip(out, test.tolist()))
     assert exact >= 12, (exact, out[:3], test[:3].tolist())
 

@@ -8,7 +8,7 @@ Layout (Devlin et al., 2019), the same as Hugging Face's ``BertModel`` so import
     MLM head     dense -> GELU -> LayerNorm -> decoder tied to the token embedding (+ its own bias)
 
 ``forward(idx, targets=None, *, attention_mask=None, positions=None, token_type_ids=None,
-return_hidden=False)``:
+return_hidden=False, logits_to_keep=0, kv_cache=None)``:
 
 * padding: ``attention_mask`` (B, T) with 1 for real tokens and 0 for padding, or the lmstack
   convention of ``positions`` with -1 at padded slots (models/layers.py); padded keys are never
@@ -18,6 +18,8 @@ return_hidden=False)``:
 * ``targets`` (B, T) hold the original token at masked positions and -1 elsewhere; the loss is the
   mean masked-LM cross-entropy. The masking itself (15%, 80/10/10) lives in train/losses.py so the
   model stays a pure function of its inputs.
+* ``logits_to_keep`` > 0 computes the MLM head for the last N positions only, as in the decoders;
+  ``kv_cache`` is accepted only as None (an encoder has no cache: passing one is a UserError).
 
 Non-obvious choices: the activation defaults to the exact (erf) GELU that BERT uses, not the tanh
 approximation; LayerNorm eps defaults to BERT's 1e-12; dropout defaults to 0 like the rest of lmstack
@@ -29,13 +31,15 @@ pooling here means the raw [CLS] hidden state, as sentence-transformers does it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.errors import require
-from lmstack.models.layers import MLP, SelfAttention
+from lmstack.errors import UserError, require
+from lmstack.models.layers import (MLP, SelfAttention, TransformerShape, check_positions, count_params, init_weights,
+                                   lm_loss, make_lm_head)
 
 
 # the MLM head's transform uses the same activation as the blocks (HF: config.hidden_act)
@@ -48,13 +52,14 @@ HEAD_ACTIVATIONS = {
 
 
 @dataclass
-class BertConfig:
+class BertConfig(TransformerShape):
     family: str = "bert"
     vocab_size: int = 4096
     block_size: int = 256  # max_position_embeddings: longest input the position table covers
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    head_dim: int | None = None  # None = n_embd // n_head (the resolved value is dim_per_head)
     mlp_hidden: int | None = None  # None = 4 * n_embd (BERT's intermediate_size)
     type_vocab_size: int = 2  # segment (sentence A / B) embeddings; 0 = none
     norm_eps: float = 1e-12
@@ -62,18 +67,12 @@ class BertConfig:
     dropout: float = 0.0
     init_std: float = 0.02
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.mlp_hidden or 4 * self.n_embd
+    mlp_multiple_of: ClassVar[int] = 1  # the default MLP width is exactly 4 * n_embd, not rounded up
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             require(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
-        require(self.n_embd % self.n_head == 0,
+        require(self.head_dim is not None or self.n_embd % self.n_head == 0,
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         require(self.activation in HEAD_ACTIVATIONS,
                 f"model.activation={self.activation!r}: BERT blocks use a plain (non-gated) MLP; choose one of "
@@ -87,7 +86,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.n_head, cfg.head_dim, layer_idx=0, bias=True,
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.dim_per_head, layer_idx=0, bias=True,
                                   dropout=cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, bias=True, dropout=cfg.dropout)
@@ -113,24 +112,13 @@ class Bert(nn.Module):
         # masked-LM head; the decoder matrix is the token embedding, only its bias is separate
         self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.mlm_norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
-        self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.lm_head = make_lm_head(self.tok_emb, tie=True, bias=True)
+        init_weights(self, cfg.init_std)  # BERT's N(0, init_std) without residual scaling
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
-            if hasattr(self, "type_emb"):
-                n -= self.type_emb.weight.numel()
-        return n
+        """All parameters, or without the token, position and segment tables (layers.count_params)."""
+        return count_params(self, non_embedding)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * matmul params (head included) + bidirectional attention.
@@ -144,15 +132,16 @@ class Bert(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, return_hidden: bool = False, **unused):
-        """idx (B, T) -> MLM logits (B, T, V) and loss, or (hidden (B, T, C), None) with return_hidden.
+                token_type_ids: torch.Tensor | None = None, return_hidden: bool = False, logits_to_keep: int = 0,
+                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> MLM logits (B, T', V) and loss, or (hidden (B, T, C), None) with return_hidden.
 
-        ``unused`` swallows decoder-only keywords (kv_cache, logits_to_keep) that family-agnostic
-        callers may pass; an encoder has no cache, so passing one is an error.
+        ``logits_to_keep`` > 0 keeps the last N positions' logits (targets, when given, must cover the
+        same N positions). ``kv_cache`` exists so that a decoder-shaped call fails with a clear message.
         """
-        if unused.get("kv_cache") is not None:
-            raise ValueError("BERT is an encoder: it has no KV cache and cannot generate text; use it for "
-                             "embeddings (`return_hidden=True`) or masked-LM training")
+        if kv_cache is not None:
+            raise UserError("BERT is an encoder: it has no KV cache and cannot generate text; use it for "
+                            "embeddings (`return_hidden=True`) or masked-LM training")
         B, T = idx.shape
         pad = None  # (B, T) True at padded slots
         if attention_mask is not None:
@@ -161,9 +150,7 @@ class Bert(nn.Module):
             pad = positions < 0 if pad is None else pad | (positions < 0)
         else:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        if int(positions.max()) >= self.config.block_size:
-            raise ValueError(f"input of {int(positions.max()) + 1} tokens is longer than the model's "
-                             f"{self.config.block_size} positions; truncate it")
+        check_positions(positions, self.config.block_size)
         x = self.tok_emb(idx) + self.pos_emb(positions.clamp(min=0))  # (B, T, C)
         if hasattr(self, "type_emb"):
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
@@ -177,9 +164,8 @@ class Bert(nn.Module):
             x = block(x, key_mask)
         if return_hidden:
             return x, None
-        h = self.mlm_norm(HEAD_ACTIVATIONS[self.config.activation](self.mlm_dense(x)))  # (B, T, C)
-        logits = self.lm_head(h)  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]  # (B, T', C)
+        h = self.mlm_norm(HEAD_ACTIVATIONS[self.config.activation](self.mlm_dense(x)))  # (B, T', C)
+        logits = self.lm_head(h)  # (B, T', V)
+        return logits, (lm_loss(logits, targets) if targets is not None else None)

@@ -33,16 +33,16 @@ bidirectional prefix must arrive in one forward call (its later tokens do not ex
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, TransformerShape,
-                                   alibi_slopes, attention_bias, make_norm, rope_cache, sinusoidal_embedding)
+                                   alibi_slopes, attention_bias, check_positions, count_params, default_positions,
+                                   init_weights, lm_loss, make_lm_head, make_norm, rope_cache,
+                                   sinusoidal_embedding)
 
 GPT_POSITIONS = POSITIONS + ("alibi",)
 
@@ -133,7 +133,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, cfg.bias, cfg.dropout)
 
-    def forward(self, x, rope, mask, kv_cache=None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
+                kv_cache=None) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, mask, kv_cache)
             return x + self.mlp(self.norm2(x))
@@ -156,9 +157,7 @@ class GPT(nn.Module):
         # post-norm blocks already end in a norm; pre-norm stacks need a final one
         self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias) if cfg.norm_placement == "pre" \
             else nn.Identity()
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.lm_head = make_lm_head(self.tok_emb, tie=cfg.tie_embeddings)
         if cfg.position == "rope":
             cos, sin = rope_cache(cfg.dim_per_head, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim)
@@ -166,36 +165,29 @@ class GPT(nn.Module):
         if cfg.position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)  # (n_head,)
         self.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
-        self.apply(self._init_weights)
         if cfg.deepnorm:
-            # DeepNet: Xavier-normal everywhere in the blocks, down-scaled by beta for the value,
-            # output and FFN matrices (q/k keep gain 1: they do not feed the residual stream)
-            beta = (8 * cfg.n_layer) ** -0.25
-            for name, p in self.named_parameters():
-                if name.startswith("blocks.") and name.endswith("_proj.weight"):
-                    gain = 1.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else beta
-                    nn.init.xavier_normal_(p, gain=gain)
-            return
-        for name, p in self.named_parameters():
-            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+            self._init_deepnorm()
+        else:
+            self._init_gpt2()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+    def _init_gpt2(self) -> None:
+        """GPT-2: N(0, init_std), the residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        init_weights(self, self.config.init_std, residual_sums=lambda name: 2 * self.config.n_layer)
+
+    def _init_deepnorm(self) -> None:
+        """DeepNet: Xavier-normal everywhere in the blocks, down-scaled by beta = (8N)^(-1/4) for the value,
+        output and FFN matrices (q/k keep gain 1: they do not feed the residual stream)."""
+        init_weights(self, self.config.init_std)
+        beta = (8 * self.config.n_layer) ** -0.25
+        for name, p in self.named_parameters():
+            if name.startswith("blocks.") and name.endswith("_proj.weight"):
+                gain = 1.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else beta
+                nn.init.xavier_normal_(p, gain=gain)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.tok_emb.weight.numel()
-            if hasattr(self, "pos_emb"):
-                n -= self.pos_emb.weight.numel()
-        return n
+        """All parameters, or without the token / learned-position tables (layers.count_params)."""
+        return count_params(self, non_embedding)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * (matmul params) + attention scores (PaLM appendix B).
@@ -214,7 +206,8 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
-                return_hidden: bool = False, prefix_len: torch.Tensor | None = None):
+                return_hidden: bool = False, prefix_len: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T', V), and the mean cross-entropy when targets are given.
 
         targets (B, T) use -1 for positions that do not count. positions (B, T) default to
@@ -222,16 +215,10 @@ class GPT(nn.Module):
         positions only (prefill in generation needs just the last). prefix_len (B,) makes the
         positions below it a bidirectional prefix (prefix LM); the rest stay causal.
         """
-        B, T = idx.shape
         if positions is None:
-            start = kv_cache.next_position() if kv_cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        # the check reads a GPU value back, which a CUDA graph capture forbids (the engine checks positions itself)
-        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-        if (self.config.position in ("rope", "learned") and not capturing
-                and int(positions.max()) >= self.config.block_size):
-            raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
-                             f"{self.config.block_size} tokens; shorten the input")
+            positions = default_positions(idx, kv_cache)  # (B, T)
+        if self.config.position in ("rope", "learned"):  # the other encodings have no table to run past
+            check_positions(positions, self.config.block_size)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.position == "learned":
             x = x + self.pos_emb(positions.clamp(min=0))
@@ -255,10 +242,7 @@ class GPT(nn.Module):
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)  # (B, T', V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
 
     def _layer_masks(self, positions: torch.Tensor, key_positions: torch.Tensor | None,
                      prefix_len: torch.Tensor | None) -> list[torch.Tensor | None]:

@@ -20,10 +20,13 @@ The KV-cache protocol the models speak (duck-typed; implementations live in lmst
 from __future__ import annotations
 
 import math
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lmstack.errors import UserError
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("gelu", "swiglu", "geglu", "relu2", "relu", "gelu_exact")
@@ -134,7 +137,13 @@ class TransformerShape:
 
     Expects ``n_embd``, ``n_head``, ``head_dim`` (None = n_embd // n_head), ``mlp_hidden`` (None = the
     activation's default width) and ``activation``; ``n_kv_head`` (0/None = n_head) where the family has
-    grouped-query attention."""
+    grouped-query attention. In every family ``head_dim`` is the optional override field and
+    :attr:`dim_per_head` the resolved value; read the latter.
+
+    ``mlp_multiple_of`` (a class constant, not a config field) rounds the default MLP width up; a family
+    whose published checkpoints use exactly 4 * n_embd (BERT) sets it to 1."""
+
+    mlp_multiple_of: ClassVar[int] = 64
 
     @property
     def kv_heads(self) -> int:
@@ -146,7 +155,84 @@ class TransformerShape:
 
     @property
     def hidden_dim(self) -> int:
-        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation)
+        return self.mlp_hidden or default_mlp_hidden(self.n_embd, self.activation, self.mlp_multiple_of)
+
+
+# ----------------------------------------------------------------------------- the prelude and the loss every family shares
+
+def init_weights(model: nn.Module, std: float, residual_sums: Callable[[str], int] | None = None) -> None:
+    """N(0, std) for every Linear and Embedding weight, zero Linear biases.
+
+    With ``residual_sums``, the projections that write into a residual stream (``o_proj``, ``down_proj``)
+    are drawn again with std / sqrt(residual_sums(parameter name)): GPT-2's scaling by the number of
+    residual sums in the stack, so the stream's variance does not grow with depth. Weights are drawn in
+    module order, a tied matrix once per module that holds it, so a seed gives the same model as before.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    if residual_sums is None:
+        return
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(residual_sums(name)))
+
+
+def make_lm_head(embedding: nn.Embedding, tie: bool = True, bias: bool = False) -> nn.Linear:
+    """The output projection (C -> V); ``tie`` shares its matrix with the token embedding."""
+    head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=bias)
+    if tie:
+        head.weight = embedding.weight
+    return head
+
+
+# input lookup tables; T5's relative-position bias is an attention bias, not one of these
+EMBEDDING_TABLES = ("tok_emb", "pos_emb", "type_emb")
+
+
+def count_params(model: nn.Module, non_embedding: bool = False) -> int:
+    """Parameters of ``model`` (a tied matrix counts once); ``non_embedding`` leaves out the input lookup
+    tables (token, absolute position, segment) that a forward pass reads but does not multiply with."""
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= sum(getattr(model, name).weight.numel() for name in EMBEDDING_TABLES if hasattr(model, name))
+    return n
+
+
+def default_positions(idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    """Positions (B, T) of the tokens idx (B, T): 0..T-1, or continuing what the KV cache holds."""
+    B, T = idx.shape
+    start = kv_cache.next_position() if kv_cache is not None else 0
+    return torch.arange(start, start + T, device=idx.device).expand(B, T)
+
+
+def capturing_cuda_graph() -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph (never on a CPU-only run)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_positions(positions: torch.Tensor, block_size: int) -> None:
+    """UserError when a position is past the model's position table (``block_size`` entries).
+
+    The check reads a value back from the device, which a CUDA graph capture forbids; during a capture
+    it is skipped (the engine checks every request's length against its context before it decodes).
+    """
+    if capturing_cuda_graph():
+        return
+    longest = int(positions.max())
+    if longest >= block_size:
+        raise UserError(f"token position {longest} is beyond the model's context of {block_size} tokens "
+                        f"(an input of {longest + 1} tokens); shorten or truncate the input")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T); -1 marks positions that do not count.
+
+    Computed in fp32 whatever the logits' dtype: a bf16 log-softmax over a large vocabulary loses digits.
+    """
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, TransformerShape, attention_mask,
-                                   make_norm, rope_cache)
+                                   check_positions, count_params, default_positions, init_weights, lm_loss,
+                                   make_lm_head, make_norm, rope_cache)
 
 
 @dataclass
@@ -173,7 +174,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, cfg.bias, cfg.dropout)
 
-    def forward(self, x, rope, mask, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.norm1(x), rope, mask, kv_cache)
         if not self.is_moe:
             return x + self.mlp(self.norm2(x)), None
@@ -190,26 +192,17 @@ class MoE(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.norm_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.lm_head = make_lm_head(self.tok_emb, tie=cfg.tie_embeddings)
         cos, sin = rope_cache(cfg.dim_per_head, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim)
         self.register_buffer("rope_sin", sin, persistent=False)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        # GPT-2 init as in gpt.py; every expert's down_proj counts as one residual sum of its layer
+        init_weights(self, cfg.init_std, residual_sums=lambda name: 2 * cfg.n_layer)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:
         """All parameters (every expert counts); see :meth:`num_active_params` for per-token compute."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if non_embedding else n
+        return count_params(self, non_embedding)
 
     def num_active_params(self, non_embedding: bool = False) -> int:
         """Parameters one token passes through: the experts it is not routed to do not count."""
@@ -233,19 +226,16 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
-                return_hidden: bool = False, return_aux: bool = False):
+                return_hidden: bool = False, return_aux: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
         """idx (B, T) -> (logits (B, T', V), lm_loss | None), plus ``aux`` when return_aux.
 
         The returned loss is the plain cross-entropy (comparable with dense models); the
         auxiliary losses are in ``aux["loss"]`` and the objective adds them while training.
         """
-        B, T = idx.shape
         if positions is None:
-            start = kv_cache.next_position() if kv_cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        if int(positions.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
-                             f"{self.config.block_size} tokens; shorten the input")
+            positions = default_positions(idx, kv_cache)  # (B, T)
+        check_positions(positions, self.config.block_size)
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         p = positions.clamp(min=0)
         rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, D) each
@@ -263,9 +253,7 @@ class MoE(nn.Module):
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)  # (B, T', V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = lm_loss(logits, targets) if targets is not None else None
         if not return_aux:
             return logits, loss
         stats = torch.stack(layer_stats).mean(dim=0)  # (4 + E,) averaged over MoE layers

@@ -25,8 +25,9 @@ gpt.py (T5 folds the scale into its init); the tied LM head is not rescaled by 1
     model(input_ids (B, S), decoder_input_ids (B, T), targets (B, T), encoder_mask=(B, S) bool)
         -> (logits (B, T, V), loss)
     model(input_ids, return_hidden=True) -> (encoder hidden states (B, S, C), None)
-    model.generate(encoder_ids, max_new_tokens, decoder_start_id=..., eos_id=..., temperature=0.0)
-        greedy (temperature 0) or sampled conditional generation with a decoder KV cache
+    model.encode(...), model.decoder_cache(encoder_hidden), model.decode(..., cache=cache): the pieces of
+        conditional generation; the loop itself (with the engine's sampler) is
+        ``lmstack.engine.seq2seq.generate_seq2seq``, because models sit below the engine
 
     lmstack pretrain --data DATA --out runs/t5 --preset tiny-t5
 """
@@ -38,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmstack.errors import require
-from lmstack.models.layers import ACTIVATIONS, MLP, RMSNorm, TransformerShape, scaled_dot_product_attention
+from lmstack.models.layers import (ACTIVATIONS, MLP, RMSNorm, TransformerShape, count_params, init_weights, lm_loss,
+                                   make_lm_head, scaled_dot_product_attention)
 
 
 @dataclass
@@ -146,7 +147,8 @@ class T5Attention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if kv is None:
@@ -183,7 +185,9 @@ class DecoderBlock(nn.Module):
         self.norm3 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, False, cfg.dropout)
 
-    def forward(self, x, self_bias, cross_kv, cross_mask, past=None):
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
+                cross_mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         h, present = self.self_attn(self.norm1(x), self_bias, past=past)
         x = x + h
         x = x + self.cross_attn(self.norm2(x), cross_mask, kv=cross_kv)[0]
@@ -214,22 +218,16 @@ class T5(nn.Module):
         self.decoder_bias = RelativePositionBias(cfg.n_head, False, cfg.rel_buckets, cfg.rel_max_distance)
         self.decoder_blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.decoder_layers)])
         self.decoder_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+        self.lm_head = make_lm_head(self.tok_emb, tie=cfg.tie_embeddings)
         # residual-branch outputs scaled by the number of residual sums in their stack (GPT-2 style)
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                sums = 2 * cfg.n_layer if name.startswith("encoder") else 3 * cfg.decoder_layers
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(sums))
+        init_weights(self, cfg.init_std, residual_sums=lambda name: 2 * cfg.n_layer if name.startswith("encoder")
+                     else 3 * cfg.decoder_layers)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if non_embedding else n
+        """All parameters, or without the token table (the relative-position biases count: they are not
+        input lookups)."""
+        return count_params(self, non_embedding)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of a span-corruption window of ``seq_len`` tokens.
@@ -269,6 +267,11 @@ class T5(nn.Module):
             x = block(x, bias)
         return self.encoder_norm(x)
 
+    def decoder_cache(self, encoder_hidden: torch.Tensor) -> DecoderCache:
+        """An empty decoder cache holding every layer's cross-attention keys/values of ``encoder_hidden``
+        (B, S, C), computed once for the whole generation."""
+        return DecoderCache([block.cross_attn.project_kv(encoder_hidden) for block in self.decoder_blocks])
+
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor | None,
                encoder_mask: torch.Tensor | None = None, cache: DecoderCache | None = None) -> torch.Tensor:
         """decoder_input_ids (B, T) -> hidden states (B, T, C), attending to ``encoder_hidden`` (B, S, C).
@@ -301,7 +304,7 @@ class T5(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, *, encoder_mask: torch.Tensor | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits (B, T, V), mean cross-entropy over targets != -1 or None).
 
         ``return_hidden=True`` (or no decoder input) returns the encoder's hidden states instead:
@@ -311,81 +314,4 @@ class T5(nn.Module):
         if return_hidden or decoder_input_ids is None:
             return encoder_hidden, None
         logits = self.lm_head(self.decode(decoder_input_ids, encoder_hidden, encoder_mask))  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
-
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, encoder_ids: torch.Tensor | list[list[int]], max_new_tokens: int, *,
-                 decoder_start_id: int, eos_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, encoder_mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
-        """Conditional generation: encode once, then decode token by token.
-
-        encoder_ids: (B, S) tensor or a list of id lists (right-padded here, with the mask built for
-        you). The decoder starts from ``decoder_start_id`` (the span-corruption objective uses the
-        tokenizer's ``eot_id``). temperature 0 = greedy, else sampling with optional top-k / top-p.
-        Returns the generated ids per row, stopping before ``eos_id``. ``use_cache=False`` reruns
-        the whole decoder every step (the reference the cached path is tested against).
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        device = self.tok_emb.weight.device
-        if not torch.is_tensor(encoder_ids):
-            rows = [list(r) for r in encoder_ids]
-            if not rows or any(len(r) == 0 for r in rows):
-                raise ValueError("generate needs at least one non-empty encoder input per row")
-            width = max(len(r) for r in rows)
-            encoder_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-            encoder_mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
-        encoder_ids = encoder_ids.to(device)
-        encoder_mask = encoder_mask.to(device) if encoder_mask is not None else None
-        was_training = self.training
-        self.eval()
-        try:
-            encoder_hidden = self.encode(encoder_ids, encoder_mask)
-            B = encoder_ids.shape[0]
-            cache = DecoderCache([b.cross_attn.project_kv(encoder_hidden) for b in self.decoder_blocks]) \
-                if use_cache else None
-            sequence = torch.full((B, 1), decoder_start_id, dtype=torch.long, device=device)
-            finished = torch.zeros(B, dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
-                step_input = sequence[:, -1:] if use_cache else sequence
-                hidden = self.decode(step_input, encoder_hidden, encoder_mask, cache)
-                logits = self.lm_head(hidden[:, -1]).float()  # (B, V)
-                next_id = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
-                if eos_id is not None:
-                    next_id = next_id.masked_fill(finished, eos_id)
-                    finished |= next_id == eos_id
-                sequence = torch.cat([sequence, next_id[:, None]], dim=1)
-                if eos_id is not None and bool(finished.all()):
-                    break
-        finally:
-            self.train(was_training)
-        out = []
-        for row in sequence[:, 1:].tolist():
-            out.append(row[:row.index(eos_id)] if eos_id is not None and eos_id in row else row)
-        return out
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from logits (B, V): argmax at temperature 0, else a filtered sample."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.cpu()  # a CPU generator (the usual seeded one) samples on the CPU
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
