@@ -1,9 +1,14 @@
 """Training objectives as pure functions: ``objective(model, x, y) -> (loss, metrics)``.
 
 The one training loop (train/loop.py) is family-agnostic: it draws (x, y) token windows from the
-loader and hands them to the objective chosen for the model family by :func:`objective_for`. A new
-pretraining objective (masked LM, span corruption, blank infilling, ...) is a function here plus a
-line in ``OBJECTIVES``; it never copies the loop. ``metrics`` holds floats for logging only.
+loader and hands them to the objective chosen for the model family by :func:`objective_for`.
+``metrics`` holds floats for logging only.
+
+Every pretraining objective has a factory with one signature, ``make(tokenizer) -> Objective``: the
+span and mask objectives read their special token ids from the tokenizer, the others ignore it. The
+model registry (``lmstack.models.FAMILIES``) is the only list of families; each entry names its
+objective, and :data:`FACTORIES` maps that name to the factory here. A new objective is a function
+plus one line in ``FACTORIES``; it never copies the loop.
 """
 
 from __future__ import annotations
@@ -14,20 +19,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmstack.devices import unwrap_model
+from lmstack.errors import ConfigError, DataError
+from lmstack.models import family_of
+from lmstack.models.moe import routing_metrics
+
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+ObjectiveFactory = Callable[[Any], Objective]  # tokenizer (None where the objective needs none) -> objective
 
 
 def causal_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token prediction. x, y: (B, T) with y = x shifted left by one; -1 in y is ignored."""
     _, loss = model(x, y)
     return loss, {}
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
 
 
 def _eval_generator(model: nn.Module) -> torch.Generator | None:
@@ -42,7 +46,8 @@ def prefix_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     since inside the prefix the next token is visible."""
     B, T = x.shape
     if T < 2:
-        raise ValueError(f"the prefix-LM objective needs windows of at least 2 tokens (train.seq_len={T})")
+        raise ConfigError(f"the prefix-LM objective needs windows of at least 2 tokens (train.seq_len={T}); "
+                          "raise train.seq_len")
     prefix_len = torch.randint(1, T, (B,), generator=_eval_generator(model))  # (B,)
     hidden = torch.arange(T)[None, :] < (prefix_len[:, None] - 1)  # (B, T) targets inside the prefix
     targets = y.masked_fill(hidden.to(y.device), -1)
@@ -54,8 +59,6 @@ def moe_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     """Next-token prediction for mixture-of-experts models plus their auxiliary router losses
     (load balancing, z-loss) while training; validation returns the plain LM loss so it compares
     with dense models. Metrics: lm_loss and the routing statistics of models/moe.py."""
-    from lmstack.models.moe import routing_metrics
-
     _, lm_loss, aux = model(x, y, return_aux=True)
     metrics = {"lm_loss": float(lm_loss.detach()), **routing_metrics(aux["stats"])}
     return (lm_loss + aux["loss"] if model.training else lm_loss), metrics
@@ -68,11 +71,14 @@ MASK_TOKEN = "<|mask|>"
 
 
 def special_token_ids(tokenizer: Any, names: list[str], purpose: str) -> list[int]:
-    """Ids of the tokenizer's special tokens ``names``; a clear error when one is missing."""
+    """Ids of the tokenizer's special tokens ``names``; a clear error when there is no tokenizer or one is missing."""
+    if tokenizer is None:
+        raise ConfigError(f"the {purpose} objective needs the tokenizer (for its special tokens); pass the "
+                          "tokenizer the data was tokenized with")
     table = getattr(tokenizer, "special_tokens", None) or {}
     missing = [n for n in names if n not in table]
     if missing:
-        raise ValueError(f"{purpose} needs the special token(s) {', '.join(missing)}, which this tokenizer lacks; "
+        raise DataError(f"{purpose} needs the special token(s) {', '.join(missing)}, which this tokenizer lacks; "
                          "train a tokenizer with `lmstack tokenizer train` (it reserves <|sentinel_0..15|> and "
                          "<|mask|>) and re-tokenize the data")
     return [int(table[n]) for n in names]
@@ -83,7 +89,8 @@ def span_layout(length: int, noise_density: float, mean_span: float, max_spans: 
     in round(noise / mean_span) spans, at most ``max_spans`` (one sentinel each); when capped the
     spans get longer rather than the noise smaller."""
     if length < 2:
-        raise ValueError(f"span corruption needs windows of at least 2 tokens, got {length}")
+        raise ConfigError(f"span corruption needs windows of at least 2 tokens (train.seq_len={length}); "
+                          "raise train.seq_len")
     n_noise = min(max(1, round(length * noise_density)), length - 1)
     n_spans = max(1, min(round(n_noise / mean_span), max_spans, n_noise, length - n_noise))
     return n_noise, n_spans
@@ -140,13 +147,13 @@ def span_corruption(tokenizer: Any) -> Objective:
 
     Encoder: the window with each noise span replaced by ``<|sentinel_i|>``. Decoder target:
     ``<|sentinel_0|> span_0 <|sentinel_1|> span_1 ... <|endoftext|>``, decoder input the same shifted
-    right behind ``<|endoftext|>`` (the decoder start token ``T5.generate`` expects).
+    right behind ``<|endoftext|>`` (the decoder start token to give ``engine.seq2seq.generate_seq2seq``).
     """
     sentinels = torch.tensor(special_token_ids(tokenizer, SENTINELS, "span corruption"))
     eot = int(tokenizer.eot_id)
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = _unwrapped(model).config
+        cfg = unwrap_model(model).config
         B, L = x.shape
         n_noise, n_spans = span_layout(L, cfg.noise_density, cfg.mean_span, len(sentinels))
         noise_mask = random_span_mask(B, L, n_noise, n_spans, _eval_generator(model)).to(x.device)
@@ -161,9 +168,6 @@ def span_corruption(tokenizer: Any) -> Objective:
     return objective
 
 
-span_corruption.needs_tokenizer = True  # type: ignore[attr-defined]
-
-
 def glm_layout(window: int, noise_density: float, mean_span: float, max_spans: int) -> tuple[int, int, int]:
     """(source tokens, noise tokens, spans) so that blank infilling's part A + part B fits ``window``:
     a source of L tokens with n spans becomes L + 2n tokens (one mask and one start token per span)."""
@@ -171,7 +175,8 @@ def glm_layout(window: int, noise_density: float, mean_span: float, max_spans: i
         n_noise, n_spans = span_layout(length, noise_density, mean_span, max_spans)
         if length + 2 * n_spans <= window:
             return length, n_noise, n_spans
-    raise ValueError(f"blank infilling needs windows of at least 4 tokens (train.seq_len={window})")
+    raise ConfigError(f"blank infilling needs windows of at least 4 tokens (train.seq_len={window}); "
+                      "raise train.seq_len")
 
 
 def blank_infilling(tokenizer: Any, noise_density: float = 0.15, mean_span: float = 3.0) -> Objective:
@@ -205,9 +210,6 @@ def blank_infilling(tokenizer: Any, noise_density: float = 0.15, mean_span: floa
         return loss, {}
 
     return objective
-
-
-blank_infilling.needs_tokenizer = True  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------- masked LM
@@ -261,32 +263,29 @@ def masked_lm(tokenizer: Any, mask_prob: float = 0.15) -> Objective:
     return objective
 
 
-masked_lm.needs_tokenizer = True  # type: ignore[attr-defined]
+def _ignoring_tokenizer(objective: Objective) -> ObjectiveFactory:
+    """The factory of an objective that needs nothing from the tokenizer."""
+    def make(tokenizer: Any) -> Objective:
+        return objective
+
+    return make
 
 
-# family name -> objective used by `lmstack pretrain`
-OBJECTIVES: dict[str, Objective] = {
-    "gpt": causal_lm,
-    "prefix_lm": prefix_lm,
-    "glm": blank_infilling,
-    "t5": span_corruption,
-    "moe": moe_lm,
-    "bert": masked_lm,
+# objective name (``Family.objective`` in lmstack.models) -> its factory
+FACTORIES: dict[str, ObjectiveFactory] = {
+    "causal_lm": _ignoring_tokenizer(causal_lm),
+    "prefix_lm": _ignoring_tokenizer(prefix_lm),
+    "moe_lm": _ignoring_tokenizer(moe_lm),
+    "span_corruption": span_corruption,
+    "blank_infilling": blank_infilling,
+    "masked_lm": masked_lm,
 }
 
 
 def objective_for(model_config: Any, tokenizer: Any = None) -> Objective:
-    """The pretraining objective for a model family.
+    """The pretraining objective of a model config's family (``FAMILIES[family].objective``).
 
-    Registry entries are either objectives themselves or factories marked with
-    ``needs_tokenizer = True`` that take the tokenizer (for mask / sentinel token ids) and return one.
+    ``tokenizer`` supplies the special tokens of the span and mask objectives; without it they raise a
+    ConfigError that says so. An unknown family is a ConfigError naming the registered ones.
     """
-    family = getattr(model_config, "family", "gpt")
-    if family not in OBJECTIVES:
-        raise ValueError(f"no pretraining objective registered for model family {family!r}")
-    entry = OBJECTIVES[family]
-    if getattr(entry, "needs_tokenizer", False):
-        if tokenizer is None:
-            raise ValueError(f"the {family!r} objective needs the tokenizer (for its special tokens)")
-        return entry(tokenizer)
-    return entry
+    return FACTORIES[family_of(model_config).objective](tokenizer)
