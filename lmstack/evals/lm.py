@@ -17,8 +17,11 @@ minus the tokens of ``encode(context)`` (so a word is tokenised as it would be i
 context is replaced by the tokenizer's BOS / end-of-text token. Sequences longer than the model's context
 keep their last ``max_length`` tokens (the continuation always survives whole unless it alone is too long).
 
-Generation uses the engine (greedy by default, stop strings, n samples from one prefill); the ``plain``
-backend has a small full-recompute sampler for models or setups where the engine is not available.
+Generation uses the engine (greedy by default, stop strings, n samples from one prefill). The ``plain``
+backend runs the engine's reference loop (:func:`lmstack.engine.generate.generate_tokens`) without a KV cache,
+recomputing the whole sequence each step, one sample after another. Both draw through the one sampler
+(:mod:`lmstack.engine.sampling`) with sample i of a request seeded ``seed + i``, so they agree token for token
+up to floating-point noise between a cached and an uncached forward.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmstack.checkpoint import load_checkpoint
+from lmstack.devices import resolve_device, resolve_dtype
+from lmstack.engine.engine import Engine
+from lmstack.engine.generate import generate_tokens
+from lmstack.engine.sampling import SamplingParams
+from lmstack.errors import CheckpointError, DataError, UserError
 from lmstack.evals.task import GenerationRequest
 
 ProgressFn = Callable[[int], None]
@@ -48,9 +57,10 @@ class EvalLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, backend: str = "auto", batch_size: int = 16,
                  max_batch_tokens: int = 4096, max_length: int | None = None, name: str = "model"):
         if tokenizer is None:
-            raise ValueError("evaluation needs a tokenizer; this checkpoint has no tokenizer.json")
+            raise CheckpointError("evaluation needs a tokenizer, and this checkpoint has no tokenizer.json; copy the "
+                                  "tokenizer used for training into the checkpoint directory")
         if backend not in ("auto", "engine", "plain"):
-            raise ValueError(f"backend={backend!r}: choose auto, engine or plain")
+            raise UserError(f"backend={backend!r}: choose auto, engine or plain")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -63,34 +73,18 @@ class EvalLM:
         self._engine = None
         # requests whose prompt + continuation exceeded max_length and lost their start (reported by `eval`)
         self.truncated_requests = 0
-        if backend == "auto":
-            try:
-                import lmstack.engine.engine  # noqa: F401
-
-                backend = "engine"
-            except ImportError:
-                backend = "plain"
-        self.backend = backend
+        self.backend = "engine" if backend == "auto" else backend
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", backend: str = "auto", batch_size: int = 16,
                         dtype: str = "auto") -> "EvalLM":
-        from lmstack.checkpoint import load_checkpoint
-
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
-                       "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-        if torch_dtype is None:
-            raise ValueError(f"dtype={dtype!r}: choose auto, fp32, bf16 or fp16")
-        ckpt = load_checkpoint(path, device=dev, dtype=torch_dtype)
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, device=dev, dtype=resolve_dtype(dtype, dev))
         return cls(ckpt.model, ckpt.tokenizer, backend=backend, batch_size=batch_size, name=str(ckpt.path))
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         if self._engine is None:
-            from lmstack.engine.engine import Engine
-
             self._engine = Engine(self.model, self.tokenizer, max_num_seqs=self.batch_size,
                                   max_model_len=self.max_length, max_num_batched_tokens=self.max_batch_tokens)
         return self._engine
@@ -117,10 +111,11 @@ class EvalLM:
                              progress: ProgressFn | None = None) -> list[LoglikelihoodResult]:
         for ctx, cont in requests:
             if not cont:
-                raise ValueError("empty continuation: nothing to score")
+                raise DataError("empty continuation: nothing to score; every scored request needs a continuation "
+                                "of at least one token")
             if len(cont) >= self.max_length:
-                raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's context of "
-                                 f"{self.max_length}")
+                raise DataError(f"a continuation of {len(cont)} tokens does not fit the model's context of "
+                                f"{self.max_length}; shorten the continuation or use a model with a longer context")
         self.truncated_requests += sum(len(ctx) + len(cont) > self.max_length for ctx, cont in requests)
         if self.backend == "engine":
             return score_with_engine(self.engine, requests, self.max_length, progress)
@@ -184,8 +179,6 @@ class EvalLM:
 
     def _generate_engine(self, part: Sequence[GenerationRequest], prompts: list[list[int]], seed: int
                          ) -> list[list[str]]:
-        from lmstack.engine.sampling import SamplingParams
-
         params = [SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, stop=list(r.stop), n=r.n,
                                  seed=seed + i) for i, r in enumerate(part)]
         results = self.engine.generate(prompts, params)
@@ -243,8 +236,6 @@ def score_plain(model: torch.nn.Module, requests: Sequence[tuple[list[int], list
 def score_with_engine(engine: Any, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
                       progress: ProgressFn | None = None, chunk: int = 64) -> list[LoglikelihoodResult]:
     """The same numbers from the engine's prompt_logprobs (rank 1 = the greedy token)."""
-    from lmstack.engine.sampling import SamplingParams
-
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     max_length = min(max_length, engine.max_model_len)
     results: list[LoglikelihoodResult] = []
@@ -262,31 +253,21 @@ def score_with_engine(engine: Any, requests: Sequence[tuple[list[int], list[int]
 
 def generate_plain(model: torch.nn.Module, tokenizer: Any, prompt: list[int], request: GenerationRequest,
                    seed: int) -> list[str]:
-    """Full-recompute sampling (no KV cache), all n samples as one batch: slow, simple, engine-free."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.tensor([prompt] * request.n, dtype=torch.long, device=device)  # (n, T)
+    """The engine-free reference: ``request.n`` samples of the plain loop without a KV cache (slow, simple).
+
+    Sample i is seeded ``seed + i``, as the engine seeds the samples of one request; generation ends on the
+    tokenizer's stop tokens (not included) or once the text contains a stop string (cut by the caller).
+    """
     stops = {int(t) for t in (getattr(tokenizer, "stop_token_ids", None) or [])} | {int(tokenizer.eot_id)}
-    done = torch.zeros(request.n, dtype=torch.bool)
-    new: list[list[int]] = [[] for _ in range(request.n)]
-    for _ in range(request.max_tokens):
-        with torch.no_grad():
-            logits, _ = model(x[:, -model.config.block_size:], logits_to_keep=1)
-        logits = logits[:, -1].float().cpu()  # (n, V)
-        if request.temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(logits / request.temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                if t in stops:
-                    done[i] = True
-                else:
-                    new[i].append(t)
-        texts = [tokenizer.decode(ids) for ids in new]
-        done |= torch.tensor([any(s in t for s in request.stop) for t in texts])
-        if bool(done.all()):
-            break
-        x = torch.cat([x, nxt[:, None].to(device)], dim=1)
-    return [tokenizer.decode(ids) for ids in new]
+    texts = []
+    for i in range(request.n):
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=seed + i)
+        ids: list[int] = []
+        for token in generate_tokens(model, prompt, params, use_kv_cache=False, eos_token_ids=stops):
+            if token in stops:
+                break
+            ids.append(token)
+            if request.stop and any(s in tokenizer.decode(ids) for s in request.stop):
+                break
+        texts.append(tokenizer.decode(ids))
+    return texts
