@@ -3,6 +3,11 @@
 ``build_model(config)`` builds the module for ``config.family``. Each family lives in its own file
 (gpt.py, ...) with its config dataclass first; every config has ``family``, ``vocab_size``,
 ``block_size`` and a ``validate()`` that raises lmstack.errors.ConfigError.
+
+``FAMILIES`` says what a family is: its config, its module, the name of its pretraining objective (the
+factory lives in ``lmstack.train.losses.FACTORIES``) and whether the engine can decode with it. Every other
+module asks this registry (``family_of``, ``is_decoder``, ``DECODER_FAMILIES``) instead of listing names.
+Adding a family is a file here, one line in ``FAMILIES`` and, for a new objective, one factory in losses.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from lmstack.models.bert import Bert, BertConfig
 from lmstack.models.gpt import GPT, GLMConfig, GPTConfig, PrefixLMConfig
 from lmstack.models.moe import MoE, MoEConfig
 from lmstack.models.t5 import T5, T5Config
-
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("prefix_lm", PrefixLMConfig, GPT, objective="prefix_lm", decodes=True),  # GPT + prefix-LM objective
     Family("glm", GLMConfig, GPT, objective="blank_infilling", decodes=True),  # GPT + blank infilling
     Family("moe", MoEConfig, MoE, objective="moe_lm", decodes=True),
-    Family("t5", T5Config, T5, objective="span_corruption", decodes=False),  # encoder-decoder, own generate()
+    Family("t5", T5Config, T5, objective="span_corruption", decodes=False),  # encoder-decoder: engine.seq2seq
     Family("bert", BertConfig, Bert, objective="masked_lm", decodes=False),  # encoder only
 )}
 MODEL_CONFIGS: dict[str, type] = {name: f.config for name, f in FAMILIES.items()}
@@ -65,4 +69,5 @@ def is_decoder(config: Any) -> bool:
 
 
 def build_model(config: Any) -> nn.Module:
+    """The module of ``config``'s family, freshly initialised (the config is validated first)."""
     return family_of(config).model(config)

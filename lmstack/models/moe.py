@@ -25,10 +25,16 @@ weighted sum of the auxiliary losses and ``aux["stats"]`` one small tensor of ro
 (:func:`routing_metrics` turns it into the logged floats: losses, dropped-token count and
 fraction, per-expert share of the kept assignments).
 
+The pieces that are the same as in gpt.py come from models/layers.py, so they cannot drift apart: the
+position-limit check (skipped while a CUDA graph is being captured), the loss, the embedding / tied head /
+init prelude and the parameter count. The KV-cache protocol is the one in models/layers.py.
+
 Caveats: experts run one after another on gathered tokens (index_select / index_add), which is
 clear and cheap at toy scale but not the grouped-GEMM kernels large MoE systems use; there is no
-expert parallelism. Positions are RoPE only and attention is dense causal (the ALiBi / window /
-prefix variants live in gpt.py). The KV-cache protocol is the one in models/layers.py.
+expert parallelism. The boolean selection of each expert's tokens has a data-dependent size, which a
+CUDA graph cannot capture, so (by reading; not measured here) the engine decodes an MoE model eagerly, with
+a warning. Positions are RoPE only and attention is dense causal (the ALiBi / window / prefix variants
+live in gpt.py).
 
     lmstack pretrain --data DATA --out runs/moe --preset tiny-moe
 """
