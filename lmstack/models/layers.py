@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.errors import UserError
+from lmstack.errors import ConfigError, UserError
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("gelu", "swiglu", "geglu", "relu2", "relu", "gelu_exact")
@@ -51,7 +51,7 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.M
         return RMSNorm(dim, eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
-    raise ValueError(f"norm={kind!r}: choose one of {NORMS}")
+    raise ConfigError(f"model.norm={kind!r}: choose one of {NORMS}")
 
 
 # ----------------------------------------------------------------------------- positions
@@ -100,7 +100,7 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r}: choose one of {ACTIVATIONS}")
+            raise ConfigError(f"model.activation={activation!r}: choose one of {ACTIVATIONS}")
         self.activation = activation
         self.glu = activation in ("swiglu", "geglu")
         if self.glu:
