@@ -123,11 +123,12 @@ class Bert(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * matmul params (head included) + bidirectional attention.
 
-        Every query attends to all ``seq_len`` keys (twice the causal average): 12 * n_layer * C * T.
+        Every query attends to all ``seq_len`` keys (twice the causal average):
+        12 * n_layer * n_head * head_dim * T.
         """
         cfg = self.config
         matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.dim_per_head * seq_len
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,

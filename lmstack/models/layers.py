@@ -1,7 +1,10 @@
 """Shared model primitives: norms, position encodings, MLP variants, attention masks and the attention call.
 
 Only building blocks that more than one model family uses live here; each family's file
-(gpt.py, bert.py, t5.py, moe.py) assembles them top to bottom.
+(gpt.py, bert.py, t5.py, moe.py) assembles them top to bottom. Besides the layers, the families share
+their prelude and accounting from here, so the copies cannot drift: ``TransformerShape`` (resolved head,
+KV-head and MLP sizes), ``init_weights``, ``make_lm_head``, ``count_params``, ``default_positions``,
+``check_positions`` (with its CUDA-graph capture guard) and ``lm_loss``.
 
 Attention masks are built from *positions*, not from shapes. A query at position p may attend to a
 key at position q when ``0 <= q <= p`` (and ``p - q < window`` for sliding-window attention). Keys
