@@ -167,7 +167,8 @@ def bench_heuristics(docs, tmp: Path, py: Path | None) -> dict:
 
 def bench_pipeline(corpus: Path, tmp: Path, workers_list: list[int]) -> dict:
     from lmstack.data.decontam import load_eval_index
-    from lmstack.data.pipeline import CleanConfig, clean_corpus
+    from lmstack.data.pipeline import clean_corpus
+    from lmstack.data.pipeline_config import CleanConfig
 
     cfg = CleanConfig()
     load_eval_index(cfg.decontam)  # build/cache the benchmark n-gram index outside the timed runs
@@ -279,7 +280,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "clean.json"), help="results file")
     args = ap.parse_args()
 
-    from lmstack.data.sources import download_corpus, iter_documents
+    from lmstack.data.corpora import download_corpus
+    from lmstack.data.readers import iter_documents
 
     corpus = download_corpus("classics", progress=False)
     docs = list(iter_documents([corpus]))

@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmstack.data.shards import tokenize_to_shards
-    from lmstack.data.sources import iter_documents, resolve_inputs
+    from lmstack.data.corpora import resolve_inputs
+    from lmstack.data.readers import iter_documents
     from lmstack.tokenizer import Tokenizer
 
     (corpus,) = resolve_inputs([args.corpus])

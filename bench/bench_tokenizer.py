@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lmstack.data.sources import iter_documents, resolve_inputs
+from lmstack.data.corpora import resolve_inputs
+from lmstack.data.readers import iter_documents
 from lmstack.tokenizer import (NUM_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, _TiktokenBackend, special_token_list,
                                train_from_files)
 

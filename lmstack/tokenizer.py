@@ -965,7 +965,8 @@ def train_from_files(inputs: Sequence[str | os.PathLike], out_dir: str | os.Path
     train, and save to ``out_dir``. ``max_bytes`` caps the UTF-8 text read (the last document is cut)."""
     import time
 
-    from lmstack.data.sources import ReadStats, iter_documents, resolve_inputs
+    from lmstack.data.corpora import resolve_inputs
+    from lmstack.data.readers import ReadStats, iter_documents
     from lmstack.progress import Progress
 
     check_train_args(vocab_size, kind)

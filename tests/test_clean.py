@@ -13,8 +13,8 @@ import pytest
 from lmstack.config import ConfigError
 from lmstack.data.clean import (CleanDoc, HeuristicConfig, HeuristicFilter, LanguageConfig, LanguageFilter,
                                 NormalizeConfig, Normalize, StageStats, gopher_heuristics, normalize_text)
-from lmstack.data.pipeline import (CleanConfig, apply_config_overrides, build_stages, config_yaml,
-                                   load_clean_config, run_stages)
+from lmstack.data.pipeline import build_stages, run_stages
+from lmstack.data.pipeline_config import CleanConfig, apply_config_overrides, config_yaml, load_clean_config
 
 PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
          "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "

@@ -14,8 +14,9 @@ import pytest
 
 from lmstack.cli import main
 from lmstack.config import ConfigError
-from lmstack.data.pipeline import CleanConfig, apply_config_overrides, clean_corpus
-from lmstack.data.sources import iter_documents
+from lmstack.data.pipeline import clean_corpus
+from lmstack.data.pipeline_config import CleanConfig, apply_config_overrides
+from lmstack.data.readers import iter_documents
 from lmstack.errors import DataError
 
 STORY = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, trimmed the wick, polished the "

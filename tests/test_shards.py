@@ -11,7 +11,7 @@ import pytest
 
 from lmstack.cli import main
 from lmstack.data.shards import is_val_document, token_dtype, tokenize_to_shards
-from lmstack.data.sources import iter_documents
+from lmstack.data.readers import iter_documents
 from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer
 

