@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmstack.data.loader import TokenLoader
+from lmstack.errors import ConfigError, DataError
 from lmstack.data.shards import tokenize_to_shards
 
 SEQ = 16  # windows of SEQ + 1 = 17 tokens
@@ -144,28 +145,48 @@ def test_load_state_dict_refuses_other_settings(data):
     state = TokenLoader(data, "train", 4, SEQ, seed=1).state_dict()
     for changed in (dict(seq_len=8), dict(batch_size=2), dict(seed=2)):
         kwargs = dict(batch_size=4, seq_len=SEQ, seed=1) | changed
-        with pytest.raises(ValueError, match=f"{next(iter(changed))}="):
+        with pytest.raises(ConfigError, match=f"{next(iter(changed))}="):
             TokenLoader(data, "train", **kwargs).load_state_dict(state)
 
 
 def test_clear_errors(tmp_path, data):
-    with pytest.raises(FileNotFoundError, match="no meta.json.*lmstack data tokenize"):
+    with pytest.raises(DataError, match="no meta.json.*lmstack data tokenize"):
         TokenLoader(tmp_path, "train", 2, 8)
-    with pytest.raises(ValueError, match="no split 'test'"):
+    with pytest.raises(DataError, match="no split 'test'"):
         TokenLoader(data, "test", 2, 8)
-    with pytest.raises(ValueError, match="seq_len 5000 needs 5001 tokens"):
+    with pytest.raises(DataError, match="seq_len 5000 needs 5001 tokens"):
         TokenLoader(data, "train", 2, 5000)
-    with pytest.raises(ValueError, match="too few for 8 rank"):
+    with pytest.raises(DataError, match="too few for 8 rank"):
         TokenLoader(data, "train", 32, SEQ, rank=0, world_size=8)  # 160 windows < 32 x 8
-    with pytest.raises(ValueError, match="rank must be"):
+    with pytest.raises(ConfigError, match="rank must be"):
         TokenLoader(data, "train", 2, 8, rank=2, world_size=2)
     empty = _write_shards(tmp_path / "empty", {"train": (100,), "val": ()})
-    with pytest.raises(ValueError, match="split 'val' .* is empty"):
+    with pytest.raises(DataError, match="split 'val' .* is empty"):
         TokenLoader(empty, "val", 2, 8)
     with open(data / "train_00001.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(ValueError, match="train_00001.bin has 10 bytes, expected 1,000"):
+    with pytest.raises(DataError, match="train_00001.bin has 10 bytes, expected 1,000.*lmstack data tokenize"):
         TokenLoader(data, "train", 2, 8)
+    (data / "train_00001.bin").unlink()
+    with pytest.raises(DataError, match="train_00001.bin is missing.*lmstack data tokenize"):
+        TokenLoader(data, "train", 2, 8)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "not JSON"),
+    ("{not json", "not JSON"),
+    ("[1, 2]", "not an lmstack token-shard meta file"),
+    (json.dumps({"format": "something-else"}), "format 'something-else'"),
+    (json.dumps({"format": "lmstack-shards", "splits": {}}), "lacks vocab_size, eot_id, dtype"),
+    (json.dumps({"format": "lmstack-shards", "vocab_size": 9, "eot_id": 0, "dtype": "uint16",
+                 "splits": {"train": {"shards": []}}}), "lacks splits.train.shard_tokens"),
+])
+def test_a_damaged_meta_json_is_one_data_error_naming_the_file(data, content, problem):
+    (data / "meta.json").write_text(content)
+    with pytest.raises(DataError, match=problem) as caught:
+        TokenLoader(data, "train", 2, 8)
+    message = str(caught.value)
+    assert str(data / "meta.json") in message and "lmstack data tokenize" in message and "\n" not in message
 
 
 def test_loader_reads_real_tokenized_shards(tmp_path):

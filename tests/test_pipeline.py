@@ -210,3 +210,92 @@ def test_cli_clean(tmp_path, capsys):
     assert main(["data", "clean", str(bad), "--out", str(out), "--config", str(cfg_file), "--quiet"]) == 2
     assert "bad.jsonl" in capsys.readouterr().err
     assert main(["data", "clean", "--out", str(out)]) == 2
+
+
+# ----------------------------------------------------------------------------- the user's files are safe
+
+
+def test_an_out_dir_with_files_clean_did_not_write_is_refused_and_left_alone(tmp_path):
+    inputs = _write_inputs(tmp_path / "in")
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "shard_00007.jsonl").write_text('{"text": "the user\'s own shard"}\n')
+    (out / "report.json").write_text('{"mine": true}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match=r"shard_00007.jsonl.*not written by `lmstack data clean`.*--overwrite"):
+        clean_corpus(inputs, out, _config(), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing deleted, nothing added
+
+    report = clean_corpus(inputs, out, _config(), progress=False, overwrite=True)
+    assert not (out / "shard_00007.jsonl").exists() and json.loads((out / "report.json").read_text()) == report
+    again = clean_corpus(inputs, out, _config(), progress=False)  # its own output: no flag needed
+    assert again["documents_out"] == report["documents_out"]
+    (out / "notes.md").write_text("added by the user afterwards")
+    with pytest.raises(DataError, match="notes.md"):
+        clean_corpus(inputs, out, _config(), progress=False)
+    assert (out / "notes.md").read_text() == "added by the user afterwards"
+
+
+def test_an_out_dir_overlapping_an_input_is_always_refused(tmp_path):
+    inputs = _write_inputs(tmp_path / "in")
+    first = tmp_path / "cleaned"
+    clean_corpus(inputs, first, _config(), progress=False)
+    shards = {p.name: p.read_bytes() for p in first.glob("shard_*")}
+    for out in (first, first / "sub"):
+        with pytest.raises(DataError, match="would overwrite its own input"):
+            clean_corpus([first], out, _config(), progress=False, overwrite=True)
+    with pytest.raises(DataError, match="contains the input"):
+        clean_corpus([tmp_path / "in" / "notes"], tmp_path / "in", _config(), progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in first.glob("shard_*")} == shards
+    assert not (first / "sub").exists()
+
+
+def test_a_failed_run_is_visibly_incomplete_and_readers_refuse_it(tmp_path):
+    inputs = _write_inputs(tmp_path / "in")
+    bad = tmp_path / "in" / "zz_bad.jsonl"  # read last: shards before it are finished when the run fails
+    bad.write_text(json.dumps({"text": STORY.format(n="fine")}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="zz_bad.jsonl, line 2"):
+        clean_corpus([*inputs, bad], out, _config(), progress=False)
+    assert (out / "_INCOMPLETE").is_file() and not (out / "report.json").exists()
+    assert list((out / ".work").glob("shard_*.done.json"))  # some work was done before the failure
+    with pytest.raises(DataError, match=r"out is incomplete: the `lmstack data clean` writing it"):
+        list(iter_documents(out))
+
+    clean_corpus(inputs, out, _config(), progress=False)  # finishing the job clears the marker
+    assert not (out / "_INCOMPLETE").exists() and (out / "report.json").is_file()
+    assert len(list(iter_documents(out))) == json.loads((out / "report.json").read_text())["documents_out"]
+
+
+def test_a_killed_run_leaves_a_directory_that_tokenize_refuses(tmp_path):
+    """The reported failure: a clean killed during its run, then `data tokenize` over its output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmstack.data.shards import tokenize_to_shards
+    from lmstack.tokenizer import Tokenizer
+
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(json.dumps({"text": STORY.format(n=f"Entry {i} of the long log.")}) + "\n"
+                              for i in range(3000)))
+    out = tmp_path / "out"
+    script = ("import sys; from lmstack.data.pipeline import clean_corpus; "
+              "from lmstack.data.pipeline_config import CleanConfig; cfg = CleanConfig(); "
+              "cfg.decontam.enabled = False; cfg.output.shard_docs = 5; "
+              "clean_corpus([sys.argv[1]], sys.argv[2], cfg, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(corpus), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / ".work").glob("shard_*.done.json")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / "_INCOMPLETE").is_file() and not (out / "report.json").exists()
+    tokenizer = Tokenizer.train([STORY.format(n=i) for i in range(20)], vocab_size=300)
+    with pytest.raises(DataError, match="is incomplete.*re-run that command"):
+        tokenize_to_shards([out], tokenizer, tmp_path / "tokens", workers=0, progress=False)
+    assert not (tmp_path / "tokens").exists()

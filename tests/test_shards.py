@@ -175,9 +175,36 @@ def test_output_is_atomic_and_replaces_only_shard_directories(tmp_path, tokenize
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a token-shard directory"):
+    with pytest.raises(DataError, match="notes.txt, not written by `lmstack data tokenize`.*--overwrite"):
         tokenize_to_shards([corpus], tokenizer, precious, workers=0, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_a_shard_directory_with_the_users_files_is_not_replaced(tmp_path, tokenizer):
+    corpus = _make_corpus(tmp_path / "corpus", 40)
+    out = tmp_path / "out"
+    first = tokenize_to_shards([corpus], tokenizer, out, workers=0, progress=False)
+    (out / "notes.txt").write_text("my notes on this run")
+    with pytest.raises(DataError, match=r"notes.txt.*--overwrite"):
+        tokenize_to_shards([corpus], tokenizer, out, workers=0, val_fraction=0.5, progress=False)
+    assert (out / "notes.txt").read_text() == "my notes on this run"
+    assert json.loads((out / "meta.json").read_text()) == first
+    (out / "meta.json").write_text("{garbled")  # an unreadable meta.json owns nothing either
+    with pytest.raises(DataError, match="meta.json"):
+        tokenize_to_shards([corpus], tokenizer, out, workers=0, progress=False)
+
+    meta = tokenize_to_shards([corpus], tokenizer, out, workers=0, val_fraction=0.5, progress=False, overwrite=True)
+    assert not (out / "notes.txt").exists() and meta["val_fraction"] == 0.5
+
+
+def test_an_output_overlapping_an_input_is_refused_even_with_overwrite(tmp_path, tokenizer):
+    corpus = _make_corpus(tmp_path / "corpus", 40)
+    before = {p.name: p.read_bytes() for p in corpus.iterdir()}
+    for out, where in ((corpus, "is the input"), (corpus / "tokens", "is inside the input"),
+                       (tmp_path, "contains the input")):
+        with pytest.raises(DataError, match=where):
+            tokenize_to_shards([corpus], tokenizer, out, workers=0, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in corpus.iterdir()} == before
 
 
 def test_clear_errors(tmp_path, tokenizer):

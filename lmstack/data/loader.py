@@ -36,18 +36,38 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lmstack.errors import ConfigError, DataError
+
 __all__ = ["TokenLoader", "load_meta"]
 
 
+_REBUILD = "re-run `lmstack data tokenize INPUT --tokenizer TOK --out DIR` to rebuild it"
+_SPLIT_KEYS = ("shards", "shard_tokens", "tokens", "bytes")
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """DATA_DIR/meta.json, with a clear error when DATA_DIR is not a token-shard directory."""
+    """DATA_DIR/meta.json, checked: a DataError naming the file and the fix when DATA_DIR is not a complete
+    token-shard directory (no, empty or garbled meta.json, missing keys)."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{data_dir} holds no meta.json; make token shards with "
-                                "`lmstack data tokenize INPUT --tokenizer TOK --out DIR` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != "lmstack-shards":
-        raise ValueError(f"{path} is not an lmstack token-shard meta file (format {meta.get('format')!r})")
+        raise DataError(f"{data_dir} holds no meta.json; make token shards with "
+                        "`lmstack data tokenize INPUT --tokenizer TOK --out DIR` first")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} is unreadable or not JSON ({e}); {_REBUILD}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "lmstack-shards":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{path} is not an lmstack token-shard meta file (format {found!r}); {_REBUILD}")
+    missing = [key for key in ("vocab_size", "eot_id", "dtype", "splits") if key not in meta]
+    splits = meta.get("splits")
+    if not missing and isinstance(splits, dict):
+        missing = [f"splits.{name}.{key}" for name, info in splits.items() for key in _SPLIT_KEYS
+                   if not isinstance(info, dict) or key not in info]
+    elif not missing:
+        missing = ["splits (a mapping)"]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; {_REBUILD}")
     return meta
 
 
@@ -60,9 +80,9 @@ class TokenLoader:
     def __init__(self, data_dir: str | os.PathLike, split: str, batch_size: int, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool | None = None):
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+            raise ConfigError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+            raise ConfigError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.data_dir, self.split = Path(data_dir), split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
@@ -71,10 +91,10 @@ class TokenLoader:
         self.meta = load_meta(data_dir)
         splits = self.meta["splits"]
         if split not in splits:
-            raise ValueError(f"{data_dir} has no split {split!r}; it has {', '.join(splits)}")
+            raise DataError(f"{data_dir} has no split {split!r}; it has {', '.join(splits)}")
         info = splits[split]
         if not info["tokens"]:
-            raise ValueError(f"split {split!r} of {data_dir} is empty; re-tokenize with more documents")
+            raise DataError(f"split {split!r} of {data_dir} is empty; re-tokenize with more documents")
         self.vocab_size: int = self.meta["vocab_size"]
         self.eot_id: int = self.meta["eot_id"]
         self.tokens: int = info["tokens"]
@@ -85,12 +105,12 @@ class TokenLoader:
         window = seq_len + 1
         self.num_windows: int = self.tokens // window
         if self.num_windows == 0:
-            raise ValueError(f"seq_len {seq_len} needs {window} tokens per window but split {split!r} of {data_dir} "
+            raise DataError(f"seq_len {seq_len} needs {window} tokens per window but split {split!r} of {data_dir} "
                              f"has only {self.tokens:,} tokens; lower seq_len or add data")
         self.global_batches: int = (self.num_windows // (batch_size * world_size) * world_size if self.infinite
                                     else math.ceil(self.num_windows / batch_size))
         if self.global_batches < world_size:
-            raise ValueError(f"split {split!r} has {self.num_windows:,} windows of {window} tokens, too few for "
+            raise DataError(f"split {split!r} has {self.num_windows:,} windows of {window} tokens, too few for "
                              f"{world_size} rank(s) x batch size {batch_size}; lower batch_size or seq_len, or add data")
         self.epoch = 0
         self.position = 0
@@ -98,12 +118,15 @@ class TokenLoader:
 
     def _open_shard(self, name: str, count: int) -> np.memmap:
         path = self.data_dir / name
-        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        try:
+            dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        except TypeError:
+            raise DataError(f"{self.data_dir / 'meta.json'}: unknown dtype {self.meta['dtype']!r}; {_REBUILD}") from None
         expected = count * dtype.itemsize
         size = path.stat().st_size if path.is_file() else -1
         if size != expected:
-            problem = "is missing" if size < 0 else f"has {size:,} bytes, expected {expected:,}"
-            raise ValueError(f"shard {path} {problem}; re-run `lmstack data tokenize`")
+            problem = "is missing" if size < 0 else f"has {size:,} bytes, expected {expected:,} (truncated or replaced)"
+            raise DataError(f"shard {path} {problem}; {_REBUILD}")
         return np.memmap(path, dtype=dtype, mode="r")
 
     # ------------------------------------------------------------------ properties
@@ -169,6 +192,6 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("split", "seed", "batch_size", "seq_len", "shuffle", "num_windows"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: the saved loader state has {key}={state[key]!r} but this loader "
+                raise ConfigError(f"cannot resume: the saved loader state has {key}={state[key]!r} but this loader "
                                  f"has {key}={getattr(self, key)!r} (same data and settings are needed to resume)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

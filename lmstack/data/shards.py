@@ -12,6 +12,11 @@ the old complete result or the new complete result, never half of one)::
     train_00000.bin    raw little-endian uint16 token ids (uint32 when the vocabulary exceeds 65,536)
     val_00000.bin      ...
 
+An existing OUT is replaced only when it holds nothing but what an earlier tokenize wrote there (the files
+its meta.json lists); anything else (the user's notes, a cleaned corpus) makes the call refuse with one
+line naming ``--overwrite`` (``overwrite=True``). An OUT that is, holds or lies inside an input is always
+refused (lmstack.data.outputs).
+
 Every document is preceded by the tokenizer's ``eot_id``, so the concatenated stream reads
 ``<eot> doc1 <eot> doc2 ...`` and a model learns where documents start. Documents may straddle shard
 boundaries; the loader treats a split's shards as one stream.
@@ -47,8 +52,9 @@ import numpy as np
 
 from lmstack.atomic import make_staging_dir, swap_directory
 from lmstack.data.corpora import resolve_inputs
+from lmstack.data.outputs import claim_output_dir
 from lmstack.data.readers import ReadStats, iter_documents, list_input_files
-from lmstack.errors import DataError
+from lmstack.errors import DataError, UserError
 from lmstack.progress import Progress
 
 __all__ = ["SHARD_FORMAT_VERSION", "DEFAULT_SHARD_TOKENS", "tokenize_to_shards", "is_val_document", "token_dtype"]
@@ -224,19 +230,29 @@ def _result(chunk: _Chunk, future: Any) -> tuple[_Chunk, np.ndarray, np.ndarray]
     try:
         return (chunk, *future.result())
     except BrokenProcessPool as e:
-        raise RuntimeError(f"a tokenizer worker process died ({e}). Workers are started with 'spawn', which "
+        raise UserError(f"a tokenizer worker process died ({e}). Workers are started with 'spawn', which "
                            "re-imports the main script: run from a script file or module (not stdin), or "
                            "pass workers=0 (--workers 0) to tokenize in this process") from e
 
 
-def _prepare_out_dir(out_dir: Path) -> Path:
-    """A fresh staging directory next to OUT_DIR; refuses to replace a directory that is not ours."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise DataError(f"--out {out_dir} is a file; give a directory")
-        if any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
-            raise DataError(f"--out {out_dir} exists and is not a token-shard directory (no meta.json); "
-                            "choose a new or empty directory")
+def _owned_names(out_dir: Path) -> set[str] | None:
+    """The entries an earlier tokenize wrote into OUT_DIR (meta.json lists them), or None when it holds no
+    readable lmstack meta.json."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        splits = meta["splits"].values() if meta.get("format") == "lmstack-shards" else None
+        if splits is None:
+            return None
+        return {"meta.json", *meta.get("tokenizer_files", [meta.get("tokenizer")]),
+                *(name for split in splits for name in split["shards"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _prepare_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """A fresh staging directory next to OUT_DIR, after checking that OUT_DIR may be replaced: it holds only
+    what an earlier tokenize wrote (unless overwrite) and does not overlap an input (lmstack.data.outputs)."""
+    claim_output_dir(out_dir, inputs, "data tokenize", _owned_names(out_dir), overwrite)
     return make_staging_dir(out_dir)
 
 
@@ -244,7 +260,7 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
                        out_dir: str | os.PathLike, *, text_field: str = "text", val_fraction: float = 0.005,
                        workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, seed: int = 0,
                        on_bad_record: str = "error", progress: bool = True,
-                       cache_dir: str | os.PathLike | None = None) -> dict:
+                       cache_dir: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Tokenize INPUTS (files, directories or corpus names such as "classics") into shards in OUT_DIR.
 
     tokenizer: a Tokenizer (or anything with save/load/encode_batch/eot_id/vocab_size), or a path that
@@ -255,6 +271,8 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
     shard_tokens: tokens per shard file.
     seed: keys the split hash; the same seed gives the same split.
     on_bad_record: "error" or "skip" (count in meta["read_stats"]) JSONL/Parquet records without text.
+    overwrite: replace OUT_DIR even when it holds files an earlier tokenize did not write (``--overwrite``);
+        an OUT_DIR that is, holds or lies inside an input is refused regardless.
     Returns the meta dict also written to OUT_DIR/meta.json.
     """
     if not 0.0 < val_fraction < 1.0:
@@ -274,7 +292,7 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         tokenizer = Tokenizer.load(tokenizer)
 
     out_dir = Path(out_dir)
-    staging = _prepare_out_dir(out_dir)
+    staging = _prepare_out_dir(out_dir, paths, overwrite)
     pool = None
     try:
         tokenizer.save(staging)
