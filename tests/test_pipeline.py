@@ -175,7 +175,7 @@ def test_perplexity_cut_in_the_pipeline(tmp_path):
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(DataError, match="nope.jsonl"):
         clean_corpus([tmp_path / "nope.jsonl"], out, _config(), progress=False)
     missing_field = tmp_path / "records.jsonl"
     missing_field.write_text(json.dumps({"body": "text under another key"}) + "\n")

@@ -209,7 +209,7 @@ def test_an_output_overlapping_an_input_is_refused_even_with_overwrite(tmp_path,
 
 def test_clear_errors(tmp_path, tokenizer):
     corpus = _make_corpus(tmp_path / "corpus", 10)
-    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+    with pytest.raises(DataError, match="neither an existing file"):
         tokenize_to_shards([tmp_path / "missing"], tokenizer, tmp_path / "o", progress=False)
     with pytest.raises(DataError, match="val_fraction"):
         tokenize_to_shards([corpus], tokenizer, tmp_path / "o", val_fraction=0.0, progress=False)

@@ -179,7 +179,7 @@ def test_unreadable_and_wrong_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(DataError, match="unsupported file type"):
         list(iter_documents(other))
 
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(DataError, match="missing.txt"):
         list(iter_documents([tmp_path / "cut.jsonl.gz", tmp_path / "missing.txt"]))  # checked before reading
 
     empty = tmp_path / "empty"
@@ -214,7 +214,7 @@ def test_default_cache_dir_and_resolve_inputs(tmp_path, monkeypatch):
 
     (tmp_path / "x.txt").write_text("x")
     assert resolve_inputs([tmp_path / "x.txt"]) == [tmp_path / "x.txt"]
-    with pytest.raises(FileNotFoundError, match="neither an existing file or directory nor a corpus name"):
+    with pytest.raises(DataError, match="neither an existing file or directory nor a corpus name"):
         resolve_inputs(["no-such-corpus"])
     with pytest.raises(DataError, match="unknown corpus"):
         download_corpus("no-such-corpus", tmp_path)

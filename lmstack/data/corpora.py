@@ -195,7 +195,7 @@ def download_corpus(name: str = "classics", cache_dir: str | os.PathLike | None 
 def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                    cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
     """Paths as given, except that a name in CORPORA that is not an existing path becomes that corpus's
-    directory (built on first use). Anything else that does not exist is a FileNotFoundError."""
+    directory (built on first use). Anything else that does not exist is a DataError."""
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     resolved = []
     for item in inputs:
@@ -205,7 +205,7 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
         elif str(item) in CORPORA:
             resolved.append(download_corpus(str(item), cache_dir, progress=progress))
         else:
-            raise FileNotFoundError(f"input {item} is neither an existing file or directory nor a corpus name "
+            raise DataError(f"input {item} is neither an existing file or directory nor a corpus name "
                                     f"({', '.join(sorted(CORPORA))})")
     return resolved
 

@@ -188,7 +188,7 @@ def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
     resolved = [Path(p).expanduser() for p in paths]
     for p in resolved:  # check all up front so a typo fails before hours of work, not after
         if not p.exists():
-            raise FileNotFoundError(f"input {p} does not exist")
+            raise DataError(f"input {p} does not exist; check the path")
         refuse_incomplete(p if p.is_dir() else p.parent)
     for p in resolved:
         if p.is_dir():
