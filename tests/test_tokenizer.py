@@ -4,7 +4,7 @@
 
 The training corpus is made here from Python's own standard-library sources and docstrings plus a few
 lines of non-English text (a few hundred KB, trained in well under a second). GPT-2 and cl100k come
-from the registry packages named in shared/DATA.md (installed by scripts/setup.sh).
+from the registry packages named in docs/DATA.md (installed by scripts/setup.sh).
 """
 
 from __future__ import annotations

