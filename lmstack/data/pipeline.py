@@ -52,9 +52,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -76,7 +76,6 @@ from lmstack.data.readers import ReadStats, iter_documents, list_input_files
 from lmstack.errors import ConfigError
 from lmstack.progress import Progress
 
-log = logging.getLogger("lmstack.data.pipeline")
 PIPELINE_VERSION = 1
 JOB = "data clean"  # the name in the output record and the _INCOMPLETE marker
 WORK_DIR = ".work"
@@ -395,10 +394,7 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
         raise ConfigError(f"--workers={workers} must be >= 1")
     out = Path(out_dir)
     paths = resolve_inputs(inputs, progress=progress)
-    claim_output_dir(out, paths, JOB, recorded_outputs(out, JOB), overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    record_outputs(out, JOB, [WORK_DIR])
-    mark_incomplete(out, JOB)
+    _open_output_dir(out, paths, overwrite)  # refuses the user's files; DIR is _INCOMPLETE from here on
     work = out / WORK_DIR
     fingerprint = _prepare_work_dir(work, cfg, paths)
     timing: dict[str, float] = {}
@@ -408,17 +404,13 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
     runner = _Runner(workers, _init_worker, (cfg.to_dict(), str(work), eval_index_path, torch_threads))
     try:
         with Progress(enabled=progress, bytes_mode=True) as bar:
-            t0 = time.perf_counter()
-            mapped = _map_phase(paths, cfg, work, runner, bar)
-            timing["map_s"] = round(time.perf_counter() - t0, 3)
-            t0 = time.perf_counter()
-            decisions = _reduce_phase(work, mapped.n_shards, cfg)
-            timing["reduce_s"] = round(time.perf_counter() - t0, 3)
-            t0 = time.perf_counter()
-            outputs = [out / f"{_shard_name(k)}.{cfg.output.format}" for k in range(mapped.n_shards)]
-            record_outputs(out, JOB, [p.name for p in outputs] + list(REPORT_FILES))  # before writing them
-            finals = _finalize_phase(decisions, cfg, work, outputs, fingerprint, runner, bar)
-            timing["finalize_s"] = round(time.perf_counter() - t0, 3)
+            with _timed(timing, "map_s"):
+                mapped = _map_phase(paths, cfg, work, runner, bar)
+            with _timed(timing, "reduce_s"):
+                decisions = _reduce_phase(work, mapped.n_shards, cfg)
+            with _timed(timing, "finalize_s"):
+                outputs = _planned_outputs(out, mapped.n_shards, cfg)
+                finals = _finalize_phase(decisions, cfg, work, outputs, fingerprint, runner, bar)
         runner.close()
     except BaseException:
         runner.terminate()
@@ -428,6 +420,28 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
     report = _publish_report(paths, out, outputs, cfg, workers, mapped, decisions, finals, decontam_info, timing)
     mark_complete(out)
     return report
+
+
+def _open_output_dir(out: Path, paths: Sequence[Path], overwrite: bool) -> None:
+    """Check that the run may write into OUT (lmstack.data.outputs), create it and mark it incomplete."""
+    claim_output_dir(out, paths, JOB, recorded_outputs(out, JOB), overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    record_outputs(out, JOB, [WORK_DIR])
+    mark_incomplete(out, JOB)
+
+
+def _planned_outputs(out: Path, n_shards: int, cfg: CleanConfig) -> list[Path]:
+    """The output shard paths, recorded as this job's (with the report files) before any is written."""
+    outputs = [out / f"{_shard_name(k)}.{cfg.output.format}" for k in range(n_shards)]
+    record_outputs(out, JOB, [p.name for p in outputs] + list(REPORT_FILES))
+    return outputs
+
+
+@contextmanager
+def _timed(timing: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timing[key] = round(time.perf_counter() - t0, 3)
 
 
 def _prepare_work_dir(work: Path, cfg: CleanConfig, paths: Sequence[Path]) -> str:
