@@ -7,15 +7,26 @@
         optimizer.safetensors   AdamW moments, flattened as "state.<param index>.<name>"
         rng.safetensors         torch CPU / CUDA generator states, numpy state
         state.json              step, loader position, schedule, loss statistics, param-group hyperparameters
+    CKPT/manifest.json        {"files": {relative path: {"bytes": n, "sha256": hex}}} of every file above
 
-Writes are atomic: everything goes to a sibling temporary directory that is renamed into place, so
-a killed process leaves either the old checkpoint or the new one, never half of one. A run directory
-keeps its training checkpoints in RUN/checkpoints/step_NNNNNNN (keep-last-N) and its final weights
-in RUN/model; :func:`resolve_checkpoint` accepts either kind of path.
+Writes are atomic and durable (lmstack.atomic): everything goes to a sibling staging directory whose
+files are fsync'ed and which is then renamed into place, so a killed process or a power cut leaves
+either the old checkpoint or the new one, never half of one. A run directory keeps its training
+checkpoints in RUN/checkpoints/step_NNNNNNN (keep-last-N) and its final weights in RUN/model;
+:func:`resolve_checkpoint` accepts either kind of path.
+
+Damage after the fact (a disk that filled up, a copy cut short, a file someone truncated) is caught by
+the manifest: :func:`checkpoint_problem` compares sizes and SHA-256 sums, and :func:`latest_checkpoint`
+skips a damaged checkpoint for the newest intact one, so a resumed run falls back instead of failing.
+Loading for inference (:func:`load_checkpoint`) checks the weights file's size only (hashing every load
+would read the weights twice), and any file that does not parse is a :class:`CheckpointError` naming
+the file, never a safetensors or torch traceback. Checkpoints written before manifests existed are
+checked by parsing their files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -24,14 +35,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lmstack.atomic import make_staging_dir, swap_directory
+from lmstack.atomic import clean_staging, staged_directory
+from lmstack.devices import unwrap_model
 from lmstack.errors import CheckpointError
 
 FORMAT_VERSION = 1
-
-
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -46,11 +59,9 @@ class Checkpoint:
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with tied parameters stored once (safetensors refuses shared storage)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    model = getattr(model, "module", model)  # DDP wrapper
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in unwrap_model(model).state_dict().items():
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
             continue
@@ -60,7 +71,11 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path | str = "") -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists every tensor; the first line says enough
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model config ({detail})") from None
     # tied weights appear once in the file: a missing key is fine when it shares storage with a loaded one
     tied = {n for n in missing if _is_tied(model, n, state)}
     missing = [n for n in missing if n not in tied]
@@ -77,41 +92,126 @@ def _is_tied(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> boo
     return any(n in state and p.data_ptr() == ptr for n, p in params.items() if n != name)
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as CPU tensors; a missing, truncated, empty or foreign file is one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ...: whatever the reason, the file cannot be used
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({_first_line(e)}); "
+                              "use another checkpoint or re-create this one") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged or not valid JSON ({_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], tokenizer: Any | None = None,
                     trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically. ``config`` must hold at least ``{"model": {...}}``.
+    """Write a checkpoint directory atomically and durably. ``config`` must hold at least ``{"model": {...}}``.
 
     trainer_state (optional): {"optimizer": optim.state_dict(), "rng": {name: tensor}, "state": json-able}.
+    The manifest (sizes and SHA-256 of every file) is written last, inside the staging directory.
     """
     final = Path(path)
-    tmp = make_staging_dir(final)
-    try:
-        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    with staged_directory(final) as tmp:
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = {"format": "lmstack", "version": FORMAT_VERSION, **config}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
-            ts = tmp / "trainer_state"
-            ts.mkdir()
+            state_dir = tmp / "trainer_state"
+            state_dir.mkdir()
             tensors, groups = flatten_optimizer_state(trainer_state["optimizer"])
-            save_file(tensors, str(ts / "optimizer.safetensors"))
-            save_file({k: v.contiguous() for k, v in trainer_state.get("rng", {}).items()}, str(ts / "rng.safetensors"))
-            (ts / "state.json").write_text(json.dumps({**trainer_state.get("state", {}), "param_groups": groups},
-                                                      indent=2))
-        swap_directory(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_file(tensors, str(state_dir / "optimizer.safetensors"))
+            save_file({k: v.contiguous() for k, v in trainer_state.get("rng", {}).items()},
+                      str(state_dir / "rng.safetensors"))
+            (state_dir / "state.json").write_text(json.dumps({**trainer_state.get("state", {}),
+                                                              "param_groups": groups}, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps({"files": _describe_files(tmp)}, indent=1))
     return final
 
 
+def _describe_files(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file under ROOT except the manifest."""
+    files = {}
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[file.relative_to(root).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    return files
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: str | Path, check_hashes: bool = True) -> str | None:
+    """What is wrong with checkpoint directory PATH, or None when it is intact.
+
+    With a manifest: every listed file must exist with its size (and, with ``check_hashes``, its
+    SHA-256). Without one (checkpoints from before manifests): config.json, the weights and any
+    trainer_state files must parse.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    manifest_path = path / MANIFEST
+    if manifest_path.exists():
+        try:
+            files = _read_json(manifest_path)["files"]
+        except (CheckpointError, KeyError, TypeError) as e:
+            return f"{manifest_path} is damaged ({e})"
+        for name, expected in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{file} is missing"
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                return f"{file} has {size:,} bytes, the manifest says {expected['bytes']:,} (truncated or changed)"
+            if check_hashes and _sha256(file) != expected["sha256"]:
+                return f"{file} does not match its SHA-256 in the manifest (corrupted or changed)"
+        return None
+    try:
+        _read_json(path / "config.json")
+        for file in [path / WEIGHTS, *sorted((path / "trainer_state").glob("*.safetensors"))]:
+            _check_safetensors(file)
+        if (path / "trainer_state").is_dir():
+            _read_json(path / "trainer_state" / "state.json")
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header (which also checks the file covers every tensor) without reading the data."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as e:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({_first_line(e)})") from None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir as given, or from a run dir: RUN/model, else the newest RUN/checkpoints/step_*."""
+    """A checkpoint dir as given, or from a run dir: RUN/model, else the newest intact RUN/checkpoints/step_*."""
     p = Path(path)
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+    if (p / "config.json").is_file() and (p / WEIGHTS).is_file():
         return p
     if (p / "model" / "config.json").is_file():
         return p / "model"
@@ -127,11 +227,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     p = resolve_checkpoint(path)
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p / 'config.json'} is not valid JSON: {e}") from None
-    if "model" not in cfg:
+    cfg = _read_json(p / "config.json")
+    if not isinstance(cfg, dict) or "model" not in cfg:
         raise CheckpointError(f"{p / 'config.json'} has no 'model' section; is this an lmstack checkpoint?")
     return cfg
 
@@ -144,10 +241,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
     p = resolve_checkpoint(path)
     cfg = read_config(p)
+    _check_weights_size(p)
     model_cfg = model_config_from_dict(cfg["model"])
     model = build_model(model_cfg)  # built on CPU: buffers such as RoPE tables are computed, not stored
-    state = load_file(str(p / "model.safetensors"))
-    load_model_state(model, state, p)
+    load_model_state(model, read_tensors(p / WEIGHTS), p)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     tokenizer = None
@@ -158,22 +255,50 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     return Checkpoint(model=model, config=cfg, tokenizer=tokenizer, path=p)
 
 
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+def _check_weights_size(path: Path) -> None:
+    """The weights file against the manifest's size: cheap, and it names a truncated file before parsing it.
+    (Only the weights: a user may edit config.json or the tokenizer files of a checkpoint by hand.)"""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return
+    try:
+        expected = _read_json(manifest_path)["files"][WEIGHTS]["bytes"]
+    except (CheckpointError, KeyError, TypeError):
+        return  # the manifest itself is damaged: parsing the weights is the check that remains
+    weights = path / WEIGHTS
+    if weights.is_file() and weights.stat().st_size != expected:
+        raise CheckpointError(f"{weights} has {weights.stat().st_size:,} bytes but was written with "
+                              f"{expected:,} (truncated or changed); use another checkpoint or re-create this one")
+
+
+def step_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """RUN/checkpoints/step_* directories, oldest first (names are zero-padded, so name order is step order)."""
     root = Path(ckpt_root)
     if not root.is_dir():
-        return None
-    steps = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")
-                   and (d / "model.safetensors").is_file())
-    return steps[-1] if steps else None
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_"))
+
+
+def latest_checkpoint(ckpt_root: str | Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest intact step checkpoint under CKPT_ROOT (sizes and hashes checked), or None.
+
+    Damaged newer checkpoints are passed over; each one's problem is appended to ``skipped`` when given,
+    so the caller can say why it fell back.
+    """
+    for candidate in reversed(step_checkpoints(ckpt_root)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        if skipped is not None:
+            skipped.append(f"{candidate.name}: {problem}")
+    return None
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> None:
-    root = Path(ckpt_root)
-    steps = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_"))
-    for d in steps[:-keep_last]:
+    """Keep the newest ``keep_last`` step checkpoints; remove the staging leftovers of killed writers."""
+    for d in step_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(d, ignore_errors=True)
-    for junk in root.glob(".step_*.tmp-*"):  # left by a process killed mid-write
-        shutil.rmtree(junk, ignore_errors=True)
+    clean_staging(ckpt_root)
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -197,10 +322,12 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dic
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    ts = Path(path) / "trainer_state"
-    if not (ts / "state.json").is_file():
+    state_dir = Path(path) / "trainer_state"
+    if not (state_dir / "state.json").exists():
         raise CheckpointError(f"{path} has no trainer_state/; it cannot be resumed (weights-only checkpoint)")
-    state = json.loads((ts / "state.json").read_text())
+    state = _read_json(state_dir / "state.json")
+    if not isinstance(state, dict) or "param_groups" not in state:
+        raise CheckpointError(f"{state_dir / 'state.json'} is damaged (no param_groups); use another checkpoint")
     groups = state.pop("param_groups")
-    return {"optimizer": unflatten_optimizer_state(load_file(str(ts / "optimizer.safetensors")), groups),
-            "rng": load_file(str(ts / "rng.safetensors")), "state": state}
+    return {"optimizer": unflatten_optimizer_state(read_tensors(state_dir / "optimizer.safetensors"), groups),
+            "rng": read_tensors(state_dir / "rng.safetensors"), "state": state}

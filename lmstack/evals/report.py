@@ -253,7 +253,9 @@ def build_report(run_dir: str | Path) -> Path:
     lines += _summary_lines(report if isinstance(report, dict) else None, summary if isinstance(summary, dict) else None)
     if metrics_path is not None:
         records = _read_jsonl(metrics_path)
-        if plot_training(records, run_dir / "report_training.png"):
+        from lmstack.plots import plot_training_curves
+
+        if plot_training_curves(records, run_dir / "report_training.png"):
             lines += ["## Training", "", f"From `{metrics_path.relative_to(run_dir)}` ({len(records)} records).", "",
                       "![training curves](report_training.png)", ""]
         vals = [r for r in records if _finite(r.get("val_loss"))]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lmstack.devices import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -31,18 +33,8 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was asked for but CUDA is not available; use device=cpu or auto")
-    return dev
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
+    """The process group (when torchrun started several processes) and this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -55,11 +47,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:
+    """The mean of ``value`` over all ranks (the value itself in one process)."""
     if not info.enabled:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank: ranks must agree before skipping a step,
+    or DDP's next all-reduce would deadlock."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def cleanup_distributed() -> None:

@@ -2,29 +2,31 @@
 
     result = train(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer=tok)
 
-Per optimizer step: set the LR from the schedule, run ``grad_accum`` micro-batches through
-``objective(model, x, y) -> (loss, metrics)`` under autocast, check the loss, clip, step.
+:func:`train` reads like a table of contents: per optimizer step it sets the LR from the schedule, runs
+:func:`train_step` (``grad_accum`` micro-batches through ``objective(model, x, y) -> (loss, metrics)``
+under autocast, the loss checks, backward, clipping, the optimizer step), then re-plans a wall-clock
+budget, rolls back non-finite weights, logs, validates and checkpoints, each in a helper of its own.
 
 What it takes care of so stages do not have to:
-- devices and precision: bf16 autocast on CUDA by default, fp16 + GradScaler on request, fp32 on CPU;
-  optional torch.compile; DDP under torchrun (gloo on CPU, NCCL on GPU);
+- devices and precision (lmstack.devices): bf16 autocast on CUDA by default, fp16 + GradScaler on
+  request, fp32 on CPU; optional torch.compile; DDP under torchrun (gloo on CPU, NCCL on GPU);
 - metrics: JSONL (RUN/metrics.jsonl) and TensorBoard (RUN/tb), a progress bar with loss, tokens/s,
-  MFU on GPU and ETA, periodic validation loss and bits-per-byte, a PNG loss curve at the end;
-- checkpoints: RUN/checkpoints/step_NNNNNNN with optimizer, RNG and loader state (keep-last-N,
-  atomic), the final weights in RUN/model. ``resume=True`` continues from the newest checkpoint and
-  reproduces the uninterrupted run bit for bit (same batches, same RNG, same optimizer state);
+  MFU on GPU and ETA, periodic validation loss and bits-per-byte, a PNG loss curve at the end
+  (lmstack.plots);
+- checkpoints (lmstack.checkpoint): RUN/checkpoints/step_NNNNNNN with optimizer, RNG, loader and run
+  state (keep-last-N, atomic and fsync'ed, with a manifest of sizes and hashes), the final weights in
+  RUN/model. ``resume=True`` continues from the newest *intact* checkpoint (a damaged newer one is
+  passed over, and the run says so) and reproduces the uninterrupted run bit for bit: same batches,
+  same RNG, same optimizer state, and the same logged averages (the partial log window is saved too).
+  What a killed writer left behind (staging directories) is cleaned up at the next start;
 - loss spikes and NaN/Inf: a micro-batch whose loss is not finite, or above ``spike_factor`` times
   the running mean, or whose gradient norm is not finite, is skipped before it touches the weights
   (the weights stay at the last good state). If the weights themselves ever turn non-finite, they
   are restored from the newest checkpoint. Every event is logged; after ``max_rollbacks`` the run stops.
-- a wall-clock budget (``train.max_minutes``): the step count (capped by ``train.max_steps``) is
-  estimated from the measured speed after 10 steps and re-estimated (when it moves by over 2%) until
-  the run is half-way, so the LR schedule still ends on time when the machine gets busier or quieter; from then
-  on it is fixed. The current step count is saved with every checkpoint, so a resumed run keeps the
-  schedule it had (and goes on re-estimating only if it is still in the first half).
-
-The budget is a step count rather than a check of the clock at every step so that the schedule's
-decay phase is planned, not cut off, and a run with ``max_minutes=0`` is bit-for-bit reproducible.
+- a wall-clock budget (``train.max_minutes``, train/budget.py): the step count (capped by
+  ``train.max_steps``) is planned from the measured cost of steps, validation passes and checkpoints,
+  so that the whole run, final validation and weights included, ends within the budget. The plan is
+  saved with every checkpoint, so a resumed run keeps its schedule.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,16 +45,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmstack.atomic import write_atomic
-from lmstack.config import RunConfig
 from lmstack import checkpoint as ckpt
-from lmstack.train.dist import DistInfo, all_reduce_mean, init_distributed
+from lmstack.atomic import clean_staging, write_text_atomic
+from lmstack.config import RunConfig
+from lmstack.devices import resolve_dtype, unwrap_model
+from lmstack.errors import DataError, LmstackError, UserError
+from lmstack.plots import plot_training_curves
+from lmstack.progress import Progress
+from lmstack.train.budget import WallClockBudget
+from lmstack.train.dist import DistInfo, all_reduce_mean, any_rank, init_distributed
 from lmstack.train.losses import Objective
 from lmstack.train.optim import build_optimizer, lr_multiplier
 
 # Peak dense bf16 tensor FLOP/s for MFU, by substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                    "RTX 4090": 165e12, "L4": 121e12}
+
+
+class TrainingDiverged(LmstackError, RuntimeError):
+    """The run kept producing bad batches or non-finite weights; the message says what to change."""
 
 
 @dataclass
@@ -72,6 +83,36 @@ class TrainResult:
         return dict(self.__dict__)
 
 
+@dataclass
+class RunState:
+    """What a checkpoint records besides weights, optimizer, RNG and loader (trainer_state/state.json)."""
+
+    step: int = 0
+    max_steps: int = 0  # the planned step count (a wall-clock budget may have changed it)
+    loss_ema: float | None = None  # running mean of the train loss, for the spike check
+    rollbacks: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # wall seconds of the run so far, earlier sessions included
+    log_loss_sum: float = 0.0  # train losses since the last logged line: a resumed run logs the same averages
+    log_loss_count: int = 0
+    last_loss: float = float("nan")
+    val_loss: float | None = None
+    val_bpb: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})  # older checkpoints lack the newer fields
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the micro-batches
+    metrics: dict[str, float]  # the objective's metrics of the last micro-batch
+    grad_norm: float | None  # before clipping; None when the step was skipped before it was computed
+    skipped: str | None  # why the batch was skipped (the weights did not change); None when it stepped
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -82,12 +123,11 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def autocast_context(device: torch.device, dtype: str):
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype == "fp32":
+def autocast_context(device: torch.device, dtype: str | torch.dtype):
+    """Autocast to ``dtype`` (``auto``: bf16 on CUDA, fp32 elsewhere); fp32 is no autocast at all."""
+    torch_dtype = resolve_dtype(dtype, device)
+    if torch_dtype == torch.float32:
         return contextlib.nullcontext()
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
@@ -139,13 +179,14 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        if resume_step is None and self.path.exists():
-            self.path.unlink()
-        elif resume_step is not None and self.path.exists():
-            # drop lines logged after the checkpoint we resume from (they will be logged again)
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            # drop lines logged after the checkpoint we resume from (they will be logged again), and a
+            # last line cut short by the kill
+            kept = [line for line in self.path.read_text().splitlines()
+                    if (row := _parse_json_line(line)) is not None and row.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -170,47 +211,34 @@ class MetricsLogger:
             self.tb.close()
 
 
-class Progress:
-    """A rich progress bar on a terminal; plain periodic lines otherwise (CI logs, pipes)."""
+def _parse_json_line(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled = enabled
-        self.live = enabled and sys.stderr.isatty()
-        self.total = total
-        self.bar = None
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
 
-            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                    TimeRemainingColumn(), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a line cut short by a crash is left out)."""
+    if not path.is_file():
+        return []
+    return [row for line in path.read_text().splitlines() if (row := _parse_json_line(line)) is not None]
 
-    def update(self, step: int, info: str, force_print: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        elif force_print:
-            print(f"step {step}/{self.total} {info}", file=sys.stderr, flush=True)
 
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.bar is not None:
-            self.bar.update(self.task, total=total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Train loss and validation loss (and bits-per-byte when logged) against step, as a PNG."""
+    records = read_metrics(metrics_path)
+    panels = ("loss", "val_bpb") if any(r.get("val_bpb") is not None for r in records) else ("loss",)
+    return out_png if plot_training_curves(records, out_png, panels=panels, title=title) else None
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_loader, objective: Objective, device: torch.device, dtype: str,
-             max_batches: int, info: DistInfo) -> float:
+def evaluate(model: nn.Module, val_loader, objective: Objective, device: torch.device, dtype: str | torch.dtype,
+             max_batches: int, dist: DistInfo) -> float:
+    """Mean validation loss over at most ``max_batches`` batches (averaged over ranks)."""
     model.eval()
     total, count = 0.0, 0
     for i, (x, y) in enumerate(val_loader):
@@ -223,51 +251,210 @@ def evaluate(model: nn.Module, val_loader, objective: Objective, device: torch.d
         count += 1
     model.train()
     if count == 0:
-        raise ValueError("the validation split produced no batches; lower train.seq_len or add data")
-    return all_reduce_mean(total / count, info)
+        raise DataError("the validation split produced no batches; lower train.seq_len or add data")
+    return all_reduce_mean(total / count, dist)
 
 
-# ----------------------------------------------------------------------------- plot
+# ----------------------------------------------------------------------------- one step
 
-def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
-    """Train loss (and val loss / bits-per-byte when present) against step, saved as PNG."""
-    if not metrics_path.exists():
-        return None
-    import matplotlib
+def train_step(run: "_Run", batches: Iterator, spike_limit: float) -> StepResult:
+    """One optimizer step over ``train.grad_accum`` micro-batches, or none at all: a micro-batch whose
+    loss is non-finite or above ``spike_limit``, or a non-finite gradient norm (on any rank), skips the
+    step before the weights change."""
+    model, optimizer, scaler, accum, dist = run.model, run.optimizer, run.scaler, run.cfg.train.grad_accum, run.dist
+    loss_sum, metrics, problem, unscaled = 0.0, {}, None, False
+    for micro in range(accum):
+        x, y = (t.to(run.device, non_blocking=True) for t in next(batches))
+        gradient_sync = micro == accum - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
+        with (contextlib.nullcontext() if gradient_sync else model.no_sync()), autocast_context(run.device, run.dtype):
+            loss, metrics = run.objective(model, x, y)
+        problem = _loss_problem(float(loss.detach()), spike_limit, run.cfg.train.spike_factor)
+        if problem:
+            break
+        scaler.scale(loss / accum).backward()
+        loss_sum += float(loss.detach()) / accum
+    grad_norm = None
+    if problem is None:
+        scaler.unscale_(optimizer)
+        unscaled = True
+        clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap_model(model).parameters(), clip))
+        if not math.isfinite(grad_norm) and run.dtype != torch.float16:  # fp16: the scaler handles inf grads
+            problem = f"non-finite gradient norm {grad_norm}"
+    if any_rank(problem is not None, dist) and problem is None:
+        problem = "another rank saw a bad batch"
+    if problem is None:
+        scaler.step(optimizer)
+    if unscaled:
+        scaler.update()  # also after a skip that came after unscale_, or the next unscale_ would refuse
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_sum, metrics=metrics, grad_norm=grad_norm, skipped=problem)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    bpb = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
-    if not train and not val:
-        return None
-    fig, axes = plt.subplots(1, 2 if bpb else 1, figsize=(11 if bpb else 6.5, 4))
-    ax = axes[0] if bpb else axes
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "loss")
-    if bpb:
-        axes[1].plot(*zip(*bpb), "o-", color="C2", ms=4)
-        axes[1].set_xlabel("step")
-        axes[1].set_ylabel("val bits per byte")
-        axes[1].grid(alpha=0.3)
-        axes[1].set_title("validation bits-per-byte")
-    fig.tight_layout()
-    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
-    plt.close(fig)
-    return out_png
+def _loss_problem(loss: float, spike_limit: float, spike_factor: float) -> str | None:
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss}"
+    if loss > spike_limit:
+        return f"loss spike {loss:.3f} > {spike_factor} x running mean {spike_limit / spike_factor:.3f}"
+    return None
 
 
 # ----------------------------------------------------------------------------- the loop
+
+def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective: Objective,
+          out_dir: str | Path, tokenizer: Any = None, resume: bool | str | Path = False,
+          info: DistInfo | None = None, extra_config: dict[str, Any] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` on ``train_loader`` batches with ``objective``; write the run into ``out_dir``.
+
+    ``resume``: True continues from the newest intact checkpoint in OUT/checkpoints (from scratch when
+    there is none), a path continues from that checkpoint. ``info``: the process group
+    (train.dist.init_distributed); by default one is made from ``cfg.train.device``.
+    """
+    run = _start(model, cfg, train_loader, val_loader, objective, Path(out_dir), tokenizer, resume,
+                 info or init_distributed(cfg.train.device), extra_config or {}, progress)
+    batches = _infinite(train_loader)
+    with run.bar:
+        while run.state.step < run.state.max_steps:
+            lr = _set_lr(run)
+            result = train_step(run, batches, _spike_limit(run))
+            if result.skipped:
+                _skip_batch(run, result.skipped)
+                continue  # the same step is retried with the next batch
+            _advance(run.state, result, run.tokens_per_step)
+            _replan_budget(run)
+            if _maybe_rollback(run):
+                continue
+            _log(run, result, lr)
+            _maybe_eval(run)
+            _maybe_save(run)
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """Everything one call of :func:`train` works with; the helpers below take it as their first argument."""
+
+    cfg: RunConfig
+    dist: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    model: nn.Module  # possibly compiled and DDP-wrapped
+    raw_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    objective: Objective
+    train_loader: Any
+    val_loader: Any
+    out_dir: Path
+    config_dict: dict[str, Any]
+    tokenizer: Any
+    state: RunState
+    elapsed_before: float  # wall seconds of earlier sessions of this run (resume)
+    logger: MetricsLogger
+    bar: Progress
+    bar_task: int
+    budget: WallClockBudget | None
+    tokens_per_step: int
+    started: float  # time.time() when this session started
+    log_time: float  # time.time() and state.tokens at the last logged line (for tokens/s)
+    log_tokens: int
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def session_seconds(self) -> float:
+        return time.time() - self.started
+
+    def elapsed(self) -> float:
+        """Wall seconds of the whole run: earlier sessions and this one."""
+        return self.elapsed_before + self.session_seconds()
+
+    def say(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, resume, dist, extra_config,
+           progress) -> _Run:
+    """Set up the run: device, precision, optimizer, resume, wrappers, logger, progress bar, budget."""
+    started = time.time()
+    device, tcfg = dist.device, cfg.train
+    dtype = resolve_dtype(tcfg.dtype, device)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.dtype=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                        "use train.dtype=fp16 (with loss scaling) or fp32")
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (out_dir, out_dir / "checkpoints"):
+            clean_staging(folder)  # what a process killed mid-write left behind
+    if dist.enabled:
+        torch.distributed.barrier()  # no rank looks for checkpoints while rank 0 is cleaning up
+    seed_everything(tcfg.seed + dist.rank)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    state, resumed_from = _resume(model, optimizer, train_loader, device, out_dir, resume, tcfg, dist)
+    raw_model = model
+    if tcfg.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    bar = Progress(enabled=progress and dist.is_main)
+    bar_task = bar.add("train", total=state.max_steps, unit="steps")
+    bar.update(bar_task, completed=state.step)
+    budget = WallClockBudget(tcfg, state.elapsed, state.step) if tcfg.max_minutes > 0 else None
+    return _Run(cfg=cfg, dist=dist, device=device, dtype=dtype, model=model, raw_model=raw_model,
+                optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                objective=objective, train_loader=train_loader, val_loader=val_loader, out_dir=out_dir,
+                config_dict={**cfg.to_dict(), **extra_config}, tokenizer=tokenizer, state=state,
+                elapsed_before=state.elapsed,
+                logger=MetricsLogger(out_dir, dist.is_main, tcfg.tensorboard,
+                                     state.step if resumed_from is not None else None),
+                bar=bar, bar_task=bar_task, budget=budget,
+                tokens_per_step=tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist.world_size,
+                started=started, log_time=time.time(), log_tokens=state.tokens)
+
+
+def _resume(model, optimizer, loader, device, out_dir: Path, resume: bool | str | Path, tcfg,
+            dist: DistInfo) -> tuple[RunState, Path | None]:
+    """The run state to start from and the checkpoint it came from: (a fresh state, None) when not resuming."""
+    fresh = RunState(max_steps=tcfg.max_steps)
+    if resume is False or resume is None:
+        return fresh, None
+    say = print if dist.is_main else (lambda *a, **k: None)
+    if resume is True:
+        skipped: list[str] = []
+        path = ckpt.latest_checkpoint(out_dir / "checkpoints", skipped)
+        for problem in skipped:
+            say(f"checkpoint {problem}; falling back to an older one", file=sys.stderr)
+        if path is None:
+            say(f"no intact checkpoint in {out_dir / 'checkpoints'}; starting from scratch", file=sys.stderr)
+            return fresh, None
+    else:
+        path = Path(resume)
+    state = RunState.from_dict(_restore(path, model, optimizer, loader, device))
+    if tcfg.max_minutes <= 0:
+        state.max_steps = tcfg.max_steps  # no budget: the config rules (it may have been raised to train longer)
+    say(f"resumed from {path} at step {state.step}", file=sys.stderr)
+    return state, path
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader, device) -> dict[str, Any]:
+    """Load weights, optimizer, RNG and (when ``loader`` is given) loader position; returns the run state."""
+    ckpt.load_model_state(model, ckpt.read_tensors(path / ckpt.WEIGHTS), path)
+    model.to(device)
+    trainer_state = ckpt.load_trainer_state(path)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    set_rng_state(trainer_state["rng"])
+    state = trainer_state["state"]
+    if loader is not None and "loader" in state:
+        loader.load_state_dict(state["loader"])
+    return state
+
 
 def _infinite(loader) -> Iterator:
     """Batches forever. A loader may end at an epoch boundary; two empty passes in a row mean no data."""
@@ -279,197 +466,146 @@ def _infinite(loader) -> Iterator:
             yield batch
         empty_passes = 0 if yielded else empty_passes + 1
         if empty_passes >= 2:
-            raise ValueError("the training split produced no batches; lower train.seq_len or add data")
+            raise DataError("the training split produced no batches; lower train.seq_len or add data")
 
 
-def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective: Objective,
-          out_dir: str | Path, tokenizer: Any = None, resume: bool = False, info: DistInfo | None = None,
-          extra_config: dict[str, Any] | None = None, progress: bool = True) -> TrainResult:
-    out_dir = Path(out_dir)
-    info = info or init_distributed(cfg.train.device)
-    device, tcfg = info.device, cfg.train
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out_dir / "checkpoints"
-    config_dict = {**cfg.to_dict(), **(extra_config or {})}
+def _set_lr(run: _Run) -> float:
+    lr = run.cfg.optim.lr * lr_multiplier(run.state.step, run.state.max_steps, run.cfg.optim)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
-    seed_everything(tcfg.seed + info.rank)
-    model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.optim, device.type)
-    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "fp16"))
 
-    # --- resume
-    start_step, max_steps = 0, tcfg.max_steps
-    loss_ema, rollbacks, tokens_seen, elapsed_before = None, 0, 0, 0.0
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if resume else None
-    if resume and resume_from is None and info.is_main:
-        print(f"no checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
-    if resume_from is not None:
-        state = _restore(resume_from, model, optimizer, train_loader, device)
-        start_step = state["step"]
-        # a wall-clock budget was converted into a step count once: keep it; otherwise the config rules
-        max_steps = state["max_steps"] if tcfg.max_minutes > 0 else tcfg.max_steps
-        loss_ema, rollbacks = state.get("loss_ema"), state.get("rollbacks", 0)
-        tokens_seen, elapsed_before = state.get("tokens", 0), state.get("elapsed", 0.0)
-        if info.is_main:
-            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+def _spike_limit(run: _Run) -> float:
+    """Losses above this are spikes: ``spike_factor`` x the running mean, once warmup is over."""
+    state, tcfg = run.state, run.cfg.train
+    if state.loss_ema is None or state.step < min(run.cfg.optim.warmup_steps, state.max_steps // 5):
+        return float("inf")
+    return tcfg.spike_factor * state.loss_ema
 
-    raw_model = model
-    if tcfg.compile:
-        model = torch.compile(model)
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+def _skip_batch(run: _Run, reason: str) -> None:
+    state = run.state
+    state.rollbacks += 1
+    run.logger.log({"step": state.step, "event": "skipped_batch", "reason": reason, "rollbacks": state.rollbacks})
+    run.say(f"step {state.step}: {reason}; batch skipped, weights kept at the last good state")
+    if state.rollbacks > run.cfg.train.max_rollbacks:
+        raise TrainingDiverged(f"gave up after {state.rollbacks} bad batches (train.max_rollbacks="
+                               f"{run.cfg.train.max_rollbacks}); lower optim.lr or check the data")
 
-    logger = MetricsLogger(out_dir, info.is_main, tcfg.tensorboard, start_step if resume_from else None)
-    bar = Progress(max_steps, start_step, progress and info.is_main)
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * info.world_size
-    flops_per_token = raw_model.flops_per_token(tcfg.seq_len) if hasattr(raw_model, "flops_per_token") else None
-    peak = peak_flops(device)
-    bytes_per_token = getattr(val_loader, "bytes_per_token", None)
-    budgeted = tcfg.max_minutes > 0
 
-    def save(step: int) -> None:
-        if not info.is_main:
-            return
-        trainer_state = {"optimizer": optimizer.state_dict(), "rng": rng_state(),
-                         "state": {"step": step, "max_steps": max_steps, "loss_ema": loss_ema,
-                                   "rollbacks": rollbacks, "tokens": tokens_seen,
-                                   "elapsed": elapsed_before + (time.time() - t_start),
-                                   "loader": train_loader.state_dict()}}
-        ckpt.save_checkpoint(ckpt_root / f"step_{step:07d}", raw_model, config_dict, tokenizer, trainer_state)
-        ckpt.prune_checkpoints(ckpt_root, tcfg.keep_last)
+def _advance(state: RunState, result: StepResult, tokens_per_step: int) -> None:
+    state.step += 1
+    state.tokens += tokens_per_step
+    state.loss_ema = result.loss if state.loss_ema is None else 0.95 * state.loss_ema + 0.05 * result.loss
+    state.log_loss_sum += result.loss
+    state.log_loss_count += 1
+    state.last_loss = result.loss
 
-    batches = _infinite(train_loader)
-    t_start = time.time()
-    t_log, tokens_at_log, loss_acc, loss_n = time.time(), tokens_seen, 0.0, 0
-    last_loss, val_loss, val_bpb = float("nan"), None, None
-    step = start_step
-    while step < max_steps:
-        lr = cfg.optim.lr * lr_multiplier(step, max_steps, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss, bad, metrics = 0.0, None, {}
-        for micro in range(tcfg.grad_accum):
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == tcfg.grad_accum - 1
-            ctx = model.no_sync() if (info.enabled and not sync) else contextlib.nullcontext()
-            with ctx, autocast_context(device, dtype):
-                loss, metrics = objective(model, x, y)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                bad = f"non-finite loss {loss_value}"
-            elif (loss_ema is not None and step >= min(cfg.optim.warmup_steps, max_steps // 5)
-                  and loss_value > tcfg.spike_factor * loss_ema):
-                bad = f"loss spike {loss_value:.3f} > {tcfg.spike_factor} x running mean {loss_ema:.3f}"
-            if bad:
-                break
-            scaler.scale(loss / tcfg.grad_accum).backward()
-            step_loss += loss_value / tcfg.grad_accum
-        grad_norm = None
-        if not bad:
-            scaler.unscale_(optimizer)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip))
-            if not math.isfinite(grad_norm) and dtype != "fp16":  # fp16: the scaler handles inf grads
-                bad = f"non-finite gradient norm {grad_norm}"
-        if info.enabled:  # all ranks must agree to skip, or DDP would deadlock
-            flag = torch.tensor([1.0 if bad else 0.0], device=device if device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(flag)
-            if flag.item() > 0 and not bad:
-                bad = "another rank saw a bad batch"
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            rollbacks += 1
-            logger.log({"step": step, "event": "skipped_batch", "reason": bad, "rollbacks": rollbacks})
-            if info.is_main:
-                print(f"step {step}: {bad}; batch skipped, weights kept at the last good state",
-                      file=sys.stderr)
-            if rollbacks > tcfg.max_rollbacks:
-                raise RuntimeError(f"gave up after {rollbacks} bad batches (train.max_rollbacks="
-                                   f"{tcfg.max_rollbacks}); lower optim.lr or check the data")
-            continue  # the same step is retried with the next batch
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        loss_ema = step_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * step_loss
-        loss_acc, loss_n, last_loss = loss_acc + step_loss, loss_n + 1, step_loss
 
-        if budgeted and step - start_step >= 10 and step <= max_steps // 2:
-            # (re-)convert the wall-clock budget into a step count from the average speed so far
-            per_step = (time.time() - t_start) / (step - start_step)
-            left = tcfg.max_minutes * 60 * 0.92 - elapsed_before - (time.time() - t_start)  # 8%: evals, save
-            planned = max(step + 1, min(tcfg.max_steps, step + int(left / per_step)))
-            if step - start_step == 10 or abs(planned - max_steps) > max(1, 0.02 * max_steps):
-                max_steps = planned
-                bar.set_total(max_steps)
-                logger.log({"step": step, "event": "budget", "max_steps": max_steps,
-                            "seconds_per_step": round(per_step, 4)})
+def _replan_budget(run: _Run) -> None:
+    """Under a wall-clock budget, re-plan the step count from the measured costs (train/budget.py)."""
+    if run.budget is None:
+        return
+    state = run.state
+    planned = run.budget.replan(state.step, state.max_steps, run.session_seconds())
+    if planned is None:
+        return
+    state.max_steps = planned
+    run.bar.update(run.bar_task, total=planned)
+    run.logger.log({"step": state.step, "event": "budget", "max_steps": planned,
+                    "seconds_per_step": round(run.budget.step_seconds(state.step, run.session_seconds()), 4)})
 
-        if step % tcfg.log_every == 0 or step == max_steps:
-            if step % tcfg.log_every == 0 and not _weights_finite(raw_model):
-                rollbacks += 1
-                restored = ckpt.latest_checkpoint(ckpt_root)
-                if restored is None:
-                    raise RuntimeError("weights became non-finite and there is no checkpoint to roll back to; "
-                                       "lower optim.lr or set train.ckpt_every")
-                state = _restore(restored, raw_model, optimizer, None, device)
-                step = state["step"]
-                logger.log({"step": step, "event": "rollback", "from": str(restored), "rollbacks": rollbacks})
-                continue
-            now = time.time()
-            tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
-            record = {"step": step, "loss": loss_acc / max(loss_n, 1), "lr": lr, "tokens": tokens_seen,
-                      "tokens_per_second": tps, "grad_norm": grad_norm, **metrics}
-            if flops_per_token and peak:
-                record["mfu"] = tps * flops_per_token / (peak * info.world_size)
-            logger.log(record)
-            info_str = f"loss {record['loss']:.3f} | {tps:,.0f} tok/s" + \
-                (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "")
-            bar.update(step, info_str, force_print=(step % (tcfg.log_every * 10) == 0))
-            t_log, tokens_at_log, loss_acc, loss_n = now, tokens_seen, 0.0, 0
 
-        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == max_steps:
-            val_loss = evaluate(model, val_loader, objective, device, dtype, tcfg.eval_batches, info)
-            val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
-            logger.log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
-            bar.update(step, f"val loss {val_loss:.3f}" + (f" | val bpb {val_bpb:.3f}" if val_bpb else ""),
-                       force_print=True)
-        if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == max_steps:
-            save(step)
-
-    wall = elapsed_before + (time.time() - t_start)
-    bar.close()
-    if info.is_main:
-        ckpt.save_checkpoint(out_dir / "model", raw_model, config_dict, tokenizer)
-        plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
-    logger.close()
-    return TrainResult(steps=step, tokens=tokens_seen, wall_seconds=wall, final_train_loss=last_loss,
-                       final_val_loss=val_loss, final_val_bpb=val_bpb,
-                       params=raw_model.num_params() if hasattr(raw_model, "num_params") else
-                       sum(p.numel() for p in raw_model.parameters()),
-                       rollbacks=rollbacks, tokens_per_second=tokens_seen / max(wall, 1e-9), out_dir=str(out_dir))
+def _maybe_rollback(run: _Run) -> bool:
+    """At log steps: if the weights turned non-finite, restore the newest checkpoint; True when it did."""
+    state = run.state
+    if state.step % run.cfg.train.log_every or _weights_finite(run.raw_model):
+        return False
+    state.rollbacks += 1
+    restored = ckpt.latest_checkpoint(run.ckpt_root)
+    if restored is None:
+        raise TrainingDiverged("weights became non-finite and there is no checkpoint to roll back to; "
+                               "lower optim.lr or set train.ckpt_every")
+    # the checkpoint's state, except the rollback count and the current plan; the loader is not rewound
+    # (the batches that led here are not replayed)
+    checkpoint_state = RunState.from_dict(_restore(restored, run.raw_model, run.optimizer, None, run.device))
+    run.state = replace(checkpoint_state, rollbacks=state.rollbacks, max_steps=state.max_steps)
+    run.logger.log({"step": run.state.step, "event": "rollback", "from": str(restored),
+                    "rollbacks": state.rollbacks})
+    return True
 
 
 def _weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader, device) -> dict[str, Any]:
-    from safetensors.torch import load_file
+def _log(run: _Run, result: StepResult, lr: float) -> None:
+    state, tcfg = run.state, run.cfg.train
+    if state.step % tcfg.log_every and state.step != state.max_steps:
+        return
+    now = time.time()
+    tokens_per_second = (state.tokens - run.log_tokens) / max(now - run.log_time, 1e-9)
+    record = {"step": state.step, "loss": state.log_loss_sum / max(state.log_loss_count, 1), "lr": lr,
+              "tokens": state.tokens, "tokens_per_second": tokens_per_second, "grad_norm": result.grad_norm,
+              **result.metrics}
+    flops_per_token = getattr(run.raw_model, "flops_per_token", None)
+    peak = peak_flops(run.device)
+    if flops_per_token and peak:
+        record["mfu"] = tokens_per_second * flops_per_token(tcfg.seq_len) / (peak * run.dist.world_size)
+    run.logger.log(record)
+    status = f"loss {record['loss']:.3f} | {tokens_per_second:,.0f} tok/s" + \
+        (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "")
+    run.bar.update(run.bar_task, completed=state.step, status=status)
+    if run.dist.is_main and not sys.stderr.isatty() and state.step % (tcfg.log_every * 10) == 0:
+        run.bar.log(f"step {state.step}/{state.max_steps} {status}")  # a plain record for CI logs and pipes
+    run.log_time, run.log_tokens = now, state.tokens
+    state.log_loss_sum, state.log_loss_count = 0.0, 0
 
-    ckpt.load_model_state(model, load_file(str(path / "model.safetensors")), path)
-    model.to(device)
-    ts = ckpt.load_trainer_state(path)
-    optimizer.load_state_dict(ts["optimizer"])
-    set_rng_state(ts["rng"])
-    state = ts["state"]
-    if loader is not None and "loader" in state:
-        loader.load_state_dict(state["loader"])
-    return state
+
+def _maybe_eval(run: _Run) -> None:
+    state, tcfg = run.state, run.cfg.train
+    if not ((tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == state.max_steps):
+        return
+    began = time.time()
+    state.val_loss = evaluate(run.model, run.val_loader, run.objective, run.device, run.dtype,
+                              tcfg.eval_batches, run.dist)
+    bytes_per_token = getattr(run.val_loader, "bytes_per_token", None)
+    state.val_bpb = state.val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
+    run.logger.log({"step": state.step, "val_loss": state.val_loss, "val_bpb": state.val_bpb})
+    run.bar.log(f"step {state.step}: val loss {state.val_loss:.3f}" +
+                (f" | val bpb {state.val_bpb:.3f}" if state.val_bpb else ""))
+    if run.budget is not None:
+        run.budget.record("eval", time.time() - began)
+
+
+def _maybe_save(run: _Run) -> None:
+    state, tcfg = run.state, run.cfg.train
+    if not ((tcfg.ckpt_every and state.step % tcfg.ckpt_every == 0) or state.step == state.max_steps):
+        return
+    began = time.time()
+    if run.dist.is_main:
+        state.elapsed = run.elapsed()
+        trainer_state = {"optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+                         "state": {**asdict(state), "loader": run.train_loader.state_dict()}}
+        ckpt.save_checkpoint(run.ckpt_root / f"step_{state.step:07d}", run.raw_model, run.config_dict,
+                             run.tokenizer, trainer_state)
+        ckpt.prune_checkpoints(run.ckpt_root, tcfg.keep_last)
+    if run.budget is not None:
+        run.budget.record("save", time.time() - began)
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The final weights (RUN/model), the loss curve, and the result."""
+    state = run.state
+    if run.dist.is_main:
+        ckpt.save_checkpoint(run.out_dir / "model", run.raw_model, run.config_dict, run.tokenizer)
+        plot_loss_curve(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
+    run.logger.close()
+    wall = run.elapsed()
+    raw = run.raw_model
+    params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
+    return TrainResult(steps=state.step, tokens=state.tokens, wall_seconds=wall, final_train_loss=state.last_loss,
+                       final_val_loss=state.val_loss, final_val_bpb=state.val_bpb, params=params,
+                       rollbacks=state.rollbacks, tokens_per_second=state.tokens / max(wall, 1e-9),
+                       out_dir=str(run.out_dir))
