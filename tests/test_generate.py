@@ -12,7 +12,8 @@ import torch
 from lmstack.cli import main as cli_main
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.detok import IncrementalDetokenizer, TextStream
-from lmstack.engine.generate import ChatSession, chat_cli, generate
+from lmstack.cli.generate import run_chat
+from lmstack.engine.generate import ChatSession, generate
 from lmstack.engine.kv_cache import KVCache
 from lmstack.models.layers import POSITIONS
 from lmstack.tokenizer import Tokenizer
@@ -173,7 +174,7 @@ def test_generate_command_errors(tmp_path, checkpoint, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--top-p", "0"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
@@ -205,7 +206,7 @@ def test_chat_command_reads_turns_until_eof(checkpoint, capsys):
                                  top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
                                  frequency_penalty=0.0, stop=[], stop_token_id=[], seed=None, device="cpu",
                                  quantize=None)
-    chat_cli(args, input_fn=lambda prompt: next(lines))
+    run_chat(args, input_fn=lambda prompt: next(lines))
     out, err = capsys.readouterr()
     assert out.count("assistant> ") == 2 and "history cleared" in err
     assert next(lines) == "never read"

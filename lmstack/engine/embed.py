@@ -2,6 +2,7 @@
 
     from lmstack.engine.embed import embed
     vectors = embed(model, tokenizer, ["a cat", "a dog"])          # (2, C), unit length
+    similarity = cosine_similarity(vectors)                         # (2, 2)
     vectors = embed_ids(model, [[5, 6, 7], [8]], pooling="last")   # token ids in (the server's path)
 
 Every family returns its final hidden states with ``model(idx, positions=..., return_hidden=True)``;
@@ -28,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmstack.errors import UserError
+
 POOLINGS = ("mean", "last", "first")
 
 
@@ -37,14 +40,14 @@ def embed_ids(model: nn.Module, ids: Sequence[Sequence[int]], pooling: str = "me
     """Token-id inputs -> (N, C) float32 embeddings, in input order. Inputs longer than the model's
     context are truncated to their first ``block_size`` tokens."""
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}: choose one of {POOLINGS}")
+        raise UserError(f"pooling={pooling!r}: choose one of {POOLINGS}")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise UserError(f"batch_size={batch_size} must be >= 1")
     context = model.config.block_size
     rows = [list(map(int, x))[:context] for x in ids]
     for i, row in enumerate(rows):
         if not row:
-            raise ValueError(f"input {i} is empty: there is nothing to embed")
+            raise UserError(f"input {i} is empty: there is nothing to embed")
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths share a batch
     out = torch.empty(len(rows), 0)
@@ -104,3 +107,9 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], pooling: str =
     except (AttributeError, ValueError, TypeError):
         pad_id = 0
     return embed_ids(model, ids, pooling=pooling, normalize=normalize, batch_size=batch_size, pad_id=pad_id)
+
+
+def cosine_similarity(vectors: torch.Tensor) -> torch.Tensor:
+    """(N, C) embeddings -> (N, N) cosine similarities (a zero vector is similar to nothing)."""
+    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, C)
+    return unit @ unit.T

