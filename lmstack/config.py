@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from lmstack.errors import ConfigError, require  # noqa: F401  (re-exported: config.ConfigError)
 
 ModelConfig = Any  # any registered family's config dataclass (lmstack.models.MODEL_CONFIGS)
 
@@ -36,7 +40,30 @@ def _model_configs() -> dict[str, type]:
     return MODEL_CONFIGS
 
 
-from lmstack.errors import ConfigError, require  # noqa: F401  (re-exported: config.ConfigError)
+def check_range(key: str, value: Any, low: float = -math.inf, high: float = math.inf, *,
+                low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """ConfigError unless ``value`` is a finite number (an integer when ``integer``) in the given range.
+
+    The message names the key, the value and the valid range, e.g. ``optim.lr=nan must be a finite number
+    in (0, inf)``: the one check behind every numeric field of the optimizer and training configs."""
+    kind = "an integer" if integer else "a finite number"
+    interval = (f"{'(' if low_open or low == -math.inf else '['}{low:g}, {high:g}"
+                f"{')' if high_open or high == math.inf else ']'}")
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    require(ok, f"{key}={value!r} must be {kind} in {interval}")
+
+
+def check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    """ConfigError unless ``value`` is one of ``choices`` (the message lists them)."""
+    require(isinstance(value, str) and value in choices, f"{key}={value!r}: choose one of {', '.join(choices)}")
+
+
+def check_flag(key: str, value: Any) -> None:
+    require(isinstance(value, bool), f"{key}={value!r} must be true or false")
 
 
 @dataclass
@@ -55,16 +82,21 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd only: fraction of steps spent in the final decay
 
     def validate(self) -> None:
-        if self.schedule not in ("cosine", "linear", "wsd", "constant"):
-            raise ConfigError(f"optim.schedule={self.schedule!r}: choose cosine, linear, wsd or constant")
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_range("optim.lr", self.lr, 0, low_open=True)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_range("optim.weight_decay", self.weight_decay, 0)
+        check_range("optim.beta1", self.beta1, 0, 1, high_open=True)
+        check_range("optim.beta2", self.beta2, 0, 1, high_open=True)
+        check_range("optim.eps", self.eps, 0, low_open=True)
+        check_range("optim.grad_clip", self.grad_clip, 0)
+        check_range("optim.warmup_steps", self.warmup_steps, 0, integer=True)
+        check_range("optim.decay_fraction", self.decay_fraction, 0, 1, low_open=True)
+
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
@@ -90,13 +122,19 @@ class TrainConfig:
     tensorboard: bool = True
 
     def validate(self) -> None:
-        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"train.dtype={self.dtype!r}: choose auto, bf16, fp16 or fp32")
-        if self.keep_last < 1:
-            raise ConfigError(f"train.keep_last={self.keep_last} must be >= 1")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):
+            check_range(f"train.{name}", getattr(self, name), 1, integer=True)
+        for name in ("eval_every", "ckpt_every", "max_rollbacks"):
+            check_range(f"train.{name}", getattr(self, name), 0, integer=True)
+        check_range("train.max_minutes", self.max_minutes, 0)
+        check_range("train.seed", self.seed, 0, 2**63, high_open=True, integer=True)
+        # a factor <= 1 would call every loss above the running mean a spike
+        check_range("train.spike_factor", self.spike_factor, 1, low_open=True)
+        check_choice("train.dtype", self.dtype, DTYPES)
+        require(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
+                f"train.device={self.device!r}: choose auto, cpu, cuda, cuda:N or mps")
+        check_flag("train.compile", self.compile)
+        check_flag("train.tensorboard", self.tensorboard)
 
 
 @dataclass
@@ -121,6 +159,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        if not isinstance(d, dict) or "model" not in d:
+            raise ConfigError("a run config is a mapping with a model section (and optional optim, train)")
         return cls(model=model_config_from_dict(d["model"]),
                    optim=_from_fields(OptimConfig, d.get("optim", {}), "optim"),
                    train=_from_fields(TrainConfig, d.get("train", {}), "train"))
@@ -133,19 +173,27 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"model must be a mapping of keys to values, not {d!r}")
     family, known = d.get("family", "gpt"), _model_configs()
+    if not isinstance(family, str):
+        raise ConfigError(f"model.family={family!r} must be a family name; choose one of {sorted(known)}")
     if family not in known:
         raise ConfigError(f"model.family={family!r} is not known; choose one of {sorted(known)}")
     return _from_fields(known[family], d, "model")
 
 
 def _from_fields(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys to values, not {d!r}")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}; "
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + '.' + str(k) for k in unknown)}; "
                           f"valid keys: {', '.join(sorted(names))}")
-    return cls(**d)
+    # values from a file (a checkpoint's config) get the same type conversion as command-line overrides
+    return cls(**{name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in d.items()})
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -181,7 +229,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         if tp is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}={value!r}: expected a value of type {getattr(tp, '__name__', tp)}") from None
     return value
 

@@ -62,6 +62,6 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     code = main(["pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "meta.json" in err and "Traceback" not in err
-    code = main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "model.n_layers=2"])
+    code = main(["generate", "--model", str(tmp_path), "--max-tokens", "-1"])
     err = capsys.readouterr().err
-    assert code == 2 and "valid model keys" in err and "Traceback" not in err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("lmstack generate: error: argument --max-tokens")

@@ -13,13 +13,14 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="token shard directory (holds meta.json)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
     parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run's outputs in --out")
     add_run_config_args(parser)
 
     def run(args: argparse.Namespace) -> None:
         from lmstack.stages.pretrain import pretrain
 
         pretrain(data_dir=args.data, out_dir=args.out, preset=args.preset, config_file=args.config,
-                 overrides=args.overrides, resume=args.resume)
+                 overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
 
     parser.set_defaults(func=run)
 
