@@ -88,13 +88,44 @@ def test_fit_holdout_leaves_named_runs_out_and_predicts_them(tmp_path, capsys):
 
 
 def test_default_data_builds_shards_with_a_validation_split(tmp_path):
-    from lmstack.evals.scaling import _default_data
+    from lmstack.stages.scaling import default_data
 
-    data = _default_data(tmp_path, vocab_size=300, max_mb=0.2)  # the classics corpus, a 0.2 MB slice
+    data = default_data(tmp_path, vocab_size=300, max_mb=0.2)  # the classics corpus, a 0.2 MB slice
     meta = json.loads((data / "meta.json").read_text())
     assert meta["splits"]["train"]["documents"] > 1 and meta["splits"]["val"]["tokens"] > 0
     assert meta["vocab_size"] == 300
-    assert _default_data(tmp_path, vocab_size=300, max_mb=0.2) == data  # cached: the second call reuses it
+    assert default_data(tmp_path, vocab_size=300, max_mb=0.2) == data  # cached: the second call reuses it
+
+
+def test_sweep_trains_the_grid_and_continues_an_interrupted_run(tmp_path):
+    """A 2x2 grid of real (tiny) pretraining runs: points.jsonl holds one line per run, with N from the model
+    and D from the steps; a run directory that a killed sweep left unfinished is continued, not refused."""
+    import sysconfig
+    from pathlib import Path
+
+    from lmstack.data.shards import tokenize_to_shards
+    from lmstack.stages.scaling import sweep
+    from lmstack.tokenizer import Tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs = [chunk for name in ("textwrap.py", "shlex.py") for chunk in (stdlib / name).read_text().split("\n\n")
+            if chunk.strip()]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokenize_to_shards([tmp_path / "corpus.jsonl"], Tokenizer.train(docs, vocab_size=300), tmp_path / "data",
+                       workers=0, val_fraction=0.05, progress=False)
+    out = tmp_path / "sweep"
+    killed = out / "runs" / "L1-C32-D2048"  # what a sweep killed during this run's first write leaves
+    killed.mkdir(parents=True)
+    (killed / "metrics.jsonl").write_text('{"step": 5, "loss": 5.0}\n')
+    (killed / ".model.tmp-x1y2").mkdir()
+    points = sweep(out, tmp_path / "data", sizes=[(1, 32, 1), (2, 32, 1)], token_budgets=[2048, 4096], heldout=None,
+                   seq_len=32, batch_size=4, eval_batches=2, extra_overrides=["train.device=cpu"])
+    assert [p.name for p in points] == ["L1-C32-D2048", "L1-C32-D4096", "L2-C32-D2048", "L2-C32-D4096"]
+    assert [p.tokens for p in points] == [16 * 128, 32 * 128, 16 * 128, 32 * 128]  # steps x batch x seq_len
+    assert points[2].params > points[0].params and all(math.isfinite(p.loss) for p in points)
+    assert not (killed / ".model.tmp-x1y2").exists() and (killed / "model" / "model.safetensors").is_file()
+    lines = (out / "points.jsonl").read_text().splitlines()
+    assert [json.loads(line)["name"] for line in lines] == [p.name for p in points]
 
 
 def test_compute_optimal_far_outside_the_grid_carries_caveats():

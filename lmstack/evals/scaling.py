@@ -1,12 +1,12 @@
 """Scaling laws: predict a larger model's loss from small runs (Kaplan et al. 2020; Hoffmann et al. 2022).
 
-    lmstack scaling sweep --out runs/scaling          # 3 sizes x 3 budgets + 1 held-out run (~30 min, busy 2-core VM)
+    lmstack scaling sweep --out runs/scaling          # the runs: lmstack.stages.scaling
     lmstack scaling fit runs/scaling --predict-params 2e6 --predict-tokens 3e6 --flops 1e15
     lmstack scaling fit runs/scaling --holdout L4-C128-D1500000  # also predict a grid run the fit leaves out
 
-``sweep`` trains every (model size, token budget) pair of a small grid with ``lmstack.stages.pretrain`` on the
-default corpus (or ``--data DIR`` shards), plus one *held-out* larger run that the fit never sees, and writes
-RUN/points.jsonl (one line per run: non-embedding parameters N, tokens D, FLOPs, final validation loss).
+The sweep (``lmstack.stages.scaling.sweep``, orchestration above this package) trains a small grid of
+model sizes x token budgets plus one *held-out* larger run and writes RUN/points.jsonl (one line per run:
+non-embedding parameters N, tokens D, FLOPs, final validation loss). This module fits and reports.
 
 ``fit`` fits the Chinchilla form  L(N, D) = E + A / N^alpha + B / D^beta  to the grid points, the way
 Hoffmann et al. did: in log space, ``log L = LSE(a - alpha log N, b - beta log D, e)`` with ``A = e^a``,
@@ -22,25 +22,21 @@ and draws RUN/scaling.png (loss vs tokens per size with the fitted curves, and t
 
 Honest caveats: N counts non-embedding parameters (embeddings dominate tiny models and bend the law, as
 Kaplan et al. observed); a CPU-sized grid spans one decade or less in N and D, so the exponents are rough
-and extrapolation beyond a few times the largest run is not to be trusted. Each run uses a cosine schedule
-sized to its own token budget (Chinchilla's correction of Kaplan's fixed-schedule runs).
+and extrapolation beyond a few times the largest run is not to be trusted.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-# default grid: (n_layer, n_embd, n_head) per size, and token budgets; held-out = one size up (1.9x N), largest budget
-DEFAULT_SIZES: list[tuple[int, int, int]] = [(2, 64, 2), (3, 96, 3), (4, 128, 4)]
-DEFAULT_TOKENS: list[int] = [250_000, 600_000, 1_500_000]
-DEFAULT_HELDOUT: tuple[tuple[int, int, int], int] = ((5, 160, 5), 1_500_000)
+from lmstack.atomic import write_atomic, write_json_atomic
+from lmstack.errors import DataError, UserError
 
 
 @dataclass
@@ -68,7 +64,7 @@ class ScalingLaw:
     def compute_optimal(self, flops: float) -> tuple[float, float]:
         """(N_opt, D_opt) minimising the predicted loss under 6 N D = flops."""
         if self.alpha <= 0 or self.beta <= 0:
-            raise ValueError(f"the fitted exponents (alpha={self.alpha:.3g}, beta={self.beta:.3g}) are not both "
+            raise DataError(f"the fitted exponents (alpha={self.alpha:.3g}, beta={self.beta:.3g}) are not both "
                              "positive, so there is no compute-optimal split; sweep a wider grid")
         s = self.alpha + self.beta
         G = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
@@ -108,9 +104,9 @@ def fit_scaling_law(points: Sequence[ScalingPoint], delta: float = 1e-3, steps: 
 def _fit(points: Sequence[ScalingPoint], delta: float, steps: int) -> ScalingLaw:
     pts = [p for p in points if not p.heldout]
     if len(pts) < 5:
-        raise ValueError(f"a 5-parameter law needs at least 5 runs to fit, got {len(pts)}; sweep more sizes/budgets")
+        raise DataError(f"a 5-parameter law needs at least 5 runs to fit, got {len(pts)}; sweep more sizes/budgets")
     if len({p.params for p in pts}) < 2 or len({p.tokens for p in pts}) < 2:
-        raise ValueError("the runs must vary both model size and token budget to separate the two terms")
+        raise DataError("the runs must vary both model size and token budget to separate the two terms")
     dt = torch.float64
     log_n = torch.tensor([math.log(p.params) for p in pts], dtype=dt)
     log_d = torch.tensor([math.log(p.tokens) for p in pts], dtype=dt)
@@ -151,112 +147,18 @@ def _fit(points: Sequence[ScalingPoint], delta: float, steps: int) -> ScalingLaw
         if math.isfinite(value) and value < best_value:
             best_value, best_theta = value, t.detach()[0]
     if best_theta is None:
-        raise RuntimeError("the scaling-law fit did not converge from any start")
+        raise DataError("the scaling-law fit did not converge from any start; check points.jsonl for broken runs")
     a, b, e, alpha, beta = best_theta.tolist()
     return ScalingLaw(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, huber_loss=best_value)
 
 
-# ----------------------------------------------------------------------------- sweep
-
-def _default_data(out_dir: Path, vocab_size: int, max_mb: float) -> Path:
-    """Shards of the default corpus (classics), with a small BPE tokenizer trained on it; cached in OUT."""
-    data_dir = out_dir / "data"
-    if (data_dir / "meta.json").is_file():
-        return data_dir
-    from lmstack.data.shards import tokenize_to_shards
-    from lmstack.data.corpora import download_corpus
-    from lmstack.data.readers import iter_documents
-    from lmstack.tokenizer import Tokenizer
-
-    corpus = download_corpus("classics")
-    budget = int(max_mb * 1024 * 1024)
-    # a fixed-size slice keeps tokenizing within the CPU budget; JSONL keeps the documents apart (a .txt file
-    # would be one document, and the train/val split needs several)
-    subset = out_dir / "corpus.jsonl"
-    if not subset.is_file():
-        written = 0
-        tmp = subset.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in iter_documents([corpus]):
-                text = doc.text.strip()
-                if not text:
-                    continue
-                f.write(json.dumps({"text": text}) + "\n")
-                written += len(text.encode("utf-8"))
-                if written >= budget:
-                    break
-        tmp.replace(subset)
-    texts = [doc.text for doc in iter_documents([subset])]
-    if len(texts) < 2:
-        raise ValueError(f"{subset} holds {len(texts)} document(s); the train/val split needs at least two")
-    print(f"training a {vocab_size}-token BPE tokenizer on {subset} ({len(texts)} documents)", file=sys.stderr)
-    tokenizer = Tokenizer.train(texts, vocab_size=vocab_size)
-    tokenize_to_shards([subset], tokenizer, data_dir, workers=0, val_fraction=0.02, progress=True)
-    return data_dir
-
-
-def _non_embedding_params(summary: dict) -> int:
-    from lmstack.config import model_config_from_dict
-    from lmstack.models import build_model
-
-    model = build_model(model_config_from_dict(summary["config"]["model"]))
-    return int(model.num_params(non_embedding=True))
-
-
-def sweep(out_dir: str | Path, data_dir: str | Path | None = None,
-          sizes: Sequence[tuple[int, int, int]] = DEFAULT_SIZES, token_budgets: Sequence[int] = DEFAULT_TOKENS,
-          heldout: tuple[tuple[int, int, int], int] | None = DEFAULT_HELDOUT, seq_len: int = 128,
-          batch_size: int = 16, lr: float = 2e-3, vocab_size: int = 2048, corpus_mb: float = 8.0,
-          eval_batches: int = 40, extra_overrides: Sequence[str] = ()) -> list[ScalingPoint]:
-    """Train the grid (and the held-out run); returns the points, also appended to OUT/points.jsonl.
-
-    Finished runs (OUT/runs/NAME/summary.json) are reused, so an interrupted sweep resumes where it stopped.
-    """
-    from lmstack.stages.pretrain import pretrain
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(data_dir) if data_dir else _default_data(out, vocab_size, corpus_mb)
-    plan = [((L, C, H), D, False) for (L, C, H) in sizes for D in token_budgets]
-    if heldout is not None:
-        plan.append((heldout[0], heldout[1], True))
-    points: list[ScalingPoint] = []
-    for i, ((n_layer, n_embd, n_head), tokens, is_heldout) in enumerate(plan):
-        name = f"L{n_layer}-C{n_embd}-D{tokens}"
-        run_dir = out / "runs" / name
-        steps = max(10, tokens // (batch_size * seq_len))
-        summary_path = run_dir / "summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-        else:
-            print(f"[{i + 1}/{len(plan)}] {name}{' (held out)' if is_heldout else ''}: {steps} steps", file=sys.stderr)
-            overrides = [f"model.n_layer={n_layer}", f"model.n_embd={n_embd}", f"model.n_head={n_head}",
-                         f"model.n_kv_head={n_head}", f"model.block_size={seq_len}", f"train.seq_len={seq_len}",
-                         f"train.batch_size={batch_size}", f"train.max_steps={steps}", "train.max_minutes=0",
-                         "train.eval_every=0", f"train.eval_batches={eval_batches}", "train.ckpt_every=0",
-                         "train.tensorboard=false", f"train.log_every={max(1, steps // 20)}", f"optim.lr={lr}",
-                         f"optim.warmup_steps={max(5, steps // 20)}", "optim.schedule=cosine",
-                         *extra_overrides]
-            summary = pretrain(data, run_dir, preset="tiny", overrides=overrides, progress=True)
-        loss = summary.get("final_val_loss")
-        if loss is None or not math.isfinite(loss):
-            raise RuntimeError(f"run {name} produced no finite validation loss; see {run_dir}/metrics.jsonl")
-        n = _non_embedding_params(summary)
-        points.append(ScalingPoint(name=name, params=n, tokens=int(summary["tokens"]), loss=float(loss),
-                                   flops=float(summary.get("flops_per_token", 6 * n)) * summary["tokens"],
-                                   heldout=is_heldout))
-    with open(out / "points.jsonl.tmp", "w") as f:
-        for p in points:
-            f.write(json.dumps(asdict(p)) + "\n")
-    (out / "points.jsonl.tmp").replace(out / "points.jsonl")
-    return points
-
+# ----------------------------------------------------------------------------- points
 
 def load_points(run_dir: str | Path) -> list[ScalingPoint]:
     path = Path(run_dir)
     path = path / "points.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run `lmstack scaling sweep --out DIR` first")
+        raise DataError(f"{path} does not exist; run `lmstack scaling sweep --out DIR` first")
     return [ScalingPoint(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -297,7 +199,7 @@ def plot_fit(points: Sequence[ScalingPoint], law: ScalingLaw, out_png: Path) -> 
     ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
 
 
@@ -306,7 +208,7 @@ def mark_heldout(points: Sequence[ScalingPoint], names: Sequence[str]) -> list[S
     known = {p.name for p in points}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"--holdout names no run called {', '.join(unknown)}; the runs are: "
+        raise UserError(f"--holdout names no run called {', '.join(unknown)}; the runs are: "
                          f"{', '.join(p.name for p in points)}")
     wanted = set(names)
     return [ScalingPoint(**{**asdict(p), "heldout": p.heldout or p.name in wanted}) for p in points]
@@ -336,7 +238,7 @@ def fit_report(run_dir: str | Path, predict_params: float | None = None, predict
     extrapolation in D); they are reported next to the sweep's own held-out run.
     """
     if (predict_params is None) != (predict_tokens is None):
-        raise ValueError("--predict-params and --predict-tokens go together: give both N and D")
+        raise UserError("--predict-params and --predict-tokens go together: give both N and D")
     run = Path(run_dir)
     points = mark_heldout(load_points(run), holdout)
     law = fit_scaling_law(points)
@@ -360,11 +262,11 @@ def fit_report(run_dir: str | Path, predict_params: float | None = None, predict
         caveats = extrapolation_caveats(grid, law, n_opt, d_opt)
         if caveats:
             result["compute_optimal"]["caveats"] = caveats
-    except ValueError as e:
+    except DataError as e:
         result["compute_optimal"] = {"flops": budget, "error": str(e)}
-    plot_fit(points, law, run / "scaling.png") if run.is_dir() else None
     if run.is_dir():
-        (run / "fit.json").write_text(json.dumps(result, indent=1))
+        plot_fit(points, law, run / "scaling.png")
+        write_json_atomic(run / "fit.json", result, indent=1)
     return result
 
 

@@ -1,24 +1,27 @@
-"""`lmstack pretrain`: train a model from scratch on token shards. Thin wiring over train/loop.py.
+"""`lmstack pretrain`: train a model from scratch on token shards. Thin wiring over train/stage.py.
 
     lmstack data tokenize classics --tokenizer TOK --out data/classics
     lmstack pretrain --data data/classics --out runs/tiny --preset tiny train.max_steps=500
+    lmstack pretrain --data data/classics --out runs/tiny --resume            # continue a killed run
     torchrun --nproc_per_node 2 -m lmstack.cli pretrain --data ... --out ...   # DDP (gloo on CPU)
 
 The model's vocabulary follows the tokenizer stored with the shards: ``model.vocab_size`` becomes
 the tokenizer's size rounded up to a multiple of 64 (faster matmuls; the extra rows are never
 produced by the tokenizer), unless it is set explicitly. The model is initialised from
 ``train.seed``, so two runs with the same config and data are identical.
-The objective follows the model family (train/losses.py).
+The objective follows the model family (``lmstack.models.FAMILIES[...].objective``).
+
+An --out directory that already holds a run is refused unless ``resume`` (continue it) or
+``overwrite`` (replace its training outputs) says what to do with it; see train/stage.py.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from lmstack.config import ConfigError, RunConfig, apply_overrides, build_run_config, load_config_file
+from lmstack.config import RunConfig
+from lmstack.errors import ConfigError
 
 
 def _fit_vocab(cfg: RunConfig, tokenizer_vocab: int, explicit: bool) -> None:
@@ -33,63 +36,33 @@ def _fit_vocab(cfg: RunConfig, tokenizer_vocab: int, explicit: bool) -> None:
 
 def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", config_file: str | None = None,
              overrides: list[str] | None = None, resume: bool = False, cfg: RunConfig | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Train on DATA_DIR (from `lmstack data tokenize`) into OUT_DIR; returns the run summary dict."""
-    from lmstack.data.loader import TokenLoader
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train on DATA_DIR (from `lmstack data tokenize`) into OUT_DIR; returns the run summary dict.
+
+    ``resume`` continues the run in OUT_DIR from its newest intact checkpoint (with its config, plus
+    ``config_file`` and ``overrides``); ``overwrite`` replaces a previous run's outputs in OUT_DIR.
+    """
+    from lmstack.data.loader import TokenLoader, load_meta
     from lmstack.models import build_model
     from lmstack.tokenizer import Tokenizer
-    from lmstack.train.dist import cleanup_distributed, init_distributed
     from lmstack.train.losses import objective_for
-    from lmstack.train.loop import train
+    from lmstack.train.stage import StageParts, run_stage, stage_config
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    explicit_vocab = any(o.startswith("model.vocab_size=") for o in (overrides or []))
-    if resume and cfg is None and (out_dir / "checkpoints").is_dir():
-        cfg = _config_of_run(out_dir)  # resume with the config the run started with (+ new overrides)
-        if config_file:
-            apply_overrides(cfg, load_config_file(config_file))
-        apply_overrides(cfg, overrides or [])
-    cfg = cfg or build_run_config(preset, config_file, overrides)
-    if not (data_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"{data_dir} holds no meta.json; make token shards with "
-                                "`lmstack data tokenize INPUT --tokenizer TOK --out DIR` first")
+    load_meta(data_dir)  # a clear error when DATA_DIR holds no shards, before anything else
+    cfg, checkpoint = stage_config(out_dir, preset, config_file, overrides, resume, base=cfg)
     tokenizer = Tokenizer.load(data_dir)
-    _fit_vocab(cfg, tokenizer.vocab_size, explicit_vocab)
-    cfg.validate()
+    explicit_vocab = any(o.startswith("model.vocab_size=") for o in (overrides or []))
+    _fit_vocab(cfg, tokenizer.vocab_size, explicit_vocab or checkpoint is not None)
 
-    info = init_distributed(cfg.train.device)
-    try:
+    def build(cfg: RunConfig, dist) -> StageParts:
         t = cfg.train
-        train_loader = TokenLoader(data_dir, "train", t.batch_size, t.seq_len, seed=t.seed,
-                                   rank=info.rank, world_size=info.world_size)
-        val_loader = TokenLoader(data_dir, "val", t.batch_size, t.seq_len, seed=t.seed,
-                                 rank=info.rank, world_size=info.world_size)
-        from lmstack.train.loop import seed_everything
+        train_loader, val_loader = (TokenLoader(data_dir, split, t.batch_size, t.seq_len, seed=t.seed,
+                                                rank=dist.rank, world_size=dist.world_size)
+                                    for split in ("train", "val"))
+        return StageParts(model=build_model(cfg.model), train_loader=train_loader, val_loader=val_loader,
+                          objective=objective_for(cfg.model, tokenizer), tokenizer=tokenizer,
+                          description=f"{train_loader.tokens:,} training tokens")
 
-        seed_everything(cfg.train.seed)  # same seed on every rank: DDP replicas start identical
-        model = build_model(cfg.model)
-        if info.is_main and progress:
-            print(f"model: {cfg.model.family}, {model.num_params() / 1e6:.2f}M parameters; "
-                  f"{train_loader.tokens:,} training tokens; device {info.device}", file=sys.stderr)
-        result = train(model, cfg, train_loader, val_loader, objective_for(cfg.model, tokenizer), out_dir,
-                       tokenizer=tokenizer, resume=resume, info=info,
-                       extra_config={"data": {"dir": str(data_dir)}}, progress=progress)
-    finally:
-        cleanup_distributed()
-    summary = {**result.to_dict(), "flops_per_token": model.flops_per_token(cfg.train.seq_len),
-               "config": cfg.to_dict()}
-    if info.is_main:
-        from lmstack.atomic import write_json_atomic
-
-        write_json_atomic(out_dir / "summary.json", summary)
-    return summary
-
-
-def _config_of_run(out_dir: Path) -> RunConfig:
-    from lmstack.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(out_dir / "checkpoints")
-    if latest is None:
-        raise FileNotFoundError(f"{out_dir}/checkpoints holds no checkpoint to resume from")
-    d = json.loads((latest / "config.json").read_text())
-    return RunConfig.from_dict({k: d[k] for k in ("model", "optim", "train") if k in d})
+    return run_stage(cfg, out_dir, build, resume=resume, overwrite=overwrite, resume_from=checkpoint,
+                     progress=progress, extra_config={"data": {"dir": str(data_dir)}})

@@ -4,14 +4,15 @@
 
 download corpus → clean (data pipeline) → train tokenizer → tokenize into shards → pretrain
 (within a wall-clock budget) → sample → report. Each stage writes into OUT and is skipped when its
-output is already there, so an interrupted speedrun picks up where it stopped.
+output is already there, so an interrupted speedrun picks up where it stopped (pretraining continues
+from its newest intact checkpoint).
 
 The report compares validation bits-per-byte with a unigram baseline on the same validation tokens:
 a model that only knows token frequencies (fitted on the training split, add-one smoothed). A model
 that learned anything about context must beat it clearly. Bits-per-byte is tokenizer-independent:
 nats per token / ln 2 × tokens per byte of UTF-8 text.
 
-Outputs: OUT/report.md, OUT/report.json (val_bpb, unigram_bpb, wall_seconds, params, tokens, ...),
+Outputs: OUT/report.md (the report card of lmstack.evals.report), OUT/report.json (val_bpb, unigram_bpb, wall_seconds, params, tokens, ...),
 OUT/loss.png, OUT/train/ (the run: checkpoints, metrics.jsonl, model/), OUT/tokenizer/, OUT/data/.
 """
 
@@ -39,7 +40,9 @@ def _say(msg: str) -> None:
 
 def unigram_bpb(data_dir: Path) -> float:
     """Bits-per-byte of a unigram model fitted on the train split, scored on the val split."""
-    meta = json.loads((data_dir / "meta.json").read_text())
+    from lmstack.data.loader import load_meta
+
+    meta = load_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
     vocab = int(meta["vocab_size"])
 
@@ -77,7 +80,7 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
     from lmstack.data.readers import iter_documents
     from lmstack.stages.pretrain import pretrain
     from lmstack.tokenizer import Tokenizer
-    from lmstack.atomic import write_json_atomic
+    from lmstack.atomic import write_atomic, write_json_atomic
 
     t0 = time.time()
     out = Path(out_dir)
@@ -126,22 +129,22 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
         tokenize_to_shards(inputs, tokenizer, data_dir, workers=workers)
     timings["tokenize"] = time.time() - t
 
-    # 5. pretrain (fresh each time unless a previous run of this speedrun can be resumed)
+    # 5. pretrain: reuse a finished run; continue an interrupted one (from its newest intact checkpoint,
+    # or from scratch when it died before its first one)
     t = time.time()
     budget = minutes if minutes is not None else DEFAULT_MINUTES
     train_overrides = overrides + ([f"train.max_minutes={budget}"] if not any(
         o.startswith("train.max_minutes=") for o in overrides) else [])
     run_dir = out / "train"
-    resume = (run_dir / "checkpoints").is_dir() and not (run_dir / "model").is_dir()
     if (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir():
         summary = json.loads((run_dir / "summary.json").read_text())
     else:
         _say(f"pretraining preset {preset!r} for up to {budget:g} minutes")
         summary = pretrain(data_dir, run_dir, preset=preset, config_file=config_file, overrides=train_overrides,
-                           resume=resume)
+                           resume=run_dir.exists())
     timings["pretrain"] = time.time() - t
     if (run_dir / "loss.png").is_file():
-        shutil.copyfile(run_dir / "loss.png", out / "loss.png")
+        write_atomic(out / "loss.png", lambda tmp: shutil.copyfile(run_dir / "loss.png", tmp), suffix=".png")
 
     # 6. baseline + samples
     t = time.time()
@@ -159,31 +162,11 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
         "model_dir": str(run_dir / "model"),
     }
     write_json_atomic(out / "report.json", report)
-    _write_report_md(out, report)
     from lmstack.evals.report import build_report
 
-    build_report(out)  # the report card: training curves, samples and any evaluations of this run
+    build_report(out)  # OUT/report.md, the report card: training curves, samples and any evaluations of this run
     _print_summary(report)
     return report
-
-
-def _write_report_md(out: Path, r: dict[str, Any]) -> None:
-    lines = [
-        "# lmstack speedrun", "",
-        f"- preset: `{r['preset']}`, parameters: {r['params'] / 1e6:.2f}M, vocabulary: {r['vocab_size']}",
-        f"- tokens seen: {r['tokens']:,} in {r['steps']} steps ({r['tokens_per_second']:,.0f} tokens/s)",
-        f"- wall time: {r['wall_seconds'] / 60:.1f} min "
-        f"({', '.join(f'{k} {v:.0f}s' for k, v in r['timings'].items())})",
-        f"- **validation bits-per-byte: {r['val_bpb']:.3f}** (unigram baseline on the same tokens: "
-        f"{r['unigram_bpb']:.3f})", "",
-        "![loss](loss.png)", "", "## Samples", "",
-    ]
-    for s in r["samples"]:
-        lines += [f"**prompt:** `{s['prompt'] or '(start of document)'}`", "", "```", s["prompt"] + s["completion"],
-                  "```", ""]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out / "report.md")
 
 
 def _print_summary(r: dict[str, Any]) -> None:

@@ -1,0 +1,180 @@
+"""The setup every training stage shares, so a stage is a dataset + an objective + wiring.
+
+    cfg, checkpoint = stage_config(out_dir, preset, config_file, overrides, resume)
+    ...stage-specific config changes (pretrain fits the vocabulary to the tokenizer)...
+    summary = run_stage(cfg, out_dir, build, resume=resume, overwrite=overwrite, resume_from=checkpoint)
+
+where ``build(cfg, dist) -> StageParts`` makes the model, the train and validation loaders, the
+objective and the tokenizer for this process (``dist.rank`` of ``dist.world_size``). The rest is here:
+
+- the config of a resumed run is the one it started with (from its newest intact checkpoint), with the
+  config file and overrides given now applied on top, so ``--resume train.max_steps=2000`` extends a run;
+- the run directory is checked before anything is written (:func:`prepare_run_dir`): a directory
+  holding a previous run is refused unless the user says ``--resume`` (continue it) or ``--overwrite``
+  (replace its training outputs); a directory holding files lmstack did not write for a training run
+  is refused unless ``--overwrite``, and even then only the training outputs are removed;
+- the process group under torchrun (set up and torn down), seeding (the same seed on every rank, so
+  DDP replicas start identical), a one-line model summary, the loop (train/loop.py), and
+  RUN/summary.json (the TrainResult, FLOPs per token and the config).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from lmstack.atomic import write_json_atomic
+from lmstack.checkpoint import latest_checkpoint, read_config
+from lmstack.config import RunConfig, apply_overrides, build_run_config, load_config_file
+from lmstack.errors import UserError
+from lmstack.train.dist import DistInfo, cleanup_distributed, init_distributed
+from lmstack.train.losses import Objective
+from lmstack.train.loop import seed_everything, train
+
+# what the loop writes into a run directory; nothing else there is touched by a training run
+TRAINING_OUTPUTS = ("checkpoints", "model", "metrics.jsonl", "summary.json", "loss.png", "tb")
+
+
+@dataclass
+class StageParts:
+    """What a stage's ``build(cfg, dist)`` makes for one process."""
+
+    model: nn.Module
+    train_loader: Any  # iterable of (x, y) batches with state_dict() / load_state_dict()
+    val_loader: Any  # one pass of (x, y) batches per iter(); bytes_per_token enables bits-per-byte
+    objective: Objective
+    tokenizer: Any = None  # saved with every checkpoint
+    description: str = ""  # what the data is, for the startup line ("1,234,567 training tokens")
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (or no torchrun): known from the environment before the process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def stage_config(out_dir: str | Path, preset: str, config_file: str | None, overrides: list[str] | None,
+                 resume: bool, base: RunConfig | None = None) -> tuple[RunConfig, Path | None]:
+    """The run config and, when resuming, the checkpoint to resume from (None: start from scratch).
+
+    Resuming takes the config of the newest intact checkpoint (a damaged newer one is reported and
+    passed over) and applies ``config_file`` and ``overrides`` on top. Otherwise, and when there is no
+    intact checkpoint, the config is ``base`` or the preset with the file and overrides.
+    """
+    checkpoint = None
+    if resume:
+        skipped: list[str] = []
+        checkpoint = latest_checkpoint(Path(out_dir) / "checkpoints", skipped)
+        for problem in skipped:
+            _say(f"checkpoint {problem}; falling back to an older one")
+        if checkpoint is None:
+            _say(f"no intact checkpoint in {Path(out_dir) / 'checkpoints'} to resume from; starting from scratch")
+    if checkpoint is not None and base is None:
+        cfg = RunConfig.from_dict(read_config(checkpoint))
+        if config_file:
+            apply_overrides(cfg, load_config_file(config_file))
+        apply_overrides(cfg, overrides or [])
+        return cfg, checkpoint
+    return base or build_run_config(preset, config_file, overrides), checkpoint
+
+
+def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory this run must not write into; with ``overwrite``, remove the old training outputs.
+
+    Allowed: a missing or empty directory; with ``resume``, a previous run's directory; with
+    ``overwrite``, anything (only :data:`TRAINING_OUTPUTS` are removed, other files stay).
+    """
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; name a directory for the run")
+    entries = sorted(out_dir.iterdir())
+    if overwrite:
+        if _is_main_process():
+            _remove_training_outputs(out_dir, entries)
+        return
+    foreign = [e.name for e in entries if not _is_training_output(e)]
+    if foreign and not (resume and set(foreign).isdisjoint(TRAINING_OUTPUTS)):
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise UserError(f"--out {out_dir} holds files that are not from an lmstack training run ({shown}); "
+                        "choose a new or empty directory, or pass --overwrite to train into it anyway")
+    if entries and not resume:
+        raise UserError(f"--out {out_dir} already holds a training run; pass --resume to continue it or "
+                        "--overwrite to replace it")
+
+
+def _is_training_output(entry: Path) -> bool:
+    """An entry a training run writes: a known name (``model`` only when it is an lmstack checkpoint),
+    or the staging leftover of one (``.NAME.tmp-*`` / ``.NAME.old-*``, see lmstack.atomic)."""
+    name = entry.name
+    if name.startswith("."):
+        return any(name.startswith(f".{output}.tmp-") or name.startswith(f".{output}.old-")
+                   for output in TRAINING_OUTPUTS)
+    if name == "model":
+        return _is_lmstack_checkpoint(entry)
+    return name in TRAINING_OUTPUTS
+
+
+def _is_lmstack_checkpoint(path: Path) -> bool:
+    try:
+        return read_config(path).get("format") == "lmstack"
+    except (OSError, ValueError):  # CheckpointError is a ValueError: not a checkpoint, or not ours
+        return False
+
+
+def _remove_training_outputs(out_dir: Path, entries: list[Path]) -> None:
+    removed = [e for e in entries if e.name in TRAINING_OUTPUTS or (e.name.startswith(".") and _is_training_output(e))]
+    for entry in removed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if removed:
+        _say(f"--overwrite: removed the previous run's {', '.join(e.name for e in removed)} from {out_dir}")
+
+
+def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, DistInfo], StageParts], *,
+              resume: bool = False, overwrite: bool = False, resume_from: Path | None = None,
+              progress: bool = True, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate, check the run directory, train under torchrun or in one process; returns the summary dict.
+
+    ``resume_from`` is the checkpoint :func:`stage_config` chose (None starts from scratch); ``resume``
+    and ``overwrite`` are the user's flags, checked against what OUT_DIR holds (:func:`prepare_run_dir`).
+    """
+    out_dir = Path(out_dir)
+    cfg.validate()
+    prepare_run_dir(out_dir, resume, overwrite)
+    dist = init_distributed(cfg.train.device)
+    try:
+        seed_everything(cfg.train.seed)  # the same seed on every rank: DDP replicas start identical
+        parts = build(cfg, dist)
+        if dist.is_main and progress:
+            model = parts.model
+            params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
+            print(f"model: {cfg.model.family}, {params / 1e6:.2f}M parameters"
+                  f"{'; ' + parts.description if parts.description else ''}; device {dist.device}",
+                  file=sys.stderr)
+        result = train(parts.model, cfg, parts.train_loader, parts.val_loader, parts.objective, out_dir,
+                       tokenizer=parts.tokenizer, resume=resume_from or False, info=dist,
+                       extra_config=extra_config, progress=progress)
+    finally:
+        cleanup_distributed()
+    flops_per_token = getattr(parts.model, "flops_per_token", None)
+    summary = {**result.to_dict(), "flops_per_token": flops_per_token(cfg.train.seq_len) if flops_per_token else None,
+               "config": cfg.to_dict()}
+    if dist.is_main:
+        write_json_atomic(out_dir / "summary.json", summary)
+    return summary
