@@ -221,6 +221,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if s in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError  # true/false in a file is not a number, although Python would say 1/0
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -50,6 +50,22 @@ class ImportedTokenizer:
         return Tokenizer.from_hf_json(self.hf_json, meta=meta, where="imported tokenizer")
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of the source, or a ConversionError naming the file when it does not parse."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path} is not valid JSON ({error}); is the {what} complete?") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """:func:`read_json` for a file that must hold a JSON object (config.json, tokenizer_config.json, ...)."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not an object; is the {what} intact?")
+    return data
+
+
 def check_output_dir(out: Path) -> None:
     """Refuse to replace a directory that holds something other than an lmstack checkpoint."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from lmstack.interop.common import ConversionError, ImportedTokenizer, source_info, write_imported_checkpoint
+from lmstack.interop.common import (ConversionError, ImportedTokenizer, read_json_object, source_info,
+                                    write_imported_checkpoint)
 from lmstack.interop.registry import architecture_for_hf
 from lmstack.models.bert import BertConfig
 from lmstack.models.gpt import GPTConfig
@@ -44,27 +45,39 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json; a Hugging Face model directory holds config.json, "
                               "model.safetensors (or shards) and tokenizer files")
-    return json.loads(path.read_text())
+    return read_json_object(path, "model's config.json")
 
 
 def load_safetensors(hf_dir: Path) -> Tensors:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-    from safetensors.torch import load_file
-
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index} has no weight_map of tensor names to shard files")
         tensors: Tensors = {}
-        for shard in shards:
-            tensors.update(load_file(str(hf_dir / shard)))
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_load_safetensors_file(hf_dir / str(shard)))
         return tensors
     if (hf_dir / "model.safetensors").is_file():
-        return load_file(str(hf_dir / "model.safetensors"))
+        return _load_safetensors_file(hf_dir / "model.safetensors")
     if any(hf_dir.glob("*.bin")):
         raise ConversionError(f"{hf_dir} holds only PyTorch pickle weights (*.bin); lmstack reads safetensors "
                               "only (loading pickles can run arbitrary code). Convert once with transformers: "
                               "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
     raise ConversionError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json")
+
+
+def _load_safetensors_file(path: Path) -> Tensors:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing; the weight index lists it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, empty or not safetensors at all
+        raise ConversionError(f"{path} is not a readable safetensors file ({error}); download it again") from None
 
 
 def strip_prefix(tensors: Tensors, prefixes: tuple[str, ...]) -> Tensors:
@@ -264,7 +277,7 @@ def _chat_template(hf_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default") or next(iter(named.values()), None)
     if template is None and (hf_dir / "chat_template.json").is_file():
-        template = json.loads((hf_dir / "chat_template.json").read_text()).get("chat_template")
+        template = read_json_object(hf_dir / "chat_template.json", "chat template").get("chat_template")
     return template
 
 
@@ -275,9 +288,9 @@ def read_hf_tokenizer(hf_dir: Path, model_cfg: dict[str, Any]) -> ImportedTokeni
     tok_cfg: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
         if (hf_dir / name).is_file():
-            tok_cfg.update(json.loads((hf_dir / name).read_text()))
+            tok_cfg.update(read_json_object(hf_dir / name, "tokenizer config"))
     if (hf_dir / "tokenizer.json").is_file():
-        doc = json.loads((hf_dir / "tokenizer.json").read_text())
+        doc = read_json_object(hf_dir / "tokenizer.json", "tokenizer")
     elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
         doc = _byte_level_bpe_doc(hf_dir / "vocab.json", hf_dir / "merges.txt")
     elif (hf_dir / "vocab.txt").is_file():
@@ -300,7 +313,7 @@ def read_hf_tokenizer(hf_dir: Path, model_cfg: dict[str, Any]) -> ImportedTokeni
 def _eos_ids(hf_dir: Path, model_cfg: dict[str, Any]) -> list[int]:
     ids: Any = model_cfg.get("eos_token_id")
     if (hf_dir / "generation_config.json").is_file():
-        ids = json.loads((hf_dir / "generation_config.json").read_text()).get("eos_token_id", ids)
+        ids = read_json_object(hf_dir / "generation_config.json", "generation config").get("eos_token_id", ids)
     if ids is None:
         return []
     return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
@@ -309,7 +322,7 @@ def _eos_ids(hf_dir: Path, model_cfg: dict[str, Any]) -> list[int]:
 def _byte_level_bpe_doc(vocab_path: Path, merges_path: Path) -> dict[str, Any]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = json.loads(vocab_path.read_text())
+    vocab = read_json_object(vocab_path, "vocabulary")
     merges = [tuple(line.split(" ", 1)) for line in merges_path.read_text().splitlines()
               if line and not line.startswith("#version")]
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
