@@ -225,3 +225,78 @@ def test_compiled_model_matches_eager(tmp_path):
     a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_first_logged_loss_after_resume_equals_the_uninterrupted_run(tmp_path):
+    """Checkpoints every 8 steps, log lines every 6: the line at step 18 averages steps 13-18, three of which
+    ran before the checkpoint at 16 that the resumed run starts from. It must log what the full run logged."""
+    extra = ["train.log_every=6", "train.ckpt_every=8", "train.keep_last=3"]
+    run(tmp_path / "full", extra=extra)
+    run(tmp_path / "part", extra=extra)
+    import shutil
+
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_0000024")
+    shutil.rmtree(tmp_path / "part" / "model")
+    run(tmp_path / "part", extra=extra, resume=True)
+
+    def logged(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows if "loss" in r or "val_loss" in r]
+
+    assert 18 in [step for step, loss, _ in logged("full") if loss is not None]  # the window that spans the resume
+    assert logged("part") == logged("full")
+
+
+class SlowValLoader(PatternLoader):
+    """Validation batches that take `delay` seconds each: a validation pass much slower than a step."""
+
+    def __init__(self, *args, delay, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+
+    def __iter__(self):
+        import time
+
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
+
+
+class SlowSavingTokenizer:
+    """A stand-in tokenizer whose save (part of every checkpoint) takes `delay` seconds."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def save(self, directory):
+        import time
+
+        time.sleep(self.delay)
+        (directory / "tokenizer.json").write_text("{}")
+
+
+def test_wall_clock_budget_counts_validation_and_checkpoint_time(tmp_path):
+    """Validation passes (0.6 s) and checkpoints (0.5 s) dwarf the steps; the run, final validation and
+    final weights included, must still end within its 12-second budget instead of overshooting by their cost."""
+    import time
+
+    budget_s = 12.0
+    cfg = build_run_config("tiny", overrides=TINY + [f"train.max_minutes={budget_s / 60}", "train.max_steps=100000",
+                                                     "train.eval_every=10", "train.ckpt_every=10", "train.log_every=5"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    tl = PatternLoader(4, 16)
+    vl = SlowValLoader(4, 16, split="val", n_windows=16, delay=0.3)  # eval_batches=2: 0.6 s a pass
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.time()
+        r = train(model, cfg, tl, vl, causal_lm, tmp_path / "run", tokenizer=SlowSavingTokenizer(0.5), progress=False)
+        wall = time.time() - start
+    finally:
+        torch.set_num_threads(threads)
+    assert wall < budget_s * 1.05  # everything the run does counts against the budget
+    assert wall > budget_s * 0.6  # ... and the budget is used, not left idle
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert r.steps == [row["max_steps"] for row in rows if row.get("event") == "budget"][-1]
+    assert sum(1 for row in rows if "val_loss" in row) >= 3
