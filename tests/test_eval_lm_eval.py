@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lmstack.evals.lm import EvalLM  # noqa: E402
 from lmstack.evals.task import GenerationRequest  # noqa: E402
-from lmstack.interop.lm_eval_adapter import LmstackLM  # noqa: E402
+from lmstack.evals.lm_eval_adapter import LmstackLM  # noqa: E402
 
 TASKS = {
     "lmstack_local_mc": """

@@ -3,13 +3,13 @@
     pip install "lm-eval>=0.4,<0.5"          # optional; not an lmstack dependency (it is in the dev extra)
 
     import lm_eval
-    from lmstack.interop.lm_eval_adapter import LmstackLM
+    from lmstack.evals.lm_eval_adapter import LmstackLM
     lm = LmstackLM(pretrained="runs/speedrun/model", batch_size=16)
     results = lm_eval.simple_evaluate(model=lm, tasks=["my_task"], task_manager=lm_eval.tasks.TaskManager(
         include_path="my_tasks/"))
 
     # or from lm-eval's own CLI, once this module is imported (it registers the model name):
-    python -c "import lmstack.interop.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()" \\
+    python -c "import lmstack.evals.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()" \\
         --model lmstack --model_args pretrained=runs/speedrun/model --tasks my_task --include_path my_tasks/
 
 The three request types map onto :class:`lmstack.evals.lm.EvalLM`, the same code ``lmstack eval`` uses, so the
@@ -34,6 +34,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install 'lm-eval>=0.4,<0.5'") from e
 
+from lmstack.errors import UserError
 from lmstack.evals.lm import EvalLM
 from lmstack.evals.task import GenerationRequest
 
@@ -48,7 +49,7 @@ class LmstackLM(LM):
         super().__init__()
         if lm is None:
             if not pretrained:
-                raise ValueError("LmstackLM needs pretrained=CHECKPOINT_DIR (or lm=EvalLM(...))")
+                raise UserError("LmstackLM needs pretrained=CHECKPOINT_DIR (or lm=EvalLM(...))")
             size = 16 if str(batch_size) == "auto" else int(batch_size)
             lm = EvalLM.from_checkpoint(str(pretrained), device=device, backend=backend, batch_size=size)
         self.lm = lm
