@@ -33,8 +33,9 @@ from typing import Callable
 
 from lmstack.data.corpora import resolve_inputs
 from lmstack.data.readers import iter_documents
-from lmstack.tokenizer import (NUM_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, _TiktokenBackend, special_token_list,
-                               train_from_files)
+from lmstack.data.tokenizer_training import train_from_files
+from lmstack.tokenizer import NUM_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, special_token_list
+from lmstack.tokenizer.backends import TiktokenBackend
 
 
 def best_of_interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict]:
@@ -122,8 +123,8 @@ def main() -> None:
     gpt2 = Tokenizer.load("gpt2")
 
     def convert_and_save() -> None:  # what Tokenizer.train + save do beyond rustbpe, from the learned ranks on
-        backend = _TiktokenBackend(dict(ours._backend.ranks), ours.special_tokens, SPLIT_PATTERN)
-        Tokenizer(backend, ours._meta).save(scratch / "resave")
+        backend = TiktokenBackend(dict(ours._backend.ranks), ours.special_tokens, SPLIT_PATTERN)
+        Tokenizer(backend, ours.meta).save(scratch / "resave")
 
     train_seconds["overhead"] = best_of_interleaved({"overhead": convert_and_save}, args.repeats)[0]["overhead"]
 

