@@ -31,7 +31,7 @@ def add_tokenizer_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> None:
-        from lmstack.tokenizer import train_from_files
+        from lmstack.data.tokenizer_training import train_from_files
 
         train_from_files(args.input, args.out, args.vocab_size, kind=args.kind, text_field=args.text_field,
                          max_bytes=args.max_bytes, progress=not args.no_progress)
@@ -47,7 +47,8 @@ def add_tokenizer_encode(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--text", default=None, help="text to encode (unset = read standard input)")
 
     def run(args: argparse.Namespace) -> None:
-        from lmstack.tokenizer import Tokenizer, describe_encoding
+        from lmstack.data.tokenizer_training import describe_encoding
+        from lmstack.tokenizer import Tokenizer
 
         text = args.text if args.text is not None else sys.stdin.read()
         print(describe_encoding(Tokenizer.load(args.tokenizer), text))
@@ -60,7 +61,8 @@ def add_tokenizer_info(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", required=True, help=_TOKENIZER_SOURCES)
 
     def run(args: argparse.Namespace) -> None:
-        from lmstack.tokenizer import Tokenizer, describe
+        from lmstack.data.tokenizer_training import describe
+        from lmstack.tokenizer import Tokenizer
 
         print(describe(Tokenizer.load(args.tokenizer)))
 
