@@ -9,6 +9,7 @@ from the registry packages named in docs/DATA.md (installed by scripts/setup.sh)
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import textwrap
@@ -134,6 +135,50 @@ def test_train_rejects_empty_input_and_non_strings():
         Tokenizer.train([b"bytes"], vocab_size=300)
     with pytest.raises(TypeError, match="iterable of documents"):
         Tokenizer.train("one string", vocab_size=300)
+
+
+def test_training_that_cannot_fit_in_memory_is_refused_before_reading(tmp_path):
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 43)  # 8 TiB of text on paper (a sparse file: no disk is used)
+    out = tmp_path / "tok"
+    with pytest.raises(ConfigError, match=r"8796\.1 GB of text needs about \d+\.\d GB of memory.*--max-bytes") as raised:
+        train_from_files([huge], out, vocab_size=1000, progress=False)
+    assert "\n" not in str(raised.value)
+    assert not out.exists()  # refused before anything was read or written
+    with pytest.raises(ConfigError, match="at most 1,048,576"):  # the vocabulary is checked before the inputs
+        train_from_files(["/no/such/file.txt"], out, vocab_size=1_000_000_000, progress=False)
+
+
+def test_a_vocabulary_of_mostly_reserved_tokens_stays_small_in_memory():
+    import subprocess
+    import sys
+
+    # a vocabulary far larger than its corpus is topped up with <|reserved_N|> tokens; they must stay
+    # cheap (tiktoken's own special-token tables cost about 6 KB per token, 1.6 GB here)
+    script = ("import resource; from lmstack.tokenizer import Tokenizer\n"
+              "tok = Tokenizer.train(['ab ab ab'], vocab_size=1 << 18)\n"
+              "assert tok.decode([tok.vocab_size - 1]).startswith('<|reserved_')\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 600_000  # KiB of peak memory
+
+
+def test_tokenizer_package_does_not_import_from_layers_above_it():
+    import ast
+
+    import lmstack.tokenizer
+
+    allowed = ("lmstack.errors", "lmstack.atomic", "lmstack.paths", "lmstack.progress", "lmstack.tokenizer")
+    for source in Path(lmstack.tokenizer.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):  # every import, lazy ones included
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("lmstack"):
+                    assert name.startswith(allowed), f"{source.name} imports {name}"
 
 
 # ----------------------------------------------------------------------------- exact round trips
@@ -352,6 +397,66 @@ def test_load_errors_are_clear(tmp_path):
         Tokenizer.load(tmp_path / "bad.tiktoken")
 
 
+def _garbage_tokenizer_files(bpe: Tokenizer) -> dict[str, bytes]:
+    """tokenizer.json contents a user may hand us by mistake: damaged, truncated, or JSON of another kind."""
+    import random
+
+    saved = bpe.hf_tokenizer().to_str()
+    spec = json.loads(saved)
+    bad_regex = json.loads(saved)
+    bad_regex["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = 5
+    bad_merge = json.loads(saved)
+    bad_merge["model"]["merges"][0] = 7
+    huge_id = {"model": {"type": "WordPiece", "vocab": {"[UNK]": 4_000_000_000}, "unk_token": "[UNK]"}}
+    return {
+        "random bytes": random.Random(0).randbytes(4096),
+        "empty": b"",
+        "truncated": saved.encode()[:len(saved) // 2],
+        "a list": b"[1, 2, 3]",
+        "a string": b'"tokenizer"',
+        "model is a list": json.dumps({"model": []}).encode(),
+        "vocab is a list": json.dumps({"model": {"type": "BPE", "vocab": [1, 2], "merges": {}}}).encode(),
+        "empty vocab": json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}}).encode(),
+        "added_tokens is a number": json.dumps({**spec, "added_tokens": 5}).encode(),
+        "split regex is a number": json.dumps(bad_regex).encode(),
+        "merge is a number": json.dumps(bad_merge).encode(),
+        "id beyond any vocabulary": json.dumps(huge_id).encode(),
+    }
+
+
+def test_garbage_tokenizer_json_is_one_data_error_naming_the_file(bpe, tmp_path):
+    for case, content in _garbage_tokenizer_files(bpe).items():
+        path = tmp_path / case.replace(" ", "_") / "tokenizer.json"
+        path.parent.mkdir()
+        path.write_bytes(content)
+        for source in (path, path.parent):
+            with pytest.raises(DataError) as raised:
+                Tokenizer.load(source)
+            message = str(raised.value)
+            assert str(path) in message and "\n" not in message, (case, message)
+
+
+def test_garbage_sidecar_and_tiktoken_files_are_data_errors(bpe, tmp_path):
+    bpe.save(tmp_path / "tok")
+    sidecar = tmp_path / "tok" / "lmstack_tokenizer.json"
+    for content, problem in ((b"[]", "JSON object"), (b'{"stop_tokens": "<|end|>"}', "stop_tokens"),
+                             (b'{"chat_format": "chatml"}', "chat_format"), (b"\xff\xfe\x00", "not a text file")):
+        sidecar.write_bytes(content)
+        with pytest.raises(DataError, match=problem) as raised:
+            Tokenizer.load(tmp_path / "tok")
+        assert str(sidecar) in str(raised.value)
+    sidecar.unlink()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('"not an object"')
+    with pytest.raises(DataError, match="tokenizer_config.json must hold a JSON object"):
+        Tokenizer.load(tmp_path / "tok")
+    ranks = tmp_path / "r.tiktoken"
+    for content, problem in ((b"", "lacks some of the 256"), (bytes(range(256)) * 4, "not a tiktoken file"),
+                             (b"".join(b"%s 0\n" % base64.b64encode(bytes([b])) for b in range(256)), "distinct")):
+        ranks.write_bytes(content)
+        with pytest.raises(DataError, match=problem):
+            Tokenizer.load(ranks)
+
+
 # ----------------------------------------------------------------------------- GPT-2 / cl100k files
 
 
@@ -444,6 +549,20 @@ def test_render_chat_masks_exactly_assistant_turns(name, request):
 def test_render_chat_rejects_malformed_messages(bpe, messages, message):
     with pytest.raises(DataError, match=message):
         bpe.render_chat(messages)
+
+
+def test_lmstack_chat_template_renders_what_render_chat_renders(bpe):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi <|end|>"},
+                {"role": "assistant", "content": "hello"}, {"role": "tool", "content": "42"}]
+    render = compile_template(LMSTACK_CHAT_TEMPLATE, {"bos_token": EOT, "eos_token": END})
+    for add_generation_prompt in (False, True):
+        ids, _ = bpe.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        assert render(messages, add_generation_prompt) == bpe.decode(ids)
+    # the same template as an imported tokenizer's chat_template gives the same mask on the same turns
+    plain = messages[:1] + [{"role": "user", "content": "hi"}] + messages[2:]
+    jinja = Tokenizer.from_hf_json(bpe.hf_tokenizer().to_str(), chat_template=LMSTACK_CHAT_TEMPLATE,
+                                   eot_token=EOT, bos_token=EOT)
+    assert jinja.chat_format == "jinja" and jinja.render_chat(plain) == bpe.render_chat(plain)
 
 
 def test_render_chat_accepts_openai_content_parts(bpe):

@@ -438,9 +438,11 @@ def _parse_hf_json(text: str, where: str) -> dict[str, Any]:
         raise DataError(f"{where} is not valid JSON ({e}); it is damaged or truncated") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise DataError(f"{where} is not a Hugging Face tokenizer.json (no 'model' object)")
+    added = spec.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise DataError(f"{where}: 'added_tokens' must be a list of objects")
     vocab = spec["model"].get("vocab")
-    ids = list(vocab.values()) if isinstance(vocab, dict) else []
-    ids += [t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)]
+    ids = [*(vocab.values() if isinstance(vocab, dict) else ()), *(t.get("id") for t in added)]
     too_large = [i for i in ids if isinstance(i, int) and i >= MAX_VOCAB_SIZE]
     if too_large:  # a table of that many ids would be allocated on first decode
         raise DataError(f"{where}: token id {max(too_large):,} is beyond the {MAX_VOCAB_SIZE:,} ids lmstack "
