@@ -147,11 +147,9 @@ class RunConfig:
         self.model.validate()
         self.optim.validate()
         self.train.validate()
-        if self.train.seq_len > self.model.block_size:
-            raise ConfigError(
+        require(self.train.seq_len <= self.model.block_size,
                 f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
-                "lower train.seq_len or raise model.block_size"
-            )
+                "lower train.seq_len or raise model.block_size")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": model_config_to_dict(self.model), "optim": dataclasses.asdict(self.optim),

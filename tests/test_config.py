@@ -3,7 +3,7 @@
 import pytest
 
 from lmstack.config import (PRESETS, ConfigError, RunConfig, apply_overrides, build_run_config, get_preset,
-                            load_config_file)
+                            load_config_file, tiny)
 
 
 def test_presets_validate_and_round_trip():
@@ -61,6 +61,37 @@ def test_config_files_use_the_same_keys(tmp_path, suffix, text):
 def test_bad_overrides_name_the_problem(override, needle):
     with pytest.raises(ConfigError, match=needle):
         build_run_config("tiny", overrides=[override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", r"optim.lr=nan must be a finite number in \(0, inf\)"),
+    ("optim.lr=inf", r"optim.lr=inf must be a finite number"),
+    ("optim.lr=-1", r"optim.lr=-1.0 must be a finite number in \(0, inf\)"),
+    ("optim.beta1=2", r"optim.beta1=2.0 must be a finite number in \[0, 1\)"),
+    ("optim.beta2=1", r"optim.beta2=1.0 must be a finite number in \[0, 1\)"),
+    ("optim.eps=0", r"optim.eps=0.0 must be a finite number in \(0, inf\)"),
+    ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 must be a finite number in \[0, inf\)"),
+    ("optim.grad_clip=-1", r"optim.grad_clip=-1.0 must be"),
+    ("train.spike_factor=0", r"train.spike_factor=0.0 must be a finite number in \(1, inf\)"),
+    ("train.eval_every=-1", r"train.eval_every=-1 must be an integer in \[0, inf\)"),
+    ("train.ckpt_every=-5", r"train.ckpt_every=-5 must be an integer"),
+    ("train.max_minutes=nan", r"train.max_minutes=nan must be a finite number"),
+    ("train.seed=-1", r"train.seed=-1 must be an integer"),
+    ("train.device=tpu", r"train.device='tpu': choose auto, cpu"),
+    ("train.compile=maybe", r"train.compile='maybe': expected a value of type bool"),
+])
+def test_every_optim_and_train_value_is_range_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_run_config("tiny", overrides=[override])
+
+
+def test_values_from_a_file_are_converted_and_checked_like_overrides():
+    cfg = RunConfig.from_dict({"model": vars(tiny().model), "train": {"max_steps": "12"}, "optim": {"lr": 0.01}})
+    assert cfg.train.max_steps == 12
+    with pytest.raises(ConfigError, match="train.batch_size=True"):
+        RunConfig.from_dict({"model": vars(tiny().model), "train": {"batch_size": True}})
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        RunConfig.from_dict({"model": [1, 2]})
 
 
 def test_seq_len_longer_than_context_is_rejected():
