@@ -31,7 +31,7 @@ def resolve_source(source: str | Path, progress: bool = True) -> tuple[str, Path
         known = weight_package(str(source))
         if known is None:
             names = ", ".join(w.name for w in WEIGHT_PACKAGES)
-            raise FileNotFoundError(f"{source} is neither a file, a directory nor a known model name "
+            raise ConversionError(f"{source} is neither a file, a directory nor a known model name "
                                     f"({names}); see `lmstack models`")
         path = fetch_weights(known, progress=progress)
         return ("gguf" if path.suffix == ".gguf" else "hf"), path, known.name

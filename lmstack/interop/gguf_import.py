@@ -51,7 +51,7 @@ class GGUFFile:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"GGUF file {self.path} does not exist")
+            raise ConversionError(f"GGUF file {self.path} does not exist")
         try:
             self.reader = gguf.GGUFReader(str(self.path))
         except (ValueError, OSError) as e:
