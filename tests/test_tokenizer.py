@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from lmstack import tokenizer as tokmod
 from lmstack.cli import main
 from lmstack.data.tokenizer_training import train_from_files
-from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.errors import ConfigError, DataError
 from lmstack.tokenizer import (ASSISTANT, END, EOT, LMSTACK_CHAT_TEMPLATE, MAX_VOCAB_SIZE, NUM_SPECIAL_TOKENS,
                                SYSTEM, TOOL_CALL, TOOL_RESULT, USER, Tokenizer)
 from lmstack.tokenizer.chat import compile_template
