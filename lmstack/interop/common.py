@@ -42,10 +42,10 @@ class ImportedTokenizer:
 
     def to_lmstack(self):
         """The lmstack Tokenizer carrying the vocabulary, special tokens and chat template."""
-        from lmstack.tokenizer import Tokenizer, _Meta
+        from lmstack.tokenizer import Tokenizer, TokenizerMeta
 
         # the sidecar metadata (stop tokens, template, BOS) is what tokenizer.json cannot hold
-        meta = _Meta(kind="imported", bos_token=self.bos_token, stop_tokens=list(self.stop_tokens),
+        meta = TokenizerMeta(kind="imported", bos_token=self.bos_token, stop_tokens=list(self.stop_tokens),
                      chat_template=self.chat_template, source="lmstack import")
         return Tokenizer.from_hf_json(self.hf_json, meta=meta, where="imported tokenizer")
 

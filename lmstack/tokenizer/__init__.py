@@ -95,7 +95,6 @@ class TokenizerMeta:
     source: str = ""  # where it was loaded from, for `lmstack tokenizer info`
 
 
-_Meta = TokenizerMeta  # the old private name, until lmstack/interop/common.py imports TokenizerMeta
 
 
 # ----------------------------------------------------------------------------- GPT-2 / cl100k registry
