@@ -63,6 +63,9 @@ from typing import Any
 
 import torch
 
+from lmstack.atomic import write_atomic, write_json_atomic, write_text_atomic
+from lmstack.train.loop import read_metrics
+
 SEQ_LEN, BATCH = 128, 16
 SHAPE = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", f"model.block_size={SEQ_LEN}"]
 TRAIN = [f"train.batch_size={BATCH}", f"train.seq_len={SEQ_LEN}", "train.eval_batches=8", "train.tensorboard=false",
@@ -180,10 +183,6 @@ def validation_windows(data_dir: Path, batches: int) -> list[torch.Tensor]:
 
 # ----------------------------------------------------------------------------- run records
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def moe_routing(rows: list[dict[str, Any]], model: torch.nn.Module, x: torch.Tensor) -> dict[str, float] | None:
     """Routing statistics of an MoE run, or None for other families.
 
@@ -242,9 +241,9 @@ def run_family(name: str, out: Path, data_dir: Path, vocab: int, budget: float, 
             shutil.rmtree(run_dir)  # a stale or interrupted run of this bench: start it over
         lmstack("pretrain", "--data", str(data_dir), "--out", str(run_dir), "--preset", FAMILIES[name][0],
                 *overrides, threads=a.threads)
-        (run_dir / "bench.json").write_text(json.dumps(settings, indent=1))
+        write_json_atomic(run_dir / "bench.json", settings, indent=1)
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     curve = [(r["step"] * flops_per_step, r["val_loss"]) for r in rows if "val_loss" in r]
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]
     family = cfg.model.family
@@ -339,22 +338,16 @@ def main() -> None:
         cont = "n/a" if r["continuation_loss"] is None else f"{r['continuation_loss']:.3f}"
         print(f"{name:>13}: {r['steps']} steps, val loss {r['final_val_loss']:.3f}, continuation {cont}, "
               f"{r['logged_tokens_per_second']:,.0f} tok/s while training", file=sys.stderr, flush=True)
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps({"gpt_steps": a.gpt_steps, "budget_flops": budget, "families": results}, indent=2))
-        os.replace(tmp, out / "results.json")
+        write_json_atomic(out / "results.json", {"gpt_steps": a.gpt_steps, "budget_flops": budget, "families": results})
 
     print(f"throughput: {a.speed_rounds} interleaved rounds of {a.speed_steps} steps per family", file=sys.stderr)
     speeds = interleaved_throughput(names, data_dir, vocab, a.speed_rounds, a.speed_steps)
-    for name, tps in speeds.items():
-        results[name]["tokens_per_second"] = tps
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"gpt_steps": a.gpt_steps, "budget_flops": budget, "families": results}, indent=2))
-    os.replace(tmp, out / "results.json")
+    for name, tokens_per_second in speeds.items():
+        results[name]["tokens_per_second"] = tokens_per_second
+    write_json_atomic(out / "results.json", {"gpt_steps": a.gpt_steps, "budget_flops": budget, "families": results})
     plot(results, out / "families.png", budget)
     table = markdown_table(results)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(table)
-    os.replace(tmp, out / "results.md")
+    write_text_atomic(out / "results.md", table)
     print(table)
     print(f"bench wall time {(time.time() - t0) / 60:.1f} min; plot {out / 'families.png'}", file=sys.stderr)
 
@@ -412,10 +405,8 @@ def plot(results: dict, path: Path, budget: float) -> None:
     right.invert_yaxis()
     right.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90), suffix=".png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from lmstack.config import build_run_config
+from lmstack.devices import resolve_device
 from lmstack.models import build_model
-from lmstack.train.loop import autocast_context, peak_flops, train
+from lmstack.train.loop import autocast_context, peak_flops, read_metrics, train
 from lmstack.train.losses import causal_lm
 
 
@@ -85,7 +86,7 @@ def lmstack_loop(cfg, steps: int) -> float:
         train(model, cfg, RandomLoader(cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size),
               RandomLoader(cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size), causal_lm, out,
               progress=False)
-        rows = [json.loads(x) for x in open(f"{out}/metrics.jsonl") if '"tokens_per_second"' in x]
+        rows = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_second" in r]
     rates = [r["tokens_per_second"] for r in rows[3:]]  # skip warmup / compile steps
     return len(rates) / sum(1 / r for r in rates)  # harmonic mean = total tokens / total time
 
@@ -97,12 +98,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = build_run_config(a.preset, overrides=a.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     cfg.train.device = device.type
     if device.type == "cpu":
         cfg.train.compile = False  # compile on CPU adds minutes of build time for little gain here
     model = build_model(cfg.model)
-    fpt = model.flops_per_token(cfg.train.seq_len)
+    flops_per_token = model.flops_per_token(cfg.train.seq_len)
     params = model.num_params()
     del model
     ref = bare_loop(cfg, a.steps, device)
@@ -110,9 +111,9 @@ def main() -> None:
     peak = peak_flops(device)
     print(f"preset {a.preset}: {params / 1e6:.1f}M params, B={cfg.train.batch_size} T={cfg.train.seq_len} "
           f"accum={cfg.train.grad_accum} dtype={cfg.train.dtype} compile={cfg.train.compile} on {device}")
-    for name, tps in (("bare PyTorch loop", ref), ("lmstack train()", ours)):
-        mfu = f"  MFU {tps * fpt / peak:.1%}" if peak else ""
-        print(f"  {name:18s} {tps:12,.0f} tokens/s{mfu}")
+    for name, tokens_per_second in (("bare PyTorch loop", ref), ("lmstack train()", ours)):
+        mfu = f"  MFU {tokens_per_second * flops_per_token / peak:.1%}" if peak else ""
+        print(f"  {name:18s} {tokens_per_second:12,.0f} tokens/s{mfu}")
     print(f"  ratio lmstack / bare: {ours / ref:.2f}")
 
 
