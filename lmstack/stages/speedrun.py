@@ -12,8 +12,8 @@ a model that only knows token frequencies (fitted on the training split, add-one
 that learned anything about context must beat it clearly. Bits-per-byte is tokenizer-independent:
 nats per token / ln 2 × tokens per byte of UTF-8 text.
 
-Outputs: OUT/report.md (the report card of lmstack.evals.report), OUT/report.json (val_bpb, unigram_bpb, wall_seconds, params, tokens, ...),
-OUT/loss.png, OUT/train/ (the run: checkpoints, metrics.jsonl, model/), OUT/tokenizer/, OUT/data/.
+Outputs: OUT/report.md (the report card of lmstack.evals.report), OUT/report.json (val_bpb, unigram_bpb,
+wall_seconds, params, tokens, ...), OUT/loss.png, OUT/train/ (the run: checkpoints, metrics.jsonl, model/), OUT/tokenizer/, OUT/data/.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from lmstack import checkpoint as ckpt
 from lmstack.atomic import clean_staging, write_text_atomic
 from lmstack.config import RunConfig
 from lmstack.devices import resolve_dtype, unwrap_model
-from lmstack.errors import DataError, LmstackError, UserError
+from lmstack.errors import CheckpointError, DataError, LmstackError, UserError
 from lmstack.plots import plot_training_curves
 from lmstack.progress import Progress
 from lmstack.train.budget import WallClockBudget
@@ -262,21 +262,20 @@ def train_step(run: "_Run", batches: Iterator, spike_limit: float) -> StepResult
     loss is non-finite or above ``spike_limit``, or a non-finite gradient norm (on any rank), skips the
     step before the weights change."""
     model, optimizer, scaler, accum, dist = run.model, run.optimizer, run.scaler, run.cfg.train.grad_accum, run.dist
-    loss_sum, metrics, problem, unscaled = 0.0, {}, None, False
+    loss_sum, metrics, problem, grad_norm = 0.0, {}, None, None
     for micro in range(accum):
         x, y = (t.to(run.device, non_blocking=True) for t in next(batches))
         gradient_sync = micro == accum - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
         with (contextlib.nullcontext() if gradient_sync else model.no_sync()), autocast_context(run.device, run.dtype):
             loss, metrics = run.objective(model, x, y)
-        problem = _loss_problem(float(loss.detach()), spike_limit, run.cfg.train.spike_factor)
-        if problem:
-            break
+        loss_value = float(loss.detach())
+        problem = problem or _loss_problem(loss_value, spike_limit, run.cfg.train.spike_factor)
+        if problem and not dist.enabled:
+            break  # under DDP every rank still runs its backward passes, or the gradient all-reduce would hang
         scaler.scale(loss / accum).backward()
-        loss_sum += float(loss.detach()) / accum
-    grad_norm = None
+        loss_sum += loss_value / accum
     if problem is None:
         scaler.unscale_(optimizer)
-        unscaled = True
         clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap_model(model).parameters(), clip))
         if not math.isfinite(grad_norm) and run.dtype != torch.float16:  # fp16: the scaler handles inf grads
@@ -285,8 +284,8 @@ def train_step(run: "_Run", batches: Iterator, spike_limit: float) -> StepResult
         problem = "another rank saw a bad batch"
     if problem is None:
         scaler.step(optimizer)
-    if unscaled:
-        scaler.update()  # also after a skip that came after unscale_, or the next unscale_ would refuse
+    if grad_norm is not None:
+        scaler.update()  # after any unscale_, stepped or not: the next unscale_ would refuse otherwise
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_sum, metrics=metrics, grad_norm=grad_norm, skipped=problem)
 
@@ -314,21 +313,24 @@ def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective:
     run = _start(model, cfg, train_loader, val_loader, objective, Path(out_dir), tokenizer, resume,
                  info or init_distributed(cfg.train.device), extra_config or {}, progress)
     batches = _infinite(train_loader)
-    with run.bar:
-        while run.state.step < run.state.max_steps:
-            lr = _set_lr(run)
-            result = train_step(run, batches, _spike_limit(run))
-            if result.skipped:
-                _skip_batch(run, result.skipped)
-                continue  # the same step is retried with the next batch
-            _advance(run.state, result, run.tokens_per_step)
-            _replan_budget(run)
-            if _maybe_rollback(run):
-                continue
-            _log(run, result, lr)
-            _maybe_eval(run)
-            _maybe_save(run)
-    return _finish(run)
+    try:
+        with run.bar:
+            while run.state.step < run.state.max_steps:
+                lr = _set_lr(run)
+                result = train_step(run, batches, _spike_limit(run))
+                if result.skipped:
+                    _skip_batch(run, result.skipped)
+                    continue  # the same step is retried with the next batch
+                _advance(run.state, result, run.tokens_per_step)
+                _replan_budget(run)
+                if _maybe_rollback(run):
+                    continue
+                _log(run, result, lr)
+                _maybe_eval(run)
+                _maybe_save(run)
+        return _finish(run)
+    finally:
+        run.logger.close()
 
 
 @dataclass
@@ -381,6 +383,9 @@ def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, 
     """Set up the run: device, precision, optimizer, resume, wrappers, logger, progress bar, budget."""
     started = time.time()
     device, tcfg = dist.device, cfg.train
+    if not all(callable(getattr(train_loader, name, None)) for name in ("state_dict", "load_state_dict")):
+        raise TypeError(f"the train loader ({type(train_loader).__name__}) needs state_dict() and load_state_dict(): "
+                        "its position is saved with every checkpoint so a resumed run sees the same batches")
     dtype = resolve_dtype(tcfg.dtype, device)
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"train.dtype=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
@@ -448,7 +453,11 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loa
     ckpt.load_model_state(model, ckpt.read_tensors(path / ckpt.WEIGHTS), path)
     model.to(device)
     trainer_state = ckpt.load_trainer_state(path)
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    try:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model and optimizer ({e}); "
+                              "resume with the config the run started with") from None
     set_rng_state(trainer_state["rng"])
     state = trainer_state["state"]
     if loader is not None and "loader" in state:
@@ -601,7 +610,6 @@ def _finish(run: _Run) -> TrainResult:
     if run.dist.is_main:
         ckpt.save_checkpoint(run.out_dir / "model", run.raw_model, run.config_dict, run.tokenizer)
         plot_loss_curve(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
-    run.logger.close()
     wall = run.elapsed()
     raw = run.raw_model
     params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
