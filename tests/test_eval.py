@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import make_tiny_checkpoint  # noqa: E402
 
 from lmstack.cli import main  # noqa: E402
+from lmstack.errors import DataError  # noqa: E402
 from lmstack.evals.lm import EvalLM, score_plain  # noqa: E402
 from lmstack.evals.run import evaluate, results_table  # noqa: E402
-from lmstack.evals.task import Example, GenerationRequest, MultipleChoiceTask, Response  # noqa: E402
+from lmstack.evals.task import (CodeTask, Example, GenerationRequest, MultipleChoiceTask, PerplexityTask,  # noqa: E402
+                                Response)
 from lmstack.evals.tasks import get_task  # noqa: E402
 
 PAIRS = [("Question: Which is a gas?\nAnswer:", " oxygen"), ("The cat sat on the", " mat"),
@@ -193,3 +195,41 @@ def test_requests_longer_than_the_context_are_counted_and_reported(plain):
     assert "truncated" not in table.split("note:")[0]  # a count, not a metric row
     roomy = evaluate(plain, ["arc_easy"], limit=2, num_fewshot=0, show_progress=False)
     assert roomy["results"]["arc_easy"]["truncated"] == 0 and "note:" not in results_table(roomy)
+
+
+class _TinyCode(CodeTask):
+    """One item whose test passes only for code defining ``answer() == 42``; a few tokens of generation."""
+
+    name = "tiny_code"
+    max_tokens = 4
+
+    def examples(self) -> list[Example]:
+        return [Example(id="0", context="def answer():\n    return", answers=[" 42\n"], test="assert answer() == 42")]
+
+    def program(self, ex: Example, completion: str) -> str:
+        return f"{ex.context}{completion}\n{ex.test}\n"
+
+
+def test_code_tasks_record_and_show_the_sandbox_isolation(plain):
+    task = _TinyCode()
+    assert task.reward(task.examples()[0], " 42\n") == 1.0
+    results = evaluate(plain, [task], show_progress=False)
+    assert results["sandbox"] == {"tiny_code": "namespaces"}  # this machine provides the contained mode
+    assert results["records"]["tiny_code"][0]["isolation"] == "namespaces"
+    assert results["config"]["unsafe_sandbox"] is False
+    assert "sandbox: tiny_code ran in namespaces isolation (contained:" in results_table(results)
+    opted_in = evaluate(plain, [task], unsafe_sandbox=True, show_progress=False)
+    assert opted_in["sandbox"] == {"tiny_code": "namespaces"}  # the opt-in never weakens a capable machine
+    assert "sandbox" not in evaluate(plain, ["arc_easy"], limit=1, show_progress=False)
+
+
+def test_perplexity_over_no_text_is_refused_not_perfect(ckpt, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["eval", "--model", str(ckpt), "--tasks", f"ppl:{empty}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no text to score" in err and len(err.splitlines()) == 1
+    assert main(["eval", "--model", str(ckpt), "--tasks", "ppl:EMPTY", "--device", "cpu"]) == 2
+    assert "EMPTY does not exist" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no text to score"):
+        PerplexityTask().aggregate([])  # a perplexity of exp(0) = 1.0 is never reported for nothing

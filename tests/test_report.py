@@ -32,6 +32,7 @@ def _fake_run(run: Path) -> None:
         "results": {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 2, "num_fewshot": 0, "baseline": 0.25,
                                  "truncated": 3}},
         "primary_metrics": {"arc_easy": "acc"}, "core": {"core": 0.3333, "centered/arc_easy": 0.3333},
+        "sandbox": {"humaneval": "landlock"},
         "records": {"arc_easy": [{"id": "q1", "prompt": "Question: Which is a gas?\nAnswer:", "choices": [" oxygen", " iron"],
                                   "gold": 0, "pred": 1, "acc": 0.0}]}}))
 
@@ -46,7 +47,8 @@ def test_report_collects_curves_evals_and_samples(tmp_path):
                    "## Training", "![training curves](report_training.png)", "## Evaluation", "| arc_easy | acc | 0.5 |",
                    "CORE-style centered accuracy: 0.3333", "predicted: ' iron'; gold: ' oxygen'", "## Samples",
                    "To be or not to be", "| parameters | 3,500,000 |",
-                   "longer than the model's 256-token context (their start was cut): arc_easy 3"]:
+                   "longer than the model's 256-token context (their start was cut): arc_easy 3",
+                   "Sandbox: `humaneval` programs ran in **landlock** isolation (contained: Landlock"]:
         assert needle in text, needle
     assert "| truncated |" not in text  # a count shown as a note, not a metric row
     for png in ("report_training.png", "report_evals.png"):

@@ -7,7 +7,8 @@ It collects whatever the run left behind (every source is optional, missing ones
 * the run summary from ``report.json`` (speedrun) and ``summary.json`` (pretrain);
 * evaluation results: every ``*.json`` written by ``lmstack eval --out`` in RUN_DIR, RUN_DIR/evals/ or
   RUN_DIR/eval/ -> a table per file, the CORE aggregate, a bar chart ``report_evals.png`` and a few
-  per-item samples (prompt end, prediction, right answer);
+  per-item samples (prompt end, prediction, right answer), and for code tasks the sandbox isolation mode
+  their programs ran in;
 * generated samples from report.json's ``samples`` and any ``samples*.txt`` / ``samples*.jsonl``.
 
 ``build_report(run_dir) -> Path`` is what ``lmstack speedrun`` calls at its end. The file is written
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.atomic import write_atomic, write_text_atomic
+from lmstack.errors import UserError
+from lmstack.evals.sandbox import describe_isolation
 
 _EVAL_DIRS = ("", "evals", "eval")
 
@@ -67,47 +70,6 @@ def find_eval_results(run_dir: Path) -> list[tuple[Path, dict]]:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def plot_training(records: list[dict], out_png: Path) -> bool:
-    """Four panels: losses, validation bits/byte, learning rate, tokens/s. False when there is nothing to plot."""
-    train = [r for r in records if _finite(r.get("loss")) and "step" in r]
-    val = [r for r in records if _finite(r.get("val_loss")) and "step" in r]
-    if not train and not val:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    ax = axes[0][0]
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.set_title("loss")
-    panels = [(axes[0][1], [r for r in val if _finite(r.get("val_bpb"))], "val_bpb", "bits per byte",
-               "validation bits per byte"),
-              (axes[1][0], [r for r in train if _finite(r.get("lr"))], "lr", "learning rate", "learning rate"),
-              (axes[1][1], [r for r in train if _finite(r.get("tokens_per_second"))], "tokens_per_second",
-               "tokens / s", "throughput")]
-    for ax, rows, key, ylabel, title in panels:
-        if rows:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-" if key == "val_bpb" else "-",
-                    ms=3, lw=1)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-    fig.tight_layout()
-    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
-    plt.close(fig)
-    return True
 
 
 def plot_evals(evals: list[tuple[Path, dict]], out_png: Path) -> bool:
@@ -200,6 +162,8 @@ def _eval_lines(path: Path, data: dict, run_dir: Path, samples_per_task: int = 2
     if cut:
         lines += ["", f"Requests longer than the model's {cfg.get('max_length')}-token context (their start was cut): "
                       + ", ".join(f"{t} {n}" for t, n in cut.items())]
+    for task, mode in (data.get("sandbox") or {}).items():
+        lines += ["", f"Sandbox: `{task}` programs ran in **{mode}** isolation ({describe_isolation(str(mode))})."]
     core = data.get("core") or {}
     if "core" in core:
         lines += ["", f"**CORE-style centered accuracy: {core['core']:.4f}** (0 = chance, 1 = perfect; "
@@ -243,7 +207,8 @@ def build_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md (+ report_training.png, report_evals.png) and return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise UserError(f"run directory {run_dir} does not exist; give the directory a speedrun, pretrain or eval "
+                        "run wrote")
     report = _read_json(run_dir / "report.json")
     summary = _read_json(run_dir / "summary.json") or _read_json(run_dir / "train" / "summary.json")
     metrics_path = find_metrics(run_dir)

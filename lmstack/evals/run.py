@@ -10,10 +10,18 @@ writes the JSON). For every task it
 4. scores items with ``task.score`` (code runs in the sandbox, ``workers`` programs at a time) and
    aggregates with ``task.aggregate``.
 
+Progress goes through the one bar, :class:`lmstack.progress.Progress` (one task per benchmark, requests/s).
+
+Code tasks run model-written programs in :mod:`lmstack.evals.sandbox`. When this machine offers no contained
+sandbox mode they are refused before anything is generated, unless the caller opts in to the escapable mode
+(``unsafe_sandbox=True``, ``lmstack eval --unsafe-sandbox`` or ``LMSTACK_SANDBOX=unsafe-fallback``). The
+mode the programs ran in is recorded under ``"sandbox"`` and printed under the table.
+
 Output (``--out FILE.json``): ``{"model", "config", "results": {task: {metric: value, "n", "num_fewshot",
-"baseline"}}, "core": {...}, "records": {task: [per-item prompt, choices, log-likelihoods, prediction,
-generated text, metrics]}}``, plus a readable table on stdout. ``core`` is the CORE-style aggregate:
-each multiple-choice / target task's accuracy centered on its random baseline, averaged (see metrics.py).
+"baseline"}}, "core": {...}, "sandbox": {code task: isolation mode}, "records": {task: [per-item prompt,
+choices, log-likelihoods, prediction, generated text, metrics]}}``, plus a readable table on stdout. ``core``
+is the CORE-style aggregate: each multiple-choice / target task's accuracy centered on its random baseline,
+averaged (see metrics.py).
 
 Few-shot defaults (``num_fewshot=None``): the task's ``default_fewshot`` (MMLU 5, GSM8K 8, otherwise 0).
 """
@@ -23,49 +31,25 @@ from __future__ import annotations
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from lmstack.atomic import write_json_atomic
+from lmstack.errors import UserError
 from lmstack.evals.lm import EvalLM
 from lmstack.evals.metrics import core_score
+from lmstack.evals.sandbox import choose_mode, describe_isolation
 from lmstack.evals.task import (CodeTask, Example, GenerativeTask, MultipleChoiceTask, PerplexityTask, Response,
                                 Task, TargetTask)
 from lmstack.evals.tasks import get_task
+from lmstack.progress import Progress
 
 DEFAULT_FEWSHOT = {"mmlu": 5, "gsm8k": 8}
 
 
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = [TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as progress:
-        yield progress
-
-
-class _Bar:
-    """Advances one rich task bar and shows requests per second."""
-
-    def __init__(self, progress: Any, description: str, total: int, unit: str):
-        self.progress, self.unit, self.start, self.done = progress, unit, time.monotonic(), 0
-        self.id = progress.add_task(description, total=total, rate="") if progress is not None else None
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            rate = self.done / max(time.monotonic() - self.start, 1e-9)
-            self.progress.update(self.id, advance=n, rate=f"{rate:,.1f} {self.unit}/s")
-
-    def finish(self, total: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.id, completed=total)
+def _counter(progress: Progress, description: str, total: int | None, unit: str) -> Callable[[int], None]:
+    """A progress task for ``description`` and the callback (n finished requests) that advances it."""
+    task_id = progress.add(description, total, unit=unit)
+    return lambda n: progress.advance(task_id, n)
 
 
 def _clean_item_scores(scores: dict[str, Any]) -> dict[str, Any]:
@@ -74,16 +58,21 @@ def _clean_item_scores(scores: dict[str, Any]) -> dict[str, Any]:
 
 def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: int | None = None,
              seed: int = 1234, num_samples: int = 1, temperature: float = 0.0, workers: int = 2,
-             progress: Any = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Evaluate one task; returns (task metrics, per-item records)."""
+             unsafe_sandbox: bool = False, progress: Progress | None = None
+             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate one task; returns (task metrics, per-item records).
+
+    ``unsafe_sandbox``: code tasks may run in the escapable sandbox mode when no contained one is available
+    (see evals/sandbox.py); without it they are refused there."""
+    progress = progress or Progress(enabled=False)
     examples = task.examples()
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"--limit {limit} must be >= 1")
+            raise UserError(f"--limit {limit} must be >= 1")
         examples = examples[:limit]
     k = DEFAULT_FEWSHOT.get(task.name, 0) if num_fewshot is None else num_fewshot
     if k < 0:
-        raise ValueError(f"--num-fewshot {k} must be >= 0")
+        raise UserError(f"--num-fewshot {k} must be >= 0")
     prefixes = [task.fewshot_prefix(ex, k, seed) for ex in examples]
     truncated_before = getattr(lm, "truncated_requests", 0)
     records: list[dict[str, Any]] = []
@@ -92,9 +81,7 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
     if isinstance(task, (MultipleChoiceTask, TargetTask)):
         per_item = [task.loglikelihood_requests(ex, p) for ex, p in zip(examples, prefixes)]
         flat = [(r.context, r.continuation) for reqs in per_item for r in reqs]
-        bar = _Bar(progress, task.name, len(flat), "req")
-        results = lm.loglikelihood(flat, progress=bar)
-        bar.finish(len(flat))
+        results = lm.loglikelihood(flat, progress=_counter(progress, task.name, len(flat), "req"))
         pos = 0
         for ex, reqs in zip(examples, per_item):
             res = results[pos:pos + len(reqs)]
@@ -109,12 +96,8 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
                             "token_counts": response.token_counts, "is_greedy": response.is_greedy,
                             **_clean_item_scores(scores)})
     elif isinstance(task, PerplexityTask):
-        bar = _Bar(progress, task.name, 0, "win")
         texts = [ex.context for ex in examples]
-        if progress is not None:
-            progress.update(bar.id, total=None)
-        results = lm.loglikelihood_rolling(texts, progress=bar)
-        bar.finish(bar.done)
+        results = lm.loglikelihood_rolling(texts, progress=_counter(progress, task.name, None, "win"))
         for ex, r in zip(examples, results):
             scores = task.score(ex, Response(loglikelihoods=[r.logprob], token_counts=[r.num_tokens]))
             item_scores.append(scores)
@@ -123,12 +106,11 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
         n = num_samples if isinstance(task, CodeTask) else 1
         temp = temperature if (n > 1 or temperature > 0) else 0.0
         requests = [task.generation_request(ex, p, n=n, temperature=temp) for ex, p in zip(examples, prefixes)]
-        bar = _Bar(progress, task.name, len(requests), "gen")
-        generations = lm.generate(requests, seed=seed, progress=bar)
-        bar.finish(len(requests))
+        generations = lm.generate(requests, seed=seed, progress=_counter(progress, task.name, len(requests), "gen"))
         responses = [Response(text=g[0], samples=g) for g in generations]
         if isinstance(task, CodeTask):
-            run_bar = _Bar(progress, f"{task.name} (run)", len(examples), "prog")
+            task.allow_unsafe_sandbox = unsafe_sandbox
+            run_bar = _counter(progress, f"{task.name} (run)", len(examples), "prog")
 
             def score_one(pair: tuple[Example, Response]) -> dict[str, Any]:
                 out = task.score(*pair)
@@ -158,20 +140,22 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
 
 def evaluate(lm: EvalLM, tasks: Sequence[str | Task], *, limit: int | None = None, num_fewshot: int | None = None,
              seed: int = 1234, num_samples: int = 1, temperature: float = 0.0, workers: int = 2,
-             show_progress: bool = True, keep_records: bool = True) -> dict[str, Any]:
+             unsafe_sandbox: bool = False, show_progress: bool = True, keep_records: bool = True) -> dict[str, Any]:
     """Evaluate ``lm`` on each task; returns the results dictionary described in the module docstring."""
     task_objs = [get_task(t) if isinstance(t, str) else t for t in tasks]
     if not task_objs:
-        raise ValueError("no tasks given; pass e.g. --tasks hellaswag,arc_easy")
+        raise UserError("no tasks given; pass e.g. --tasks hellaswag,arc_easy")
+    if any(isinstance(t, CodeTask) for t in task_objs):
+        choose_mode(allow_unsafe=unsafe_sandbox)  # refuse before any generation when the code cannot be contained
     results: dict[str, dict[str, float]] = {}
     records: dict[str, list] = {}
     timings: dict[str, float] = {}
-    with _progress(show_progress) as progress:
+    with Progress(enabled=show_progress) as progress:
         for task in task_objs:
             start = time.monotonic()
             metrics, items = run_task(lm, task, limit=limit, num_fewshot=num_fewshot, seed=seed,
                                       num_samples=num_samples, temperature=temperature, workers=workers,
-                                      progress=progress)
+                                      unsafe_sandbox=unsafe_sandbox, progress=progress)
             timings[task.name] = time.monotonic() - start
             results[task.name] = metrics
             records[task.name] = items
@@ -185,13 +169,18 @@ def evaluate(lm: EvalLM, tasks: Sequence[str | Task], *, limit: int | None = Non
         "model": lm.name,
         "config": {"tasks": [t.name for t in task_objs], "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
                    "num_samples": num_samples, "temperature": temperature, "backend": lm.backend,
-                   "batch_size": lm.batch_size, "device": str(lm.device), "max_length": lm.max_length},
+                   "batch_size": lm.batch_size, "device": str(lm.device), "max_length": lm.max_length,
+                   "unsafe_sandbox": unsafe_sandbox},
         "results": results,
         "core": core_score(accuracies, baselines),
         "primary_metrics": {t.name: t.primary_metric for t in task_objs},
         "seconds": timings,
         "host": {"python": platform.python_version(), "machine": platform.machine()},
     }
+    sandbox = {t.name: ",".join(sorted({mode for item in records[t.name] for mode in item["isolation"].split(",")}))
+               for t in task_objs if isinstance(t, CodeTask) and records[t.name]}
+    if sandbox:
+        out["sandbox"] = sandbox  # task -> the isolation mode its programs ran in (evals/sandbox.py)
     if keep_records:
         out["records"] = records
     return out
@@ -220,21 +209,24 @@ def results_table(results: dict[str, Any]) -> str:
             lines.append(f"note: {task}: {metrics['truncated']} request(s) were longer than the model's "
                          f"{max_length}-token context and kept only their last {max_length} tokens "
                          "(fewer shots with --num-fewshot avoid this)")
+    for task, mode in (results.get("sandbox") or {}).items():
+        lines.append(f"sandbox: {task} ran in {mode} isolation ({describe_isolation(mode)})")
     return "\n".join(lines)
 
 
 def evaluate_checkpoint(model: str, tasks: Sequence[str], *, limit: int | None = None,
                         num_fewshot: int | None = None, out: str | None = None, seed: int = 1234,
                         batch_size: int = 16, device: str = "auto", backend: str = "auto", num_samples: int = 1,
-                        temperature: float = 0.0, workers: int = 2, keep_records: bool = True,
-                        show_progress: bool = True) -> dict[str, Any]:
+                        temperature: float = 0.0, workers: int = 2, unsafe_sandbox: bool = False,
+                        keep_records: bool = True, show_progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint, evaluate it, print the table, write ``out`` (JSON) when given."""
-    for name in tasks:
-        get_task(name)  # fail fast on a typo, before loading the model
+    task_objs = [get_task(name) for name in tasks]  # a typo or an empty text fails here, before the model loads
+    if any(isinstance(t, CodeTask) for t in task_objs):
+        choose_mode(allow_unsafe=unsafe_sandbox)
     lm = EvalLM.from_checkpoint(model, device=device, backend=backend, batch_size=batch_size)
-    results = evaluate(lm, tasks, limit=limit, num_fewshot=num_fewshot, seed=seed, num_samples=num_samples,
-                       temperature=temperature, workers=workers, show_progress=show_progress,
-                       keep_records=keep_records)
+    results = evaluate(lm, task_objs, limit=limit, num_fewshot=num_fewshot, seed=seed, num_samples=num_samples,
+                       temperature=temperature, workers=workers, unsafe_sandbox=unsafe_sandbox,
+                       show_progress=show_progress, keep_records=keep_records)
     results["model"] = str(model)
     print(results_table(results))
     if out:

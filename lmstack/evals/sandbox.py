@@ -337,6 +337,21 @@ class SandboxLimits:
     forbid_processes: bool = True  # seccomp: the code may create threads but no processes
 
 
+# what each mode guarantees, in a phrase: printed under evaluation tables and in report cards
+GUARANTEES = {
+    "namespaces": "contained: read-only filesystem outside its directory, private /proc, own PID and network "
+                  "namespaces",
+    "landlock": "contained: Landlock confines writes to its directory and signals to itself, no /proc, no network",
+    "unsafe-fallback": "ESCAPABLE: resource limits, seccomp and an audit hook only; run because the user opted in",
+}
+
+
+def describe_isolation(modes: str) -> str:
+    """The guarantee of a recorded mode (or of each mode of a comma-separated list)."""
+    return "; ".join(f"{mode}: {GUARANTEES.get(mode, 'unknown mode')}" if "," in modes else
+                     GUARANTEES.get(mode, "unknown mode") for mode in modes.split(","))
+
+
 # mode -> None (works here) or the reason it does not; learned by probing once per process
 _availability: dict[str, str | None] = {}
 _availability_lock = threading.Lock()

@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from lmstack.errors import DataError
+
 # ----------------------------------------------------------------------------- data types
 
 
@@ -226,6 +228,9 @@ class PerplexityTask(Task):
         nll = sum(s["nll"] for s in item_scores)
         tokens = sum(s["tokens"] for s in item_scores)
         num_bytes = sum(s["bytes"] for s in item_scores)
+        if tokens == 0:  # exp(0 / 1) would report a perfect perplexity of 1.0 for nothing scored
+            raise DataError(f"{self.name}: there is no text to score; give a file or directory with non-empty "
+                            "documents")
         return {"perplexity": math.exp(nll / max(tokens, 1)), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
                 "tokens": tokens, "bytes": num_bytes}
 
@@ -292,6 +297,7 @@ class CodeTask(GenerativeTask):
     primary_metric = "pass@1"
     max_tokens = 384
     timeout_s: float = 10.0
+    allow_unsafe_sandbox: bool = False  # the user's opt-in to the escapable sandbox mode (see evals/sandbox.py)
 
     def program(self, ex: Example, completion: str) -> str:
         """The full program to execute: the code under test followed by its tests."""
@@ -299,13 +305,15 @@ class CodeTask(GenerativeTask):
 
     def score(self, ex: Example, response: Response | str) -> dict[str, float]:
         from lmstack.evals.metrics import pass_at_k
-        from lmstack.evals.sandbox import run_python
+        from lmstack.evals.sandbox import SandboxLimits, run_python
 
         r = _as_response(response)
         samples = r.samples if r.samples is not None else [r.text or ""]
-        results = [run_python(self.program(ex, s), timeout_s=self.timeout_s) for s in samples]
+        limits = SandboxLimits(timeout_s=self.timeout_s, allow_unsafe=self.allow_unsafe_sandbox)
+        results = [run_python(self.program(ex, s), limits=limits) for s in samples]
         passed = sum(res.passed for res in results)
         out: dict[str, Any] = {f"pass@{k}": pass_at_k(len(samples), passed, k)
                                for k in (1, 10, 100) if k <= len(samples)}
         out["_statuses"] = [res.status for res in results]
+        out["_isolation"] = ",".join(sorted({res.isolation for res in results}))  # the sandbox mode it ran in
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from lmstack.errors import UserError
 from lmstack.evals.task import Task
 
 # name -> "module:Class" (imported lazily so `lmstack --help` stays instant)
@@ -44,7 +45,7 @@ def get_task(name: str) -> Task:
         return TextPerplexity(key[4:])
     key = key.lower().replace("-", "_")
     if key not in TASKS:
-        raise ValueError(f"unknown task '{name}'; choose from {', '.join(TASKS)} or ppl:PATH")
+        raise UserError(f"unknown task '{name}'; choose from {', '.join(TASKS)} or ppl:PATH")
     module_name, cls_name = TASKS[key].split(":")
     module = importlib.import_module(f"lmstack.evals.tasks.{module_name}")
     factory: Callable[[], Task] = getattr(module, cls_name)

@@ -1,31 +1,36 @@
-"""Language-model scoring of your own texts: ``--tasks ppl:PATH`` (a .txt / .jsonl file or a directory).
+"""Language-model scoring of your own texts: ``--tasks ppl:PATH`` (a .txt / .jsonl / .parquet file or a directory).
 
 Every document is scored whole with rolling windows (see EvalLM.loglikelihood_rolling); the task reports
 token perplexity and bits per byte over the whole set (bits per byte compares models with different
-tokenizers). Documents are read with lmstack.data.sources.iter_documents when it is available (txt, jsonl
-with a "text" field, parquet, directories), else as plain UTF-8 text files, one document per file.
+tokenizers). Documents are read with :func:`lmstack.data.readers.iter_documents` (txt, jsonl with a "text"
+field, parquet, directories; empty documents are skipped).
+
+The documents are read once, when the task is built, so that a path holding no text is refused before a
+model is loaded: an empty set would otherwise score a perfect perplexity of 1.0.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lmstack.data.readers import ReadStats, iter_documents
+from lmstack.errors import DataError
 from lmstack.evals.task import Example, PerplexityTask
 
 
 class TextPerplexity(PerplexityTask):
     def __init__(self, path: str):
+        if not path.strip():
+            raise DataError("ppl: needs a path, e.g. --tasks ppl:notes/ (a .txt / .jsonl / .parquet file or a "
+                            "directory)")
         self.path = Path(path)
         self.name = f"ppl:{self.path.name}"
-        if not self.path.exists():
-            raise FileNotFoundError(f"ppl:{path}: no such file or directory")
+        stats = ReadStats()
+        self._examples = [Example(id=doc.id, context=doc.text) for doc in iter_documents([str(self.path)], stats=stats)
+                          if doc.text.strip()]
+        if not self._examples:
+            raise DataError(f"ppl:{path} holds no text to score ({stats.summary()}); give a file or directory with "
+                            "non-empty documents")
 
     def examples(self) -> list[Example]:
-        try:
-            from lmstack.data.readers import iter_documents
-
-            docs = [(d.id, d.text) for d in iter_documents([str(self.path)])]
-        except ImportError:
-            files = sorted(self.path.rglob("*.txt")) if self.path.is_dir() else [self.path]
-            docs = [(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
-        return [Example(id=str(i), context=text) for i, text in docs if text.strip()]
+        return self._examples
