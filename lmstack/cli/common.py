@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 from lmstack.errors import UserError
+
+Number = TypeVar("Number", int, float)
 
 
 class UsageError(UserError):
@@ -77,7 +79,8 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
-def _finite(text: str) -> float:
+def finite_float(text: str) -> float:
+    """Any finite number (not nan or inf)."""
     try:
         value = float(text)
     except ValueError:
@@ -87,73 +90,36 @@ def _finite(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (counts, sizes, token budgets)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be an integer >= 1")
-    return value
+def _checked(name: str, parse: Callable[[str], Number], ok: Callable[[Number], bool],
+             requirement: str, doc: str) -> Callable[[str], Number]:
+    """A ``type=`` validator: ``parse`` the text, then refuse a value ``ok`` rejects with "VALUE requirement"."""
+
+    def check(text: str) -> Number:
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} {requirement}")
+        return value
+
+    check.__name__ = check.__qualname__ = name  # argparse names the type by it in some messages
+    check.__doc__ = doc
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (where 0 means off / in this process)."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be an integer >= 0")
-    return value
-
-
-def port(text: str) -> int:
-    """A TCP port: 1..65535, or 0 for any free port."""
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port: use 1..65535 (or 0 = any free port)")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """Any finite number (not nan or inf)."""
-    return _finite(text)
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    """A number in [0, 1]."""
-    value = _finite(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
-    return value
-
-
-def open_unit_interval(text: str) -> float:
-    """A number in (0, 1] (a probability mass that must keep something)."""
-    value = _finite(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A share in [0, 1) (a held-out split that leaves something to train on)."""
-    value = _finite(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
-    return value
+positive_int = _checked("positive_int", _integer, lambda v: v >= 1, "must be an integer >= 1",
+                        "An integer >= 1 (counts, sizes, token budgets).")
+non_negative_int = _checked("non_negative_int", _integer, lambda v: v >= 0, "must be an integer >= 0",
+                            "An integer >= 0 (where 0 means off / in this process).")
+port = _checked("port", _integer, lambda v: 0 <= v <= 65535,
+                "is not a TCP port: use 1..65535 (or 0 = any free port)", "A TCP port: 1..65535, or 0 for any free port.")
+positive_float = _checked("positive_float", finite_float, lambda v: v > 0, "must be a finite number > 0",
+                          "A finite number > 0.")
+non_negative_float = _checked("non_negative_float", finite_float, lambda v: v >= 0, "must be a finite number >= 0",
+                              "A finite number >= 0.")
+unit_interval = _checked("unit_interval", finite_float, lambda v: 0 <= v <= 1, "must be in [0, 1]", "A number in [0, 1].")
+open_unit_interval = _checked("open_unit_interval", finite_float, lambda v: 0 < v <= 1, "must be in (0, 1]",
+                              "A number in (0, 1] (a probability mass that must keep something).")
+fraction = _checked("fraction", finite_float, lambda v: 0 <= v < 1, "must be in [0, 1)",
+                    "A share in [0, 1) (a held-out split that leaves something to train on).")
 
 
 def device(text: str) -> str:

@@ -102,6 +102,16 @@ def _leftovers(tensors: Tensors, ignorable: tuple[str, ...]) -> None:
                               "the model uses an option lmstack does not implement")
 
 
+def _take_lm_head(cfg: GPTConfig, tensors: Tensors, out: Tensors) -> None:
+    """Move ``lm_head.weight`` into ``out`` when the head is untied; a tied model drops any saved copy
+    (it is the token embedding)."""
+    head = tensors.pop("lm_head.weight", None)
+    if not cfg.tie_embeddings:
+        if head is None:
+            raise ConversionError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+        out["lm_head.weight"] = head
+
+
 # ----------------------------------------------------------------------------- llama
 
 def llama_config(cfg: dict[str, Any]) -> GPTConfig:
@@ -141,11 +151,7 @@ def llama_state(cfg: GPTConfig, tensors: Tensors) -> Tensors:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             for s in suffixes:
                 out[f"{dst}mlp.{proj}.{s}"] = _take(t, f"{src}mlp.{proj}.{s}")
-    head = t.pop("lm_head.weight", None)
-    if not cfg.tie_embeddings:
-        if head is None:
-            raise ConversionError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
-        out["lm_head.weight"] = head
+    _take_lm_head(cfg, t, out)
     _leftovers(t, ("rotary_emb.inv_freq",))
     return out
 
@@ -193,11 +199,7 @@ def gpt2_state(cfg: GPTConfig, tensors: Tensors) -> Tensors:
                               ("mlp.c_proj", "mlp.down_proj")):
             out[f"{dst}{ours}.weight"] = _take(t, f"{src}{hf_name}.weight").t().contiguous()
             out[f"{dst}{ours}.bias"] = _take(t, f"{src}{hf_name}.bias")
-    head = t.pop("lm_head.weight", None)
-    if not cfg.tie_embeddings:
-        if head is None:
-            raise ConversionError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
-        out["lm_head.weight"] = head
+    _take_lm_head(cfg, t, out)
     _leftovers(t, (".attn.bias", ".attn.masked_bias"))  # old causal-mask buffers
     return out
 
