@@ -9,11 +9,12 @@ the evaluation harness records it in its results and prints it.
 
 ``namespaces`` (Linux with user namespaces: the usual case)
     New user, mount, PID and network namespaces. The whole filesystem is remounted read-only except the
-    private working directory; a private /proc shows only the sandbox's own processes; the network namespace
-    has nothing but a loopback that is down; all capabilities are dropped before the code starts. The
-    sandbox cannot write or delete outside its directory (by any path, ``dir_fd`` included), cannot see or
-    signal any process outside itself, and cannot read other processes' environments or command lines.
-    When the sandbox's first process ends, the kernel ends every process of its PID namespace.
+    private working directory; a private /proc shows only the sandbox's own processes (where the kernel
+    refuses to mount one, /proc is an empty read-only directory); the network namespace has nothing but a
+    loopback that is down; all capabilities are dropped before the code starts. The sandbox cannot write or
+    delete outside its directory (by any path, ``dir_fd`` included), cannot see or signal any process
+    outside itself, and cannot read other processes' environments or command lines. When the sandbox's
+    first process ends, the kernel ends every process of its PID namespace.
 
 ``landlock`` (Linux 6.12 or later when namespaces are refused, e.g. in a container with a default seccomp
 profile)
@@ -34,9 +35,10 @@ Every mode also has:
 
 * **A seccomp filter.** No ``fork``/``vfork``/``clone`` of processes (threads still work), no ``socket()``
   (so no network of any family, and no connecting to Unix sockets on the read-only filesystem), no
-  ``io_uring``, ``unshare`` or ``setns``, no changes of file metadata (``chmod``, ``chown``, ``utime``,
-  extended attributes; Landlock does not cover them); system calls of any other ABI (x32, i386) are
-  refused. The two contained modes refuse to run without it (it exists for x86_64 and aarch64).
+  ``io_uring``, ``unshare`` or ``setns``; system calls of any other ABI (x32, i386) are refused. Outside
+  the namespaces mode it also refuses changes of file metadata (``chmod``, ``chown``, ``utime``, extended
+  attributes), which Landlock does not cover, so there ``shutil.copy`` fails even inside the directory. The
+  two contained modes refuse to run without the filter (it exists for x86_64 and aarch64).
 * **Resource limits.** A wall-clock timeout and ``RLIMIT_CPU`` (the whole process group is SIGKILLed at
   the end), ``RLIMIT_AS`` (a memory bomb gets MemoryError), ``RLIMIT_NPROC``, ``RLIMIT_FSIZE`` (also caps
   the captured stdout / stderr), ``RLIMIT_NOFILE``, no core dumps.
@@ -84,8 +86,9 @@ import ctypes, json, os, platform, resource, signal, struct, sys
 cfg = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID, CLONE_THREAD = 0x10000000, 0x20000, 0x40000000, 0x20000000, 0x10000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x20000, 0x40000000, 0x20000000
+CLONE_THREAD = 0x10000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_RECURSIVE, AT_FDCWD, SYS_mount_setattr = 0x1, 0x2, 0x8000, -100, 442
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
 SYS_landlock_create_ruleset, SYS_landlock_add_rule, SYS_landlock_restrict_self = 444, 445, 446
@@ -138,8 +141,11 @@ def enter_namespaces(work):
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the launcher is killed -> so is the namespace
-    # a /proc of this pid namespace: the host's processes, their command lines and environments are not in it
-    check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mounting a private /proc")
+    # a /proc of this pid namespace: the host's processes, their command lines and environments are not in it;
+    # where the kernel refuses one (the host's /proc has masked paths), an empty read-only /proc instead
+    if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+        check(libc.mount(b"none", b"/proc", b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+              "hiding the host's /proc")
     for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # exec then grants no capabilities, even as ns root
 
@@ -188,10 +194,10 @@ def enter_landlock(work):
     check(libc.syscall(SYS_landlock_restrict_self, ruleset, 0), "Landlock restrict_self")
 
 
-def seccomp_filter(forbid_processes):
+def seccomp_filter(forbid_processes, forbid_metadata):
     # fork / vfork / clone without CLONE_THREAD fail with EPERM, clone3 with ENOSYS (glibc then creates threads
     # with clone); every other listed call fails with EPERM; a call of another syscall ABI fails altogether
-    # Landlock does not cover metadata, so chmod / chown / utime / xattr changes are refused here in every mode
+    # Landlock does not cover metadata: outside the namespaces mode chmod / chown / utime / xattr calls are refused
     arch = {"x86_64": (0xC000003E, dict(fork=57, vfork=58, clone=56, clone3=435, socket=41, io_uring_setup=425,
                                         unshare=272, setns=308, chmod=90, fchmod=91, fchmodat=268, fchmodat2=452,
                                         chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235,
@@ -212,10 +218,11 @@ def seccomp_filter(forbid_processes):
     if audit_arch == 0xC000003E:
         prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]  # x32 system calls
     process_calls = {"fork": EPERM, "vfork": EPERM, "clone3": ENOSYS, "clone": None}  # clone: checked below
+    always = ("socket", "io_uring_setup", "unshare", "setns")
     for name, number in nr.items():
-        if name not in process_calls:
+        if name in always or (forbid_metadata and name not in process_calls):
             prog += [(JEQ, 0, 1, number), (RET, 0, 0, EPERM)]
-        elif forbid_processes and process_calls[name] is not None:
+        elif forbid_processes and process_calls.get(name) is not None:
             prog += [(JEQ, 0, 1, number), (RET, 0, 0, process_calls[name])]
     if forbid_processes:
         prog += [(JEQ, 0, 3, nr["clone"]), (LD, 0, 0, 16), (JSET, 1, 0, CLONE_THREAD), (RET, 0, 0, EPERM)]
@@ -245,7 +252,7 @@ for name, value in cfg["limits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
     except (ValueError, OSError):
         pass
-prog = seccomp_filter(cfg["forbid_processes"])
+prog = seccomp_filter(cfg["forbid_processes"], forbid_metadata=mode != "namespaces")
 filtered = prog is not None and install_seccomp(prog)
 if not filtered and mode != "unsafe-fallback":
     unavailable("no seccomp filter could be installed on %s" % platform.machine())
