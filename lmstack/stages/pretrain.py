@@ -56,8 +56,8 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
     _fit_vocab(cfg, tokenizer.vocab_size, explicit_vocab or checkpoint is not None)
 
     def build(cfg: RunConfig, dist) -> StageParts:
-        t = cfg.train
-        train_loader, val_loader = (TokenLoader(data_dir, split, t.batch_size, t.seq_len, seed=t.seed,
+        tcfg = cfg.train
+        train_loader, val_loader = (TokenLoader(data_dir, split, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed,
                                                 rank=dist.rank, world_size=dist.world_size)
                                     for split in ("train", "val"))
         return StageParts(model=build_model(cfg.model), train_loader=train_loader, val_loader=val_loader,

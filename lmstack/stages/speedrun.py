@@ -82,7 +82,7 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
     from lmstack.tokenizer import Tokenizer
     from lmstack.atomic import write_atomic, write_json_atomic
 
-    t0 = time.time()
+    run_began = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
@@ -90,27 +90,27 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
     timings: dict[str, float] = {}
 
     # 1. corpus
-    t = time.time()
+    began = time.time()
     corpus_path = Path(corpus)
     if not corpus_path.exists():
         _say(f"downloading corpus {corpus!r}")
         corpus_path = download_corpus(corpus)
     inputs = [corpus_path]
-    timings["download"] = time.time() - t
+    timings["download"] = time.time() - began
 
     # 2. clean
     clean_report = None
     if clean:
-        t = time.time()
+        began = time.time()
         from lmstack.data.pipeline import clean_corpus
 
         _say("cleaning the corpus (normalize, filter, dedup, PII scrub, decontaminate)")
         clean_report = clean_corpus(inputs, out / "clean", workers=workers)
         inputs = [out / "clean"]
-        timings["clean"] = time.time() - t
+        timings["clean"] = time.time() - began
 
     # 3. tokenizer
-    t = time.time()
+    began = time.time()
     vocab = vocab_size or cfg.model.vocab_size
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file() and Tokenizer.load(tok_dir).vocab_size == vocab:
@@ -119,19 +119,19 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
         _say(f"training a byte-level BPE tokenizer, vocabulary {vocab}")
         tokenizer = Tokenizer.train((d.text for d in iter_documents(inputs)), vocab_size=vocab)
         tokenizer.save(tok_dir)
-    timings["tokenizer"] = time.time() - t
+    timings["tokenizer"] = time.time() - began
 
     # 4. shards
-    t = time.time()
+    began = time.time()
     data_dir = out / "data"
     if not (data_dir / "meta.json").is_file():
         _say("tokenizing into shards")
         tokenize_to_shards(inputs, tokenizer, data_dir, workers=workers)
-    timings["tokenize"] = time.time() - t
+    timings["tokenize"] = time.time() - began
 
     # 5. pretrain: reuse a finished run; continue an interrupted one (from its newest intact checkpoint,
     # or from scratch when it died before its first one)
-    t = time.time()
+    began = time.time()
     budget = minutes if minutes is not None else DEFAULT_MINUTES
     train_overrides = overrides + ([f"train.max_minutes={budget}"] if not any(
         o.startswith("train.max_minutes=") for o in overrides) else [])
@@ -142,17 +142,17 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
         _say(f"pretraining preset {preset!r} for up to {budget:g} minutes")
         summary = pretrain(data_dir, run_dir, preset=preset, config_file=config_file, overrides=train_overrides,
                            resume=run_dir.exists())
-    timings["pretrain"] = time.time() - t
+    timings["pretrain"] = time.time() - began
     if (run_dir / "loss.png").is_file():
         write_atomic(out / "loss.png", lambda tmp: shutil.copyfile(run_dir / "loss.png", tmp), suffix=".png")
 
     # 6. baseline + samples
-    t = time.time()
+    began = time.time()
     baseline = unigram_bpb(data_dir)
     samples = sample_texts(run_dir / "model", SAMPLE_PROMPTS, seed=cfg.train.seed)
-    timings["sample"] = time.time() - t
+    timings["sample"] = time.time() - began
 
-    wall = time.time() - t0
+    wall = time.time() - run_began
     report = {
         "val_bpb": summary["final_val_bpb"], "unigram_bpb": baseline, "val_loss": summary["final_val_loss"],
         "wall_seconds": wall, "params": summary["params"], "tokens": summary["tokens"],
