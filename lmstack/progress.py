@@ -7,6 +7,9 @@ and ``add(description, total, unit="shards")`` makes one task count shards, step
 per-task text (a loss, a learning rate) goes through ``update(task, status="...")``.
 
 With ``enabled=False`` every method is a no-op, so library code calls it unconditionally.
+
+Used as a context manager, the bar's last frame stays on the screen when the job finishes and is erased
+when the job raises, so a failing command's error message is not buried under a half-finished bar.
 """
 
 from __future__ import annotations
@@ -53,9 +56,13 @@ class Progress:
             self._bar.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._bar is not None:
-            self._bar.stop()
+            if exc_type is None:
+                self._bar.stop()
+            else:  # a failed job's bar vanishes, so its error is the one line left
+                self._bar.live.transient = True
+                self._bar.live.stop()  # rich's Progress.stop would add a blank line off a terminal
 
     def add(self, description: str, total: float | None, unit: str | None = None) -> int:
         """A new task; ``unit`` names what it counts (unset: bytes on a bytes_mode bar, else items)."""

@@ -341,12 +341,12 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
             while in_flight:
                 consume(*_result(*in_flight.popleft()))
             bar.update(task, completed=sum(file_sizes))
+            if stats.documents == 0:  # raised inside the bar's block, so the failed bar is erased
+                raise DataError(f"no text found in {', '.join(sources)} ({stats.summary()}); "
+                                "check --text-field and that the files are not empty")
         seconds = time.time() - started
 
         train, val = writers["train"], writers["val"]
-        if stats.documents == 0:
-            raise DataError(f"no text found in {', '.join(sources)} ({stats.summary()}); "
-                            "check --text-field and that the files are not empty")
         if val.documents == 0:  # tiny corpus: move the last training document to validation
             if train.documents < 2:
                 raise DataError("the corpus has a single document; a train/val split needs at least two")
