@@ -14,10 +14,19 @@ Run ``python -m pytest tests/test_eval_metrics.py`` for the checks against hand-
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Mapping, Sequence
 
-from lmstack.evals.task import normalize_answer
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower-case, drop punctuation and English articles, squeeze whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch.isalnum() or ch.isspace())
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
 
 
 def squad_exact_match(prediction: str, answers: Sequence[str]) -> float:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from lmstack.errors import DataError
+from lmstack.evals.metrics import normalize_answer
 
 # ----------------------------------------------------------------------------- data types
 
@@ -82,17 +83,6 @@ class GenerationRequest:
 
 
 # ----------------------------------------------------------------------------- text helpers (shared by tasks)
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower-case, drop punctuation and English articles, squeeze whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch.isalnum() or ch.isspace())
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
 
 # ----------------------------------------------------------------------------- the interface
 
