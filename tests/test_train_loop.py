@@ -207,6 +207,36 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def _ddp_budget_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from lmstack.train.dist import cleanup_distributed, init_distributed
+
+    dist = init_distributed("cpu")
+    try:
+        cfg = build_run_config("tiny", overrides=TINY + ["train.max_minutes=0.1", "train.max_steps=100000",
+                                                         "train.eval_every=10", "train.ckpt_every=10",
+                                                         "train.device=cpu"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        tl = PatternLoader(4, 16, rank=rank, world_size=world_size)
+        vl = PatternLoader(4, 16, rank=rank, world_size=world_size, split="val", n_windows=16)
+        # rank 0 also writes the checkpoints: its timings differ from rank 1's, its plan must still rule
+        r = train(model, cfg, tl, vl, causal_lm, out, tokenizer=SlowSavingTokenizer(0.3), info=dist, progress=False)
+        (out / f"steps_{rank}").write_text(str(r.steps))
+    finally:
+        cleanup_distributed()
+
+
+def test_ddp_ranks_agree_on_a_wall_clock_plan(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_budget_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    assert (tmp_path / "steps_0").read_text() == (tmp_path / "steps_1").read_text()
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_mixed_precision_paths_train(tmp_path, dtype):
     """bf16 autocast and fp16 autocast + GradScaler run through the same loop (on CPU here, CUDA on GPUs)."""

@@ -65,6 +65,16 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def from_rank0(value: int, info: DistInfo) -> int:
+    """Rank 0's ``value`` on every rank: for decisions each rank could make a little differently (a plan
+    from wall-clock timings), which must still be the same everywhere."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

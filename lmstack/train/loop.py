@@ -53,7 +53,7 @@ from lmstack.errors import CheckpointError, DataError, LmstackError, UserError
 from lmstack.plots import plot_training_curves
 from lmstack.progress import Progress
 from lmstack.train.budget import WallClockBudget
-from lmstack.train.dist import DistInfo, all_reduce_mean, any_rank, init_distributed
+from lmstack.train.dist import DistInfo, all_reduce_mean, any_rank, from_rank0, init_distributed
 from lmstack.train.losses import Objective
 from lmstack.train.optim import build_optimizer, lr_multiplier
 
@@ -518,7 +518,8 @@ def _replan_budget(run: _Run) -> None:
         return
     state = run.state
     planned = run.budget.replan(state.step, state.max_steps, run.session_seconds())
-    if planned is None:
+    planned = from_rank0(planned or 0, run.dist)  # ranks time things differently (rank 0 saves) but must agree
+    if not planned:
         return
     state.max_steps = planned
     run.bar.update(run.bar_task, total=planned)
@@ -540,6 +541,7 @@ def _maybe_rollback(run: _Run) -> bool:
     # (the batches that led here are not replayed)
     checkpoint_state = RunState.from_dict(_restore(restored, run.raw_model, run.optimizer, None, run.device))
     run.state = replace(checkpoint_state, rollbacks=state.rollbacks, max_steps=state.max_steps)
+    run.log_time, run.log_tokens = time.time(), run.state.tokens
     run.logger.log({"step": run.state.step, "event": "rollback", "from": str(restored),
                     "rollbacks": state.rollbacks})
     return True
