@@ -33,6 +33,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                         help="sampling temperature when --num-samples > 1")
     parser.add_argument("--workers", type=positive_int, default=2, help="code tasks: sandboxed programs run at once")
     parser.add_argument("--no-records", action="store_true", help="leave per-item records out of --out")
+    parser.add_argument("--unsafe-sandbox", action="store_true",
+                        help="code tasks: when no contained sandbox (namespaces, Landlock) is available, run "
+                             "model-written code in the escapable fallback (resource limits, seccomp, audit hook) "
+                             "instead of refusing (also LMSTACK_SANDBOX=unsafe-fallback)")
 
     def run(args: argparse.Namespace) -> None:
         from lmstack.evals.run import evaluate_checkpoint
@@ -41,7 +45,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         evaluate_checkpoint(args.model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
                             seed=args.seed, batch_size=args.batch_size, device=args.device, backend=args.backend,
                             num_samples=args.num_samples, temperature=args.temperature, workers=args.workers,
-                            keep_records=not args.no_records)
+                            unsafe_sandbox=args.unsafe_sandbox, keep_records=not args.no_records)
 
     parser.set_defaults(func=run)
 
