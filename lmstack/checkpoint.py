@@ -294,6 +294,25 @@ def latest_checkpoint(ckpt_root: str | Path, skipped: list[str] | None = None) -
     return None
 
 
+def set_aside_newer(ckpt_root: str | Path, resumed_from: Path | None) -> list[Path]:
+    """Rename the step checkpoints newer than RESUMED_FROM (all of them when None) to ``damaged-step_*``.
+
+    Called after resuming from the newest *intact* checkpoint, so every newer one is damaged (or there is
+    no intact one, and all are). They stay for a look, but out of the way of
+    keep-last-N pruning, which would otherwise count them as the newest and delete the good ones the
+    resumed run writes. Returns the new paths.
+    """
+    moved = []
+    for path in step_checkpoints(ckpt_root):
+        if resumed_from is None or path.name > Path(resumed_from).name:
+            target = path.with_name(f"damaged-{path.name}")
+            if target.exists():
+                shutil.rmtree(target)  # an older set-aside copy of the same step
+            path.rename(target)
+            moved.append(target)
+    return moved
+
+
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` step checkpoints; remove the staging leftovers of killed writers."""
     for d in step_checkpoints(ckpt_root)[:-keep_last]:

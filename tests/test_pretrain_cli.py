@@ -167,6 +167,9 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(shards, tmp_path, da
     assert resumed.returncode == 0, resumed.stderr
     assert "step_0000030" in resumed.stderr and "falling back" in resumed.stderr
     assert f"resumed from {run / 'checkpoints' / 'step_0000020'}" in resumed.stderr
+    # the damaged one is set aside (not pruned as "the newest" ahead of the good ones this run writes)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["damaged-step_0000030", "step_0000020",
+                                                                       "step_0000030"]
     again = _weights(run)
     assert all(torch.equal(finished[k], again[k]) for k in finished)
 

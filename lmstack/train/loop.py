@@ -401,6 +401,9 @@ def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, 
     model.train()
     optimizer = build_optimizer(model, cfg.optim, device.type)
     state, resumed_from = _resume(model, optimizer, train_loader, device, out_dir, resume, tcfg, dist)
+    if resume is True and dist.is_main:  # resumed from the newest intact checkpoint: any newer one is damaged
+        for path in ckpt.set_aside_newer(out_dir / "checkpoints", resumed_from):
+            print(f"set the damaged checkpoint aside as {path}", file=sys.stderr)
     raw_model = model
     if tcfg.compile:
         model = torch.compile(model)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from lmstack.atomic import write_json_atomic
-from lmstack.checkpoint import latest_checkpoint, read_config
+from lmstack.checkpoint import latest_checkpoint, read_config, set_aside_newer
 from lmstack.config import RunConfig, apply_overrides, build_run_config, load_config_file
 from lmstack.errors import UserError
 from lmstack.train.dist import DistInfo, cleanup_distributed, init_distributed
@@ -157,6 +157,9 @@ def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, D
     out_dir = Path(out_dir)
     cfg.validate()
     prepare_run_dir(out_dir, resume, overwrite)
+    if resume and _is_main_process():  # resume_from is the newest intact checkpoint: any newer one is damaged
+        for path in set_aside_newer(out_dir / "checkpoints", resume_from):
+            _say(f"set the damaged checkpoint aside as {path}")
     dist = init_distributed(cfg.train.device)
     try:
         seed_everything(cfg.train.seed)  # the same seed on every rank: DDP replicas start identical
