@@ -113,13 +113,14 @@ def heldout_run(text: str) -> tuple[tuple[int, int, int], int | None] | None:
 
 def run_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
     from lmstack.evals import scaling
+    from lmstack.stages.scaling import sweep
 
     if args.scaling_verb == "sweep":
         heldout = args.heldout
         if heldout is not None and heldout[1] is None:
             heldout = (heldout[0], args.tokens[-1])
-        points = scaling.sweep(args.out, args.data, sizes=args.sizes, token_budgets=args.tokens, heldout=heldout,
-                               seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
+        points = sweep(args.out, args.data, sizes=args.sizes, token_budgets=args.tokens, heldout=heldout,
+                       seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
         for point in points:
             print(f"{point.name:<24} N={point.params:>10,} D={point.tokens:>10,} loss={point.loss:.4f}"
                   f"{'  (held out)' if point.heldout else ''}")
