@@ -19,7 +19,7 @@ Each kind is a candidate regex plus, where a regex alone over-matches, a validat
 Patterns run from the most specific to the least, on the text as it is after the previous replacement,
 so a card number is never also reported as a phone number. Caveats: names and street addresses are
 not detected (that needs a named-entity model); obfuscated addresses (``jane at example dot org``) are
-not either. The test corpus in tests/test_pii.py plants every kind in several formats and checks zero
+not either. The test corpus in tests/test_data_pii.py plants every kind in several formats and checks zero
 misses, and checks that a control text full of dates, verse numbers, prices and versions is unchanged.
 """
 

@@ -21,7 +21,7 @@ numbers agree with lmstack's own harness on the same prompts:
   temperature (``do_sample=False`` or temperature 0 is greedy).
 
 Caveat: lm-eval downloads most of its built-in tasks' data from a hub at run time; offline, use your own
-task YAML with local data files (``dataset_path: json`` + ``data_files``), as tests/test_eval_lm_eval.py does.
+task YAML with local data files (``dataset_path: json`` + ``data_files``), as tests/test_evals_lm_eval.py does.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 * ``core_score``: CORE-style centered accuracy (DCLM, Li et al. 2024): each task's accuracy rescaled so that
   random guessing is 0 and perfect is 1, ``(acc - baseline) / (1 - baseline)``, then averaged over tasks.
 
-Run ``python -m pytest tests/test_eval_metrics.py`` for the checks against hand-computed values.
+Run ``python -m pytest tests/test_evals_metrics.py`` for the checks against hand-computed values.
 """
 
 from __future__ import annotations

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_helpers import make_tiny_checkpoint  # noqa: E402
+from eval_helpers import make_tiny_checkpoint
 
 from lmstack.cli import main  # noqa: E402
 from lmstack.errors import DataError  # noqa: E402

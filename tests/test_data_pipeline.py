@@ -54,7 +54,7 @@ def _write_inputs(root: Path) -> list[Path]:
 
 def _config(**overrides) -> CleanConfig:
     cfg = CleanConfig()
-    cfg.decontam.benchmarks = []  # the real benchmarks are tested in test_decontam.py
+    cfg.decontam.benchmarks = []  # the real benchmarks are tested in test_data_decontam.py
     cfg.output.shard_docs = 4
     cfg.dedup.line_min_chars = 40
     return apply_config_overrides(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
@@ -144,7 +144,7 @@ def test_parquet_output_and_fewer_shards_remove_stale_files(tmp_path):
 
 
 def test_perplexity_cut_in_the_pipeline(tmp_path):
-    from test_clean_quality import prose
+    from test_data_quality import prose
 
     from lmstack.config import apply_overrides, tiny
     from lmstack.models import build_model
