@@ -175,7 +175,7 @@ def validation_windows(data_dir: Path, batches: int) -> list[torch.Tensor]:
     from lmstack.data.loader import TokenLoader
 
     loader = TokenLoader(data_dir, "val", BATCH, SEQ_LEN, seed=0)
-    windows = [x for _, (x, _y) in zip(range(batches), loader)]
+    windows = [batch["input_ids"] for _, batch in zip(range(batches), loader)]
     if not windows:
         raise ValueError(f"{data_dir} has no validation windows of {SEQ_LEN} tokens")
     return windows
@@ -273,7 +273,7 @@ def interleaved_throughput(names: list[str], data_dir: Path, vocab: int, rounds:
 
     tokenizer = Tokenizer.load(data_dir)
     batches = iter(TokenLoader(data_dir, "train", BATCH, SEQ_LEN, seed=1))
-    x, y = next(batches)
+    batch = next(batches)
     setups = {}
     for name in names:
         cfg = family_config(name, vocab)
@@ -285,7 +285,7 @@ def interleaved_throughput(names: list[str], data_dir: Path, vocab: int, rounds:
         for name, (model, optimizer, objective) in setups.items():
             t0 = time.perf_counter()
             for _ in range(steps):
-                loss, _metrics = objective(model, x, y)
+                loss, _metrics = objective(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

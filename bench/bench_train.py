@@ -37,7 +37,7 @@ class RandomLoader:
     def __iter__(self):
         while True:
             seq = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=self.g)
-            yield seq[:, :-1], seq[:, 1:]
+            yield {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}
 
     def state_dict(self):
         return {}

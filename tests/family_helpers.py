@@ -36,25 +36,25 @@ def tiny_tokenizer():
     return Tokenizer.train([TEXT], vocab_size=400)
 
 
-def token_windows(batch: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) windows of the tiny corpus, y = x shifted left by one, as the loader yields them."""
+def token_windows(batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{"input_ids": x, "labels": y} windows of the tiny corpus, y = x shifted left by one, as the loader yields them."""
     ids = torch.tensor(tiny_tokenizer().encode(TEXT))
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=g)
     window = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])  # (B, T + 1)
-    return window[:, :-1], window[:, 1:]
+    return {"input_ids": window[:, :-1], "labels": window[:, 1:]}
 
 
 def train_steps(model: nn.Module, objective, steps: int = 30, batch: int = 8, seq_len: int = 32,
                 lr: float = 3e-3) -> list[float]:
     """Train on fixed windows of the tiny corpus with AdamW; returns the loss at every step."""
     torch.manual_seed(0)
-    x, y = token_windows(batch, seq_len)
+    batch = token_windows(batch, seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
     for _ in range(steps):
-        loss, _ = objective(model, x, y)
+        loss, _ = objective(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -26,7 +26,7 @@ class PatternLoader:
         if self.split == "val":
             for pos in range(n_batches):
                 chunk = self.windows[(pos * W + self.rank) * B:][:B]
-                yield chunk[:, :-1].clone(), chunk[:, 1:].clone()
+                yield {"input_ids": chunk[:, :-1].clone(), "labels": chunk[:, 1:].clone()}
             return
         while True:  # train: epochs roll over
             if self.position >= n_batches:
@@ -34,7 +34,7 @@ class PatternLoader:
             first = (self.position * W + self.rank) * B
             chunk = self.windows[first:first + B]
             self.position += 1
-            yield chunk[:, :-1].clone(), chunk[:, 1:].clone()
+            yield {"input_ids": chunk[:, :-1].clone(), "labels": chunk[:, 1:].clone()}
 
     def state_dict(self):
         return {"position": self.position}

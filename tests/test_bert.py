@@ -95,10 +95,10 @@ def test_masked_lm_trains_a_tiny_bert():
     tok = tiny_tokenizer()
     objective = objective_for(BertConfig(), tok)
     model = tiny_bert(vocab_size=tok.vocab_size, init_std=0.02)
-    x, y = token_windows(8, 32)
+    batch = token_windows(8, 32)
     model.eval()
-    first, metrics = objective(model, x, y)
-    assert torch.equal(first, objective(model, x, y)[0])  # validation masks are fixed, so scores compare
+    first, metrics = objective(model, batch)
+    assert torch.equal(first, objective(model, batch)[0])  # validation masks are fixed, so scores compare
     assert 0.1 < metrics["masked_frac"] < 0.2
     losses = train_steps(model, objective, steps=40)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -106,7 +106,7 @@ def test_masked_lm_trains_a_tiny_bert():
 
 def test_masked_lm_uses_the_tokenizers_mask_token():
     tok = tiny_tokenizer()
-    x, y = token_windows(4, 32)
+    batch = token_windows(4, 32)
     seen = {}
 
     class Recording(torch.nn.Module):
@@ -120,7 +120,7 @@ def test_masked_lm_uses_the_tokenizers_mask_token():
             seen["inputs"], seen["targets"] = inputs, targets
             return self.inner(inputs, targets)
 
-    objective_for(BertConfig(), tok)(Recording().eval(), x, y)
+    objective_for(BertConfig(), tok)(Recording().eval(), batch)
     assert (seen["inputs"] == tok.special_tokens["<|mask|>"]).any()
     with pytest.raises(ValueError, match="needs the tokenizer"):
         objective_for(BertConfig())

@@ -48,8 +48,17 @@ def _window_ids(x: torch.Tensor) -> list[int]:
     return [int(row[0]) // (SEQ + 1) for row in x]
 
 
+def _pairs(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels) of each batch dict, checking the dict holds exactly those two fields."""
+    pairs = []
+    for batch in batches:
+        assert set(batch) == {"input_ids", "labels"}
+        pairs.append((batch["input_ids"], batch["labels"]))
+    return pairs
+
+
 def _take(loader: TokenLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(itertools.islice(iter(loader), n))
+    return _pairs(itertools.islice(iter(loader), n))
 
 
 def test_batches_are_shifted_windows_of_the_stream(data):
@@ -94,13 +103,14 @@ def test_ddp_ranks_get_disjoint_windows_and_equal_batch_counts(data):
 def test_val_is_ordered_finite_and_restarts_each_pass(data):
     val = TokenLoader(data, "val", batch_size=4, seq_len=SEQ)
     assert val.num_windows == 500 // (SEQ + 1) == 29 and len(val) == 8  # last batch is partial
-    batches = [_window_ids(x) for x, _ in val]
+    batches = [_window_ids(x) for x, _ in _pairs(val)]
     assert sum(batches, []) == list(range(29)) and len(batches[-1]) == 1
-    assert [_window_ids(x) for x, _ in val] == batches  # a second pass is identical
+    assert [_window_ids(x) for x, _ in _pairs(val)] == batches  # a second pass is identical
     next(iter(val))  # an evaluation that stops early ...
-    assert [_window_ids(x) for x, _ in val] == batches  # ... does not shift the next one
+    assert [_window_ids(x) for x, _ in _pairs(val)] == batches  # ... does not shift the next one
 
-    ranks = [[_window_ids(x) for x, _ in TokenLoader(data, "val", 4, SEQ, rank=r, world_size=2)] for r in range(2)]
+    ranks = [[_window_ids(x) for x, _ in _pairs(TokenLoader(data, "val", 4, SEQ, rank=r, world_size=2))]
+             for r in range(2)]
     assert sorted(sum(sum(ranks, []), [])) == list(range(29))  # val under DDP: every window exactly once
     assert TokenLoader(data, "val", 4, SEQ, shuffle=True).shuffle
 
@@ -111,7 +121,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(data, stop_after):
 
     first = TokenLoader(data, "train", 4, SEQ, seed=11)
     it = iter(first)
-    consumed = [next(it)[0] for _ in range(stop_after)]
+    consumed = [next(it)["input_ids"] for _ in range(stop_after)]
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
 
     resumed = TokenLoader(data, "train", 4, SEQ, seed=11)
@@ -203,10 +213,10 @@ def test_loader_reads_real_tokenized_shards(tmp_path):
     train = TokenLoader(tmp_path / "out", "train", 4, 32)
     assert train.tokens == meta["splits"]["train"]["tokens"]
     assert train.bytes_per_token == meta["splits"]["train"]["bytes"] / meta["splits"]["train"]["tokens"]
-    x, y = next(iter(train))
+    (x, y), = _pairs(itertools.islice(iter(train), 1))
     assert int(x.max()) < tokenizer.vocab_size and torch.equal(x[:, 1:], y[:, :-1])
     val = TokenLoader(tmp_path / "out", "val", 4, 32)
-    windows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in val])  # (num_windows, 33)
+    windows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in _pairs(val)])  # (num_windows, 33)
     raw = np.fromfile(tmp_path / "out" / meta["splits"]["val"]["shards"][0], dtype="<u2").astype(np.int64)
     assert torch.equal(windows.flatten(), torch.from_numpy(raw[:val.num_windows * 33]))
     assert int(windows[0, 0]) == tokenizer.eot_id  # the stream starts with a document boundary

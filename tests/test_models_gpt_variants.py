@@ -215,7 +215,7 @@ def test_prefix_families_train_with_their_objective(family):
     assert losses[-1] < 0.7 * losses[0]
     # validation scores a fixed corruption / split, so two passes agree
     model.eval()
-    x, y = token_windows(4, 32, seed=1)
+    batch = token_windows(4, 32, seed=1)
     objective = objective_for(cfg.model, tiny_tokenizer())
     with torch.no_grad():
-        assert float(objective(model, x, y)[0]) == float(objective(model, x, y)[0])
+        assert float(objective(model, batch)[0]) == float(objective(model, batch)[0])

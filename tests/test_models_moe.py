@@ -138,12 +138,13 @@ def test_moe_objective_trains_and_logs_routing():
     losses = train_steps(model, objective, steps=20)
     assert losses[-1] < 0.7 * losses[0]
     x = torch.randint(0, 400, (4, 32))
-    loss, metrics = objective(model.train(), x, x)
+    batch = {"input_ids": x, "labels": x}
+    loss, metrics = objective(model.train(), batch)
     assert set(metrics) >= {"lm_loss", "moe_balance_loss", "moe_z_loss", "moe_dropped_tokens", "moe_dropped_frac"}
     assert sum(metrics[f"moe_expert_{e}"] for e in range(4)) == pytest.approx(1.0)
     assert float(loss.detach()) > metrics["lm_loss"]  # the auxiliary losses are added while training
     with torch.no_grad():
-        val_loss, val_metrics = objective(model.eval(), x, x)
+        val_loss, val_metrics = objective(model.eval(), batch)
     assert float(val_loss) == pytest.approx(val_metrics["lm_loss"])  # validation reports the plain LM loss
 
 

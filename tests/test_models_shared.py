@@ -31,10 +31,11 @@ def test_every_family_builds_and_trains_one_step_with_its_objective(family):
     assert FAMILIES[family].objective in FACTORIES
     model = tiny(family).train()
     objective = objective_for(model.config, tiny_tokenizer())
-    x, y = token_windows(2, 32)
-    loss, metrics = objective(model, x, y)
+    batch = token_windows(2, 32)
+    loss, metrics = objective(model, batch)
     loss.backward()
-    assert torch.isfinite(loss) and all(isinstance(v, float) for v in metrics.values())
+    assert torch.isfinite(loss) and all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["tokens"] == batch["labels"].numel()  # dense windows: every label is a real token
     assert model.num_params(non_embedding=True) == count_params(model, non_embedding=True) < model.num_params()
 
 

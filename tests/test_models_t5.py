@@ -197,9 +197,9 @@ def test_span_corruption_trains_and_names_missing_tokens():
     losses = train_steps(model, objective, steps=25, seq_len=64)
     assert losses[-1] < 0.7 * losses[0]
     model.eval()  # validation: a fixed corruption pattern
-    x, y = token_windows(4, 64, seed=2)
+    batch = token_windows(4, 64, seed=2)
     with torch.no_grad():
-        assert float(objective(model, x, y)[0]) == float(objective(model, x, y)[0])
+        assert float(objective(model, batch)[0]) == float(objective(model, batch)[0])
 
     class NoSentinels:
         special_tokens = {"<|endoftext|>": 0}

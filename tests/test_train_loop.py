@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from lmstack.config import OptimConfig, build_run_config
 from lmstack.models import build_model
-from lmstack.train.losses import causal_lm
-from lmstack.train.loop import train
+from lmstack.train.dist import DistInfo
+from lmstack.train.losses import Objective, causal_lm, real_tokens
+from lmstack.train.loop import evaluate, train
 from lmstack.train.optim import lr_multiplier, param_groups
 from tests.loop_helpers import PatternLoader
 
@@ -146,8 +147,8 @@ def test_resume_is_bit_identical(tmp_path):
 def test_nan_and_spike_batches_are_skipped(tmp_path):
     calls = {"n": 0}
 
-    def flaky(model, x, y):
-        loss, m = causal_lm(model, x, y)
+    def flaky(model, batch):
+        loss, m = causal_lm(model, batch)
         calls["n"] += 1
         if calls["n"] == 6:
             return loss * float("nan"), m
@@ -165,8 +166,8 @@ def test_nan_and_spike_batches_are_skipped(tmp_path):
 
 
 def test_too_many_bad_batches_stop_the_run(tmp_path):
-    def always_nan(model, x, y):
-        loss, m = causal_lm(model, x, y)
+    def always_nan(model, batch):
+        loss, m = causal_lm(model, batch)
         return loss * float("nan"), m
 
     with pytest.raises(RuntimeError, match="max_rollbacks"):
@@ -330,3 +331,127 @@ def test_wall_clock_budget_counts_validation_and_checkpoint_time(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert r.steps == [row["max_steps"] for row in rows if row.get("event") == "budget"][-1]
     assert sum(1 for row in rows if "val_loss" in row) >= 3
+
+
+class PaddedLoader(PatternLoader):
+    """PatternLoader batches whose rows end in padding (labels -1), as a padded fine-tuning batch would.
+
+    ``pad``: an int pads that many positions of every row; None pads each row by its first token mod 8,
+    so batches hold different numbers of real tokens."""
+
+    def __init__(self, *args, pad=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad = pad
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            labels = batch["labels"].clone()
+            T = labels.shape[1]
+            for row, first in enumerate(batch["input_ids"][:, 0].tolist()):
+                pad = first % 8 if self.pad is None else self.pad
+                if pad:
+                    labels[row, T - pad:] = -1
+            yield {**batch, "labels": labels}
+
+
+@Objective
+def lm_with_label_mean(model, batch):
+    """causal_lm plus a per-token metric the test can recompute: the mean of the real labels."""
+    loss, metrics = causal_lm(model, batch)
+    labels = batch["labels"]
+    return loss, {**metrics, "label_mean": float(labels[labels != -1].float().mean())}
+
+
+def test_padded_batches_count_only_real_tokens(tmp_path):
+    """Half of every row is padding: the token total and tokens/s count the 8 real tokens per row, not 16.
+    Each batch takes at least 0.1 s to load, so a step's tokens/s is at most its tokens / 0.1 s."""
+    cfg = build_run_config("tiny", overrides=TINY + ["train.max_steps=8", "train.eval_every=4", "train.log_every=2"])
+    torch.manual_seed(0)
+
+    class SlowPaddedLoader(PaddedLoader):
+        def __iter__(self):
+            import time
+
+            for batch in super().__iter__():
+                time.sleep(0.1)
+                yield batch
+
+    tl = SlowPaddedLoader(4, 16, pad=8)
+    vl = PaddedLoader(4, 16, split="val", n_windows=16, pad=8)
+    r = train(build_model(cfg.model), cfg, tl, vl, lm_with_label_mean, tmp_path / "run", progress=False)
+    real_per_step = 4 * 8
+    assert r.tokens == 8 * real_per_step
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if "loss" in row]
+    assert [row["tokens"] for row in train_rows] == [row["step"] * real_per_step for row in train_rows]
+    assert all(0 < row["tokens_per_second"] <= real_per_step / 0.1 for row in train_rows)
+    val_rows = [row for row in rows if "val_loss" in row]
+    assert [row["step"] for row in val_rows] == [4, 8]
+    for row in val_rows:  # today's keys plus the objective's other metrics, averaged
+        assert row["val_bpb"] == pytest.approx(row["val_loss"] / math.log(2) / 2.0)
+        assert row["val_tokens"] == 2 * real_per_step  # eval_batches=2
+        assert 0 <= row["val_label_mean"] < 128
+
+
+def test_evaluate_returns_token_weighted_metrics():
+    """Batches with different numbers of real tokens: every metric is weighted by them, so the loss equals
+    the cross-entropy summed over all real tokens divided by their count."""
+    cfg = build_run_config("tiny", overrides=TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    val = PaddedLoader(4, 16, split="val", n_windows=16)
+    batches = list(val)
+    counts = [real_tokens(b) for b in batches]
+    assert len(set(counts)) > 1  # the weighting matters
+    metrics = evaluate(model, val, lm_with_label_mean, torch.device("cpu"), "fp32", max_batches=100, dist=DistInfo())
+    assert set(metrics) == {"loss", "tokens", "label_mean"}
+    assert metrics["tokens"] == sum(counts)
+    labels = torch.cat([b["labels"].flatten() for b in batches])
+    assert metrics["label_mean"] == pytest.approx(float(labels[labels != -1].float().mean()))
+    with torch.no_grad():
+        total_nll = sum(float(torch.nn.functional.cross_entropy(model(b["input_ids"])[0].flatten(0, 1),
+                                                                b["labels"].flatten(), ignore_index=-1,
+                                                                reduction="sum")) for b in batches)
+    assert metrics["loss"] == pytest.approx(total_nll / sum(counts), rel=1e-5)
+    assert model.training  # evaluate hands the model back in train mode
+
+
+def test_an_objective_that_does_not_judge_spikes_is_never_skipped_for_one(tmp_path):
+    """The same jump that test_nan_and_spike_batches_are_skipped skips passes when the objective says its loss
+    is not for the spike guard to judge; a non-finite loss is still skipped."""
+    calls = {"n": 0}
+
+    def jumpy(model, batch):
+        loss, m = causal_lm(model, batch)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            return loss * float("nan"), m
+        if calls["n"] in (15, 16, 17):
+            return loss * 100.0, m
+        return loss, m
+
+    r = run(tmp_path / "jumpy", objective=Objective(jumpy, judge_spikes=False))
+    assert r.steps == 24 and r.rollbacks == 1
+    rows = [json.loads(x) for x in (tmp_path / "jumpy" / "metrics.jsonl").read_text().splitlines()]
+    reasons = [row["reason"] for row in rows if row.get("event") == "skipped_batch"]
+    assert len(reasons) == 1 and "non-finite" in reasons[0]
+
+
+def test_a_passed_in_optimizer_is_used_with_its_own_learning_rates(tmp_path):
+    """A stage's own optimizer: a group at LR 0 stays put while the schedule drives the other group."""
+    cfg = build_run_config("tiny", overrides=TINY + ["train.max_steps=6", "train.eval_every=0", "train.ckpt_every=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    frozen = model.blocks[0].attn.q_proj.weight
+    before = frozen.detach().clone()
+    others = [p for p in model.parameters() if p is not frozen]
+    optimizer = torch.optim.AdamW([{"params": others, "lr": 2 * cfg.optim.lr}, {"params": [frozen], "lr": 0.0}],
+                                  weight_decay=0.0)
+    tl = PatternLoader(4, 16)
+    vl = PatternLoader(4, 16, split="val", n_windows=16)
+    train(model, cfg, tl, vl, causal_lm, tmp_path / "run", progress=False, optimizer=optimizer)
+    assert torch.equal(frozen.detach(), before)
+    assert len(optimizer.state) == len(list(model.parameters()))  # this optimizer took the steps
+    final = lr_multiplier(5, 6, cfg.optim)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2 * cfg.optim.lr * final)
+    assert optimizer.param_groups[1]["lr"] == 0.0

@@ -1,7 +1,7 @@
-"""Batches of (inputs, targets) from token shards, deterministic, rank-sharded and resumable.
+"""Batches of token windows from token shards, deterministic, rank-sharded and resumable.
 
     loader = TokenLoader("data/classics", "train", batch_size=16, seq_len=256, seed=0)
-    for x, y in loader:          # x, y: int64 (B, T) CPU tensors, y is x shifted left by one token
+    for batch in loader:         # {"input_ids": x, "labels": y}: int64 (B, T) CPU tensors, y = x shifted left
         ...
     state = loader.state_dict()  # save it with the checkpoint
     loader.load_state_dict(state)  # a fresh loader continues with exactly the next batch
@@ -9,7 +9,8 @@
 How batches are made (``data_dir`` comes from ``lmstack data tokenize``):
 - The split's shards are memory-mapped and read as one token stream, which is cut into non-overlapping
   windows of ``seq_len + 1`` tokens (a window gives x = w[:-1], y = w[1:]); the last partial window is
-  unused. Windows cross document boundaries; the eot token between documents tells the model.
+  unused. Windows cross document boundaries; the eot token between documents tells the model. A batch
+  is a dict (the training loop's ``Batch``) with the field names other libraries use for the same tensors.
 - Each epoch visits the windows in an order fixed by (seed, epoch): a permutation for the train split,
   file order for val. Global batch g of an epoch is windows order[g*B:(g+1)*B].
 - Under DDP, rank r takes global batches r, r + world_size, ... so ranks never share a window. For the
@@ -72,7 +73,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 class TokenLoader:
-    """Yields (x, y) int64 tensors of shape (batch_size, seq_len) from split SPLIT of DATA_DIR.
+    """Yields {"input_ids": x, "labels": y}, int64 tensors of shape (batch_size, seq_len), from split SPLIT of DATA_DIR.
 
     shuffle: None = shuffle the train split only. Train iterates forever; other splits end after one pass.
     """
@@ -164,11 +165,11 @@ class TokenLoader:
             shard += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(np.stack([self._window(int(w)) for w in windows]).astype(np.int64))  # (B, T+1)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T), (B, T)
+        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}  # (B, T) each
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if not self.infinite:
             self.epoch, self.position = 0, 0
         while True:

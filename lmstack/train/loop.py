@@ -3,9 +3,16 @@
     result = train(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer=tok)
 
 :func:`train` reads like a table of contents: per optimizer step it sets the LR from the schedule, runs
-:func:`train_step` (``grad_accum`` micro-batches through ``objective(model, x, y) -> (loss, metrics)``
+:func:`train_step` (``grad_accum`` micro-batches through ``objective(model, batch) -> (loss, metrics)``
 under autocast, the loss checks, backward, clipping, the optimizer step), then re-plans a wall-clock
 budget, rolls back non-finite weights, logs, validates and checkpoints, each in a helper of its own.
+
+Batches are dicts of tensors (train/losses.py ``Batch``); every tensor is moved to the device, so a
+stage may add any field its objective reads. The loop counts the real tokens the objective reports
+(``metrics["tokens"]``, summed over micro-batches and ranks) for the token total, tokens/s and MFU;
+validation (:func:`evaluate`) averages every metric weighted by those tokens. ``optimizer`` may be
+given (a stage that wants its own parameter groups, e.g. a higher LR for a new head); the schedule
+then scales each group's own starting LR.
 
 What it takes care of so stages do not have to:
 - devices and precision (lmstack.devices): bf16 autocast on CUDA by default, fp16 + GradScaler on
@@ -19,8 +26,9 @@ What it takes care of so stages do not have to:
   passed over, and the run says so) and reproduces the uninterrupted run bit for bit: same batches,
   same RNG, same optimizer state, and the same logged averages (the partial log window is saved too).
   What a killed writer left behind (staging directories) is cleaned up at the next start;
-- loss spikes and NaN/Inf: a micro-batch whose loss is not finite, or above ``spike_factor`` times
-  the running mean, or whose gradient norm is not finite, is skipped before it touches the weights
+- loss spikes and NaN/Inf: a micro-batch whose loss is not finite, or (for objectives that declare
+  ``judge_spikes``, the LM losses) above ``spike_factor`` times the running mean, or whose gradient
+  norm is not finite, is skipped before it touches the weights
   (the weights stay at the last good state). If the weights themselves ever turn non-finite, they
   are restored from the newest checkpoint. Every event is logged; after ``max_rollbacks`` the run stops.
 - a wall-clock budget (``train.max_minutes``, train/budget.py): the step count (capped by
@@ -54,7 +62,7 @@ from lmstack.plots import plot_training_curves
 from lmstack.progress import Progress
 from lmstack.train.budget import WallClockBudget
 from lmstack.train.dist import DistInfo, all_reduce_mean, any_rank, from_rank0, init_distributed
-from lmstack.train.losses import Objective
+from lmstack.train.losses import Batch, Objective
 from lmstack.train.optim import build_optimizer, lr_multiplier
 
 # Peak dense bf16 tensor FLOP/s for MFU, by substring of torch.cuda.get_device_name().
@@ -109,6 +117,7 @@ class RunState:
 class StepResult:
     loss: float  # mean over the micro-batches
     metrics: dict[str, float]  # the objective's metrics of the last micro-batch
+    tokens: int  # real tokens of the step: all micro-batches, all ranks
     grad_norm: float | None  # before clipping; None when the step was skipped before it was computed
     skipped: str | None  # why the batch was skipped (the weights did not change); None when it stepped
 
@@ -235,24 +244,53 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
 
 # ----------------------------------------------------------------------------- evaluation
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Every tensor of the batch on ``device`` (other values pass through)."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"a loader yielded a {type(batch).__name__}; batches are dicts of tensors, e.g. "
+                        "{'input_ids': (B, T), 'labels': (B, T)}")
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_tokens(metrics: dict[str, float]) -> int:
+    if "tokens" not in metrics:
+        raise ValueError("an objective's metrics must hold 'tokens', the count of real tokens in the batch "
+                         "(train.losses.real_tokens)")
+    return int(metrics["tokens"])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, val_loader, objective: Objective, device: torch.device, dtype: str | torch.dtype,
-             max_batches: int, dist: DistInfo) -> float:
-    """Mean validation loss over at most ``max_batches`` batches (averaged over ranks)."""
+             max_batches: int, dist: DistInfo) -> dict[str, float]:
+    """Validation metrics over at most ``max_batches`` batches, on all ranks together.
+
+    Returns ``{"loss": ..., "tokens": ..., **the objective's other metrics}``: every metric is the
+    mean over batches weighted by each batch's real tokens (so a per-token mean stays one over
+    padded batches); ``tokens`` is the total.
+    """
     model.eval()
-    total, count = 0.0, 0
-    for i, (x, y) in enumerate(val_loader):
-        if i >= max_batches:
+    sums: dict[str, float] = {}
+    tokens, seen = 0, 0
+    for batch in val_loader:
+        if seen >= max_batches:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        seen += 1
         with autocast_context(device, dtype):
-            loss, _ = objective(model, x, y)
-        total += float(loss)
-        count += 1
+            loss, metrics = objective(model, to_device(batch, device))
+        weight = _batch_tokens(metrics)
+        tokens += weight
+        for key, value in {"loss": float(loss), **metrics}.items():
+            if key != "tokens":
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
     model.train()
-    if count == 0:
+    if seen == 0:
         raise DataError("the validation split produced no batches; lower train.seq_len or add data")
-    return all_reduce_mean(total / count, dist)
+    world = dist.world_size if dist.enabled else 1
+    total_tokens = all_reduce_mean(float(tokens), dist) * world
+    if total_tokens == 0:
+        raise DataError("the validation batches hold no real tokens (every label is -1); check the data")
+    averaged = {key: all_reduce_mean(sums[key], dist) * world / total_tokens for key in sorted(sums)}
+    return {**averaged, "tokens": round(total_tokens)}
 
 
 # ----------------------------------------------------------------------------- one step
@@ -262,12 +300,13 @@ def train_step(run: "_Run", batches: Iterator, spike_limit: float) -> StepResult
     loss is non-finite or above ``spike_limit``, or a non-finite gradient norm (on any rank), skips the
     step before the weights change."""
     model, optimizer, scaler, accum, dist = run.model, run.optimizer, run.scaler, run.cfg.train.grad_accum, run.dist
-    loss_sum, metrics, problem, grad_norm = 0.0, {}, None, None
+    loss_sum, metrics, problem, grad_norm, tokens = 0.0, {}, None, None, 0
     for micro in range(accum):
-        x, y = (t.to(run.device, non_blocking=True) for t in next(batches))
+        batch = to_device(next(batches), run.device)
         gradient_sync = micro == accum - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
         with (contextlib.nullcontext() if gradient_sync else model.no_sync()), autocast_context(run.device, run.dtype):
-            loss, metrics = run.objective(model, x, y)
+            loss, metrics = run.objective(model, batch)
+        tokens += _batch_tokens(metrics)
         loss_value = float(loss.detach())
         problem = problem or _loss_problem(loss_value, spike_limit, run.cfg.train.spike_factor)
         if problem and not dist.enabled:
@@ -284,10 +323,12 @@ def train_step(run: "_Run", batches: Iterator, spike_limit: float) -> StepResult
         problem = "another rank saw a bad batch"
     if problem is None:
         scaler.step(optimizer)
+        if dist.enabled:  # the sum over ranks (exact: float64 holds these counts)
+            tokens = round(all_reduce_mean(float(tokens), dist) * dist.world_size)
     if grad_norm is not None:
         scaler.update()  # after any unscale_, stepped or not: the next unscale_ would refuse otherwise
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_sum, metrics=metrics, grad_norm=grad_norm, skipped=problem)
+    return StepResult(loss=loss_sum, metrics=metrics, tokens=tokens, grad_norm=grad_norm, skipped=problem)
 
 
 def _loss_problem(loss: float, spike_limit: float, spike_factor: float) -> str | None:
@@ -303,15 +344,21 @@ def _loss_problem(loss: float, spike_limit: float, spike_factor: float) -> str |
 def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective: Objective,
           out_dir: str | Path, tokenizer: Any = None, resume: bool | str | Path = False,
           info: DistInfo | None = None, extra_config: dict[str, Any] | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Train ``model`` on ``train_loader`` batches with ``objective``; write the run into ``out_dir``.
 
+    ``objective``: an :class:`~lmstack.train.losses.Objective`; a plain function
+    ``(model, batch) -> (loss, metrics)`` is taken as an LM loss (its spikes are judged).
     ``resume``: True continues from the newest intact checkpoint in OUT/checkpoints (from scratch when
     there is none), a path continues from that checkpoint. ``info``: the process group
-    (train.dist.init_distributed); by default one is made from ``cfg.train.device``.
+    (train.dist.init_distributed); by default one is made from ``cfg.train.device``. ``optimizer``:
+    one over ``model``'s parameters with the groups and LRs the stage wants (None: AdamW from
+    ``cfg.optim``); the schedule multiplies each group's starting LR.
     """
+    if not isinstance(objective, Objective):
+        objective = Objective(objective)
     run = _start(model, cfg, train_loader, val_loader, objective, Path(out_dir), tokenizer, resume,
-                 info or init_distributed(cfg.train.device), extra_config or {}, progress)
+                 info or init_distributed(cfg.train.device), extra_config or {}, progress, optimizer)
     batches = _infinite(train_loader)
     try:
         with run.bar:
@@ -321,7 +368,7 @@ def train(model: nn.Module, cfg: RunConfig, train_loader, val_loader, objective:
                 if result.skipped:
                     _skip_batch(run, result.skipped)
                     continue  # the same step is retried with the next batch
-                _advance(run.state, result, run.tokens_per_step)
+                _advance(run.state, result)
                 _replan_budget(run)
                 if _maybe_rollback(run):
                     continue
@@ -344,6 +391,7 @@ class _Run:
     model: nn.Module  # possibly compiled and DDP-wrapped
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
+    base_lrs: list[float]  # each parameter group's LR before the schedule scales it
     scaler: torch.amp.GradScaler
     objective: Objective
     train_loader: Any
@@ -357,7 +405,6 @@ class _Run:
     bar: Progress
     bar_task: int
     budget: WallClockBudget | None
-    tokens_per_step: int
     started: float  # time.time() when this session started
     log_time: float  # time.time() and state.tokens at the last logged line (for tokens/s)
     log_tokens: int
@@ -379,7 +426,7 @@ class _Run:
 
 
 def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, resume, dist, extra_config,
-           progress) -> _Run:
+           progress, optimizer) -> _Run:
     """Set up the run: device, precision, optimizer, resume, wrappers, logger, progress bar, budget."""
     started = time.time()
     device, tcfg = dist.device, cfg.train
@@ -399,7 +446,8 @@ def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, 
     seed_everything(tcfg.seed + dist.rank)
     model.to(device)
     model.train()
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    optimizer = optimizer or build_optimizer(model, cfg.optim, device.type)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume loads scheduled LRs
     state, resumed_from = _resume(model, optimizer, train_loader, device, out_dir, resume, tcfg, dist)
     if resume is True and dist.is_main:  # resumed from the newest intact checkpoint: any newer one is damaged
         for path in ckpt.set_aside_newer(out_dir / "checkpoints", resumed_from):
@@ -416,15 +464,13 @@ def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, 
     bar.update(bar_task, completed=state.step)
     budget = WallClockBudget(tcfg, state.elapsed, state.step) if tcfg.max_minutes > 0 else None
     return _Run(cfg=cfg, dist=dist, device=device, dtype=dtype, model=model, raw_model=raw_model,
-                optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                optimizer=optimizer, base_lrs=base_lrs, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                 objective=objective, train_loader=train_loader, val_loader=val_loader, out_dir=out_dir,
                 config_dict={**cfg.to_dict(), **extra_config}, tokenizer=tokenizer, state=state,
                 elapsed_before=state.elapsed,
                 logger=MetricsLogger(out_dir, dist.is_main, tcfg.tensorboard,
                                      state.step if resumed_from is not None else None),
-                bar=bar, bar_task=bar_task, budget=budget,
-                tokens_per_step=tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist.world_size,
-                started=started, log_time=time.time(), log_tokens=state.tokens)
+                bar=bar, bar_task=bar_task, budget=budget, started=started, log_time=time.time(), log_tokens=state.tokens)
 
 
 def _resume(model, optimizer, loader, device, out_dir: Path, resume: bool | str | Path, tcfg,
@@ -482,16 +528,18 @@ def _infinite(loader) -> Iterator:
 
 
 def _set_lr(run: _Run) -> float:
-    lr = run.cfg.optim.lr * lr_multiplier(run.state.step, run.state.max_steps, run.cfg.optim)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+    """Scale every parameter group's starting LR by the schedule; returns the LR of ``optim.lr`` (logged)."""
+    multiplier = lr_multiplier(run.state.step, run.state.max_steps, run.cfg.optim)
+    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base_lr * multiplier
+    return run.cfg.optim.lr * multiplier
 
 
 def _spike_limit(run: _Run) -> float:
-    """Losses above this are spikes: ``spike_factor`` x the running mean, once warmup is over."""
+    """Losses above this are spikes: ``spike_factor`` x the running mean, once warmup is over; never
+    for an objective that does not let the loop judge its spikes."""
     state, tcfg = run.state, run.cfg.train
-    if state.loss_ema is None or state.step < min(run.cfg.optim.warmup_steps, state.max_steps // 5):
+    if not run.objective.judge_spikes or state.loss_ema is None or state.step < min(run.cfg.optim.warmup_steps, state.max_steps // 5):
         return float("inf")
     return tcfg.spike_factor * state.loss_ema
 
@@ -506,9 +554,9 @@ def _skip_batch(run: _Run, reason: str) -> None:
                                f"{run.cfg.train.max_rollbacks}); lower optim.lr or check the data")
 
 
-def _advance(state: RunState, result: StepResult, tokens_per_step: int) -> None:
+def _advance(state: RunState, result: StepResult) -> None:
     state.step += 1
-    state.tokens += tokens_per_step
+    state.tokens += result.tokens
     state.loss_ema = result.loss if state.loss_ema is None else 0.95 * state.loss_ema + 0.05 * result.loss
     state.log_loss_sum += result.loss
     state.log_loss_count += 1
@@ -562,7 +610,7 @@ def _log(run: _Run, result: StepResult, lr: float) -> None:
     tokens_per_second = (state.tokens - run.log_tokens) / max(now - run.log_time, 1e-9)
     record = {"step": state.step, "loss": state.log_loss_sum / max(state.log_loss_count, 1), "lr": lr,
               "tokens": state.tokens, "tokens_per_second": tokens_per_second, "grad_norm": result.grad_norm,
-              **result.metrics}
+              **{k: v for k, v in result.metrics.items() if k != "tokens"}}  # "tokens" is the run's total
     flops_per_token = getattr(run.raw_model, "flops_per_token", None)
     peak = peak_flops(run.device)
     if flops_per_token and peak:
@@ -582,11 +630,12 @@ def _maybe_eval(run: _Run) -> None:
     if not ((tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == state.max_steps):
         return
     began = time.time()
-    state.val_loss = evaluate(run.model, run.val_loader, run.objective, run.device, run.dtype,
-                              tcfg.eval_batches, run.dist)
+    metrics = evaluate(run.model, run.val_loader, run.objective, run.device, run.dtype, tcfg.eval_batches, run.dist)
+    state.val_loss = metrics.pop("loss")
     bytes_per_token = getattr(run.val_loader, "bytes_per_token", None)
     state.val_bpb = state.val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
-    run.logger.log({"step": state.step, "val_loss": state.val_loss, "val_bpb": state.val_bpb})
+    run.logger.log({"step": state.step, "val_loss": state.val_loss, "val_bpb": state.val_bpb,
+                    **{f"val_{key}": value for key, value in metrics.items()}})
     run.bar.log(f"step {state.step}: val loss {state.val_loss:.3f}" +
                 (f" | val bpb {state.val_bpb:.3f}" if state.val_bpb else ""))
     if run.budget is not None:

@@ -1,8 +1,18 @@
-"""Training objectives as pure functions: ``objective(model, x, y) -> (loss, metrics)``.
+"""Training objectives: ``objective(model, batch) -> (loss, metrics)``, each an :class:`Objective`.
 
-The one training loop (train/loop.py) is family-agnostic: it draws (x, y) token windows from the
-loader and hands them to the objective chosen for the model family by :func:`objective_for`.
-``metrics`` holds floats for logging only.
+The one training loop (train/loop.py) is family-agnostic: it draws batches (:data:`Batch`, a dict of
+tensors; pretraining loaders yield ``{"input_ids": x, "labels": y}``, y = x shifted left by one, -1
+where a position has no target) and hands them to the objective, here the one chosen for the model
+family by :func:`objective_for`. ``metrics`` holds floats for logging, and always ``"tokens"``: the
+number of real tokens in the batch (labels other than -1, :func:`real_tokens`). The loop sums it for
+tokens/s and MFU, so padded or packed batches are not overcounted, and weights validation averages
+by it. The pretraining objectives count the loader's labels even where they score other positions
+(masked LM scores ~15% of them), so throughput compares across families.
+
+An :class:`Objective` also says whether the loop's loss-spike guard may judge it
+(``judge_spikes``): true for language-model losses, which are positive and move slowly; an
+objective whose loss may be negative or noisy (preference or policy losses) sets it false, and is
+then only skipped on a non-finite loss or gradient.
 
 Every pretraining objective has a factory with one signature, ``make(tokenizer) -> Objective``: the
 span and mask objectives read their special token ids from the tokenizer, the others ignore it. The
@@ -13,6 +23,7 @@ plus one line in ``FACTORIES``; it never copies the loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -24,14 +35,38 @@ from lmstack.errors import ConfigError, DataError
 from lmstack.models import family_of
 from lmstack.models.moe import routing_metrics
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+Batch = dict[str, torch.Tensor]  # pretraining: {"input_ids": (B, T), "labels": (B, T)}
+ObjectiveFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss function ``fn(model, batch) -> (loss, metrics)`` plus what the loop needs to know about it.
+
+    Use it as a decorator (``@Objective``) or call it (``Objective(fn, judge_spikes=False)``).
+    ``judge_spikes``: the loop may skip a batch whose loss is far above its running mean (LM losses).
+    """
+
+    fn: ObjectiveFn
+    judge_spikes: bool = True
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.fn(model, batch)
+
+
 ObjectiveFactory = Callable[[Any], Objective]  # tokenizer (None where the objective needs none) -> objective
 
 
-def causal_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token prediction. x, y: (B, T) with y = x shifted left by one; -1 in y is ignored."""
-    _, loss = model(x, y)
-    return loss, {}
+def real_tokens(batch: Batch) -> int:
+    """Tokens with a target in the batch: labels other than -1 (padding and masked prompts are not counted)."""
+    return int((batch["labels"] != -1).sum())
+
+
+@Objective
+def causal_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token prediction. input_ids, labels: (B, T), labels = input_ids shifted left by one; -1 is ignored."""
+    _, loss = model(batch["input_ids"], batch["labels"])
+    return loss, {"tokens": real_tokens(batch)}
 
 
 def _eval_generator(model: nn.Module) -> torch.Generator | None:
@@ -40,10 +75,12 @@ def _eval_generator(model: nn.Module) -> torch.Generator | None:
     return None if model.training else torch.Generator().manual_seed(0)
 
 
-def prefix_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+@Objective
+def prefix_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Prefix LM (T5 / U-PaLM): per sequence a split point L uniform in [1, T-1]; positions < L attend
     bidirectionally, the loss covers the predictions of tokens L..T only (position L-1 onwards),
     since inside the prefix the next token is visible."""
+    x, y = batch["input_ids"], batch["labels"]
     B, T = x.shape
     if T < 2:
         raise ConfigError(f"the prefix-LM objective needs windows of at least 2 tokens (train.seq_len={T}); "
@@ -52,15 +89,16 @@ def prefix_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     hidden = torch.arange(T)[None, :] < (prefix_len[:, None] - 1)  # (B, T) targets inside the prefix
     targets = y.masked_fill(hidden.to(y.device), -1)
     _, loss = model(x, targets, prefix_len=prefix_len.to(x.device))
-    return loss, {"prefix_frac": float(prefix_len.float().mean()) / T}
+    return loss, {"prefix_frac": float(prefix_len.float().mean()) / T, "tokens": real_tokens(batch)}
 
 
-def moe_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+@Objective
+def moe_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token prediction for mixture-of-experts models plus their auxiliary router losses
     (load balancing, z-loss) while training; validation returns the plain LM loss so it compares
     with dense models. Metrics: lm_loss and the routing statistics of models/moe.py."""
-    _, lm_loss, aux = model(x, y, return_aux=True)
-    metrics = {"lm_loss": float(lm_loss.detach()), **routing_metrics(aux["stats"])}
+    _, lm_loss, aux = model(batch["input_ids"], batch["labels"], return_aux=True)
+    metrics = {"lm_loss": float(lm_loss.detach()), **routing_metrics(aux["stats"]), "tokens": real_tokens(batch)}
     return (lm_loss + aux["loss"] if model.training else lm_loss), metrics
 
 
@@ -152,7 +190,9 @@ def span_corruption(tokenizer: Any) -> Objective:
     sentinels = torch.tensor(special_token_ids(tokenizer, SENTINELS, "span corruption"))
     eot = int(tokenizer.eot_id)
 
-    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    @Objective
+    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["input_ids"]
         cfg = unwrap_model(model).config
         B, L = x.shape
         n_noise, n_spans = span_layout(L, cfg.noise_density, cfg.mean_span, len(sentinels))
@@ -163,7 +203,7 @@ def span_corruption(tokenizer: Any) -> Objective:
         decoder_input = torch.cat([boundary, spans], dim=1)  # (B, noise + n_spans + 1)
         targets = torch.cat([spans, boundary], dim=1)
         _, loss = model(encoder_input, decoder_input, targets)
-        return loss, {}
+        return loss, {"tokens": real_tokens(batch)}
 
     return objective
 
@@ -193,7 +233,9 @@ def blank_infilling(tokenizer: Any, noise_density: float = 0.15, mean_span: floa
     starts = torch.tensor(special_token_ids(tokenizer, SENTINELS, "blank infilling"))
     eot = int(tokenizer.eot_id)
 
-    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    @Objective
+    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["input_ids"]
         B, T = x.shape
         length, n_noise, n_spans = glm_layout(T, noise_density, mean_span, len(starts))
         noise_mask = random_span_mask(B, length, n_noise, n_spans, _eval_generator(model)).to(x.device)
@@ -207,7 +249,7 @@ def blank_infilling(tokenizer: Any, noise_density: float = 0.15, mean_span: floa
         targets = torch.cat([ignore, part_b[:, 1:], boundary], dim=1)
         prefix_len = torch.full((B,), part_a.shape[1], device=x.device)
         _, loss = model(inputs, targets, prefix_len=prefix_len)
-        return loss, {}
+        return loss, {"tokens": real_tokens(batch)}
 
     return objective
 
@@ -242,7 +284,7 @@ def masked_lm(tokenizer: Any, mask_prob: float = 0.15) -> Objective:
     """BERT's masked-LM objective for the ``bert`` family (the corruption is :func:`mlm_mask`).
 
     The loss is the cross-entropy of the original token at the chosen positions only. The loader's
-    next-token targets ``y`` are ignored: the window ``x`` is its own target. Imported BERT
+    next-token labels are ignored: the window ``input_ids`` is its own target. Imported BERT
     tokenizers call the mask token ``[MASK]``; it is used when ``<|mask|>`` is absent.
     Metrics: ``mlm_acc`` (accuracy at chosen positions) and ``masked_frac``.
     """
@@ -252,13 +294,16 @@ def masked_lm(tokenizer: Any, mask_prob: float = 0.15) -> Objective:
     special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
     special[list(specials.values())] = True
 
-    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    @Objective
+    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["input_ids"]
         inputs, targets = mlm_mask(x, special, mask_id, mask_prob, _eval_generator(model))
         logits, loss = model(inputs, targets)
         chosen = targets >= 0
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == x)[chosen].float().mean()
-        return loss, {"mlm_acc": float(accuracy), "masked_frac": float(chosen.float().mean())}
+        return loss, {"mlm_acc": float(accuracy), "masked_frac": float(chosen.float().mean()),
+                      "tokens": real_tokens(batch)}
 
     return objective
 

@@ -46,9 +46,10 @@ class StageParts:
     """What a stage's ``build(cfg, dist)`` makes for one process."""
 
     model: nn.Module
-    train_loader: Any  # iterable of (x, y) batches with state_dict() / load_state_dict()
-    val_loader: Any  # one pass of (x, y) batches per iter(); bytes_per_token enables bits-per-byte
+    train_loader: Any  # iterable of batches (dicts of tensors) with state_dict() / load_state_dict()
+    val_loader: Any  # one pass of batches per iter(); bytes_per_token enables bits-per-byte
     objective: Objective
+    optimizer: Any = None  # a torch optimizer over the model's parameters (None: AdamW from cfg.optim)
     tokenizer: Any = None  # saved with every checkpoint
     description: str = ""  # what the data is, for the startup line ("1,234,567 training tokens")
 
@@ -172,7 +173,7 @@ def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, D
                   file=sys.stderr)
         result = train(parts.model, cfg, parts.train_loader, parts.val_loader, parts.objective, out_dir,
                        tokenizer=parts.tokenizer, resume=resume_from or False, info=dist,
-                       extra_config=extra_config, progress=progress)
+                       extra_config=extra_config, progress=progress, optimizer=parts.optimizer)
     finally:
         cleanup_distributed()
     flops_per_token = getattr(parts.model, "flops_per_token", None)
