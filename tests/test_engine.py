@@ -12,7 +12,6 @@ import torch
 
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.generate import generate
-from lmstack.models import build_model
 
 from engine_helpers import argmax_loop, one_thread, tiny_model as _tiny  # noqa: F401
 
@@ -223,10 +222,3 @@ def test_bad_requests_fail_clearly(model):
     with pytest.raises(ValueError, match="max_num_seqs, max_model_len"):
         Engine(model, max_num_seqs=10**8)  # refused before allocating, with the knobs to turn
 
-
-def test_engine_refuses_encoder_models():
-    from lmstack.models import MODEL_CONFIGS
-
-    cfg = MODEL_CONFIGS["bert"](vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    with pytest.raises(ValueError, match="decoder-only"):
-        Engine(build_model(cfg))

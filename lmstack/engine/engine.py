@@ -28,27 +28,45 @@ Design (one forward per phase per step):
   (:class:`CudaGraphDecoder`); prefill and CPU runs are eager. Greedy output is tested against
   the plain full-recompute argmax loop at batch 1, in mixed batches and under random arrivals.
 
+* No request can hurt another: each phase of a step (decode, prefill) computes everything that can
+  fail (the forward, sampling, logprobs) before it changes any state, and the model's KV writes are
+  idempotent (column == position). So when a phase raises, :meth:`Engine._isolated` runs it again once
+  per request and fails only the request that still raises: its output ends with ``finish_reason
+  "error"`` and ``RequestOutput.error``, the event is logged with its request id, and the rest of the
+  batch goes on. Per-request bookkeeping after that point (appending tokens, detokenizing, forking)
+  is guarded the same way.
+
 Honest caveats: slots reserve ``max_model_len`` tokens per sequence (no paging), the engine is
 single-process and single-device, and ``step`` is not thread-safe (AsyncEngine owns one thread
-that calls it).
+that calls it). In a step that isolated a failure, the retried requests draw their random numbers
+again, so a seeded request's sample at that step may differ from a run without the failing request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq, TypeVar
 
 import torch
 import torch.nn as nn
 
+from lmstack.devices import resolve_device, resolve_dtype
 from lmstack.engine.detok import TextStream
 from lmstack.engine.kv_cache import SlotKVCache
 from lmstack.engine.sampling import SamplingParams, SamplingRow, logprob_entries, make_generator, sample
 from lmstack.engine.scheduler import Request, Scheduler, Sequence, Status
+from lmstack.errors import UserError
+from lmstack.models import is_decoder
+from lmstack.progress import Progress
+
+log = logging.getLogger("lmstack.engine")
+Item = TypeVar("Item", Sequence, tuple)  # what a phase runs over: decoding sequences or prefill chunks
 
 
 @dataclass
@@ -64,7 +82,7 @@ class CompletionOutput:
     index: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: list[dict] | None
     new_token_ids: list[int]
     new_text: str
@@ -73,22 +91,15 @@ class CompletionOutput:
 @dataclass
 class RequestOutput:
     """prompt_logprobs (when requested): one entry per prompt token, ``None`` for the first (nothing
-    predicts it), then dicts shaped like CompletionOutput.logprobs entries."""
+    predicts it), then dicts shaped like CompletionOutput.logprobs entries. ``error`` is set (and every
+    sample's finish_reason is "error") when the request failed inside a step and was stopped alone."""
 
     request_id: str
     prompt_token_ids: list[int]
     prompt_logprobs: list | None
     outputs: list[CompletionOutput]
     finished: bool
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA GPU is available here; use --device cpu (or auto)")
-    return resolved
+    error: str | None = None
 
 
 class Engine:
@@ -105,26 +116,27 @@ class Engine:
         compile_decode adds torch.compile inside the graphs; seed seeds the generators of requests
         that do not bring their own.
         """
+        cfg = model.config
+        if not is_decoder(cfg):
+            raise UserError(f"the engine runs decoder-only models; model family {cfg.family!r} is not one "
+                            "(use lmstack.engine.embed for embeddings, lmstack.engine.seq2seq for T5)")
         if device is not None:
             model = model.to(resolve_device(device))
         self.model = model.eval()
         self.tokenizer = tokenizer
-        cfg = model.config
         self.vocab_size = cfg.vocab_size
         self.max_model_len = int(max_model_len or cfg.block_size)
-        if self.max_model_len > cfg.block_size and cfg.position in ("rope", "learned"):
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of {cfg.block_size}")
+        # rope and learned positions have no meaning past the trained context; the other schemes extrapolate
+        if self.max_model_len > cfg.block_size and getattr(cfg, "position", "rope") in ("rope", "learned"):
+            raise UserError(f"max_model_len={self.max_model_len} exceeds the model's context of {cfg.block_size}")
         if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={max_num_seqs} must be >= 1")
+            raise UserError(f"max_num_seqs={max_num_seqs} must be >= 1")
         num_slots = max_num_seqs
         if kv_cache_tokens is not None:
             num_slots = min(max_num_seqs, kv_cache_tokens // self.max_model_len)
             if num_slots < 1:
-                raise ValueError(f"kv_cache_tokens={kv_cache_tokens} holds no sequence of max_model_len="
-                                 f"{self.max_model_len}; raise it or lower max_model_len")
-        if not hasattr(cfg, "kv_heads"):
-            raise ValueError(f"the engine runs decoder-only models; model family {cfg.family!r} has no KV cache "
-                             "(use lmstack.engine.embed for encoders)")
+                raise UserError(f"kv_cache_tokens={kv_cache_tokens} holds no sequence of max_model_len="
+                                f"{self.max_model_len}; raise it or lower max_model_len")
         self.device = next(model.parameters()).device
         _check_kv_memory(model, num_slots, self.max_model_len, self.device)
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_model_len)
@@ -148,7 +160,7 @@ class Engine:
         from lmstack.checkpoint import load_checkpoint
 
         dev = resolve_device(device)
-        torch_dtype = _resolve_dtype(dtype, dev)
+        torch_dtype = resolve_dtype(dtype, dev)
         ckpt = load_checkpoint(path, device=dev, dtype=torch_dtype)
         model = ckpt.model
         if quantize:
@@ -164,7 +176,7 @@ class Engine:
         prompt = self.check_request(prompt_token_ids, params)
         request_id = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise UserError(f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt, params)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         for i in range(params.n):
@@ -179,22 +191,24 @@ class Engine:
         return request_id
 
     def check_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> list[int]:
-        """Validate a request without queueing it (thread-safe); returns the prompt as a list of ints."""
+        """Validate a request without queueing it (thread-safe); returns the prompt as a list of ints.
+
+        Raises :class:`~lmstack.errors.UserError` naming what the engine cannot honour."""
         params.validate()
         if params.n > self.cache.num_slots:
-            raise ValueError(f"n={params.n} exceeds the engine's {self.cache.num_slots} KV slots (max_num_seqs)")
+            raise UserError(f"n={params.n} exceeds the engine's {self.cache.num_slots} KV slots (max_num_seqs)")
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
-            raise ValueError("empty prompt: give at least one token (e.g. the tokenizer's end-of-text id)")
+            raise UserError("empty prompt: give at least one token (e.g. the tokenizer's end-of-text id)")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         limit = self.max_model_len if params.max_tokens == 0 else self.max_model_len - 1
         if len(prompt) > limit:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate within "
-                             f"max_model_len={self.max_model_len}; shorten it")
+            raise UserError(f"prompt of {len(prompt)} tokens leaves no room to generate within "
+                            f"max_model_len={self.max_model_len}; shorten it")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+            raise UserError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         return prompt
 
     def abort(self, request_id: str) -> None:
@@ -221,9 +235,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.decode:
-            self._decode(batch.decode)
+            self._isolated(self._decode, batch.decode)
         if batch.prefill:
-            self._prefill(batch.prefill)
+            self._isolated(self._prefill, batch.prefill)
         self._counters["steps"] += 1
         return self._collect_outputs()
 
@@ -236,26 +250,60 @@ class Engine:
         """
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+            raise UserError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         params_list = [sp or SamplingParams() for sp in params_list]
         for prompt, sp in zip(prompts, params_list):  # all or nothing: no half-submitted batch on bad input
             self.check_request(prompt, sp)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}
-        bar = _ProgressBar(len(ids), self) if progress else None
-        try:
+        start, tokens_before = time.perf_counter(), self._counters["generated_tokens"]
+        with Progress(enabled=progress) as bar:
+            task = bar.add("generate", total=len(ids), unit="requests")
             while self.has_unfinished():
                 for out in self.step():
-                    if out.finished:
+                    if out.finished and out.request_id in ids:
                         final[out.request_id] = out
-                if bar is not None:
-                    bar.update(len(final))
-        finally:
-            if bar is not None:
-                bar.close()
+                        bar.advance(task)
+                tokens = self._counters["generated_tokens"] - tokens_before
+                bar.update(task, status=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
         return [final[i] for i in ids]
 
     # ------------------------------------------------------------------ phases
+    def _isolated(self, phase: Callable[[list[Item]], None], items: list[Item]) -> None:
+        """Run a phase over the batch; if it raises, run it once per request so only the one at fault fails.
+
+        Safe because a phase computes everything fallible before it changes any state (module docstring).
+        """
+        try:
+            phase(items)
+            return
+        except Exception as error:
+            if len({id(_request_of(item)) for item in items}) == 1:
+                self._fail(_request_of(items[0]), error)
+                return
+        for request, group in _group_by_request(items):
+            if request.finished:
+                continue
+            try:
+                phase(group)
+            except Exception as error:
+                self._fail(request, error)
+
+    @contextlib.contextmanager
+    def _guard(self, request: Request) -> Iterator[None]:
+        """Per-request bookkeeping: an error fails this request alone instead of the step."""
+        try:
+            yield
+        except Exception as error:
+            self._fail(request, error)
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        log.error("request %s failed inside an engine step and was stopped alone (the batch goes on): %s: %s",
+                  request.request_id, type(error).__name__, error, exc_info=error)
+        request.error = f"{type(error).__name__}: {error}"
+        self.scheduler.abort(request, reason="error")
+        self._touched[request.request_id] = request
+
     def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
         B = len(chunks)
         T = max(end - start for _, start, end in chunks)
@@ -268,31 +316,30 @@ class Engine:
         want_all = any(r.params.prompt_logprobs is not None for r, _, _ in chunks)
         logits = self._forward(idx, positions, slots, max(end for _, _, end in chunks),
                                logits_to_keep=0 if want_all else 1)  # (B, T or 1, V)
+        prompt_entries = [self._prompt_logprobs(request, logits[i, T - (end - start):], start, end)
+                          for i, (request, start, end) in enumerate(chunks)]
+        # every sample of a request whose prompt is now complete draws its first token from the last column
+        done = [i for i, (request, _, end) in enumerate(chunks)
+                if end == len(request.prompt_ids) and request.params.max_tokens > 0]
+        rows = [(i, seq) for i in done for seq in chunks[i][0].seqs]
+        picked = self._pick_tokens([seq for _, seq in rows], logits[[i for i, _ in rows], -1]) if rows else []
+        # nothing above changed any state; from here on each request's bookkeeping is guarded on its own
         self._counters["prompt_tokens"] += sum(end - start for _, start, end in chunks)
-        done_rows, done_requests = [], []
-        for i, (request, start, end) in enumerate(chunks):
-            request.prefill_seq.num_computed = end
-            if request.params.prompt_logprobs is not None:
-                self._add_prompt_logprobs(request, logits[i, T - (end - start):], start, end)
-            if end == len(request.prompt_ids):
-                done_rows.append(i)
-                done_requests.append(request)
-        if not done_requests:
-            return
-        last = logits[done_rows, -1]  # (R, V): next-token scores after each finished prompt
-        rows, row_logits = [], []
-        for request, scores in zip(done_requests, last):
-            self._fork(request)
-            self.scheduler.prefill_done(request)
-            if request.params.max_tokens == 0:  # scoring only
+        by_seq = {id(seq): pick for (_, seq), pick in zip(rows, picked)}
+        for (request, start, end), entries in zip(chunks, prompt_entries):
+            with self._guard(request):
+                request.prefill_seq.num_computed = end
+                if entries:
+                    request.prompt_logprobs.extend(entries)
+                if end < len(request.prompt_ids):
+                    continue
+                self._fork(request)
+                self.scheduler.prefill_done(request)
                 for seq in request.seqs:
-                    self._finish(seq, "length")
-                continue
-            for seq in request.seqs:
-                rows.append(seq)
-                row_logits.append(scores)
-        if rows:
-            self._sample_and_append(rows, torch.stack(row_logits))
+                    if request.params.max_tokens == 0:  # scoring only
+                        self._finish(seq, "length")
+                    else:
+                        self._append(seq, *by_seq[id(seq)])
 
     def _decode(self, seqs: list[Sequence]) -> None:
         idx = torch.tensor([[s.last_token] for s in seqs])  # (B, 1)
@@ -303,9 +350,13 @@ class Engine:
             logits = self.graphs.decode(idx, positions, slots, kv_len)
         else:
             logits = self._forward(idx, positions, slots, kv_len, logits_to_keep=1)[:, -1]  # (B, V)
-        for s in seqs:
-            s.num_computed += 1
-        self._sample_and_append(seqs, logits)
+        picked = self._pick_tokens(seqs, logits)
+        for seq, (token, entry) in zip(seqs, picked):
+            if seq.finished:  # another sample of its request failed a moment ago
+                continue
+            with self._guard(seq.request):
+                seq.num_computed += 1
+                self._append(seq, token, entry)
 
     def _forward(self, idx: torch.Tensor, positions: torch.Tensor, slots: list[int], kv_len: int,
                  logits_to_keep: int) -> torch.Tensor:
@@ -325,17 +376,17 @@ class Engine:
         request.reserved_slots = []
 
     # ------------------------------------------------------------------ tokens, stops, outputs
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _pick_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, dict | None]]:
+        """logits (B, V) -> (token, logprob entry or None) per sequence; changes no state."""
         rows = [SamplingRow(s.request.params, s.generator, s.request.prompt_ids, s.output_ids) for s in seqs]
         tokens = sample(logits, rows)
-        entries = [None] * len(seqs)
+        entries: list[dict | None] = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         if want:
             found = logprob_entries(logits[want], tokens[want], [seqs[i].request.params.logprobs for i in want])
             for i, entry in zip(want, found):
                 entries[i] = entry
-        for seq, token, entry in zip(seqs, tokens.tolist(), entries):
-            self._append(seq, token, entry)
+        return list(zip(tokens.tolist(), entries))
 
     def _append(self, seq: Sequence, token: int, logprob: dict | None) -> None:
         params = seq.request.params
@@ -363,14 +414,13 @@ class Engine:
         self.scheduler.finish(seq, reason)
         self._touched[seq.request.request_id] = seq.request
 
-    def _add_prompt_logprobs(self, request: Request, logits: torch.Tensor, start: int, end: int) -> None:
+    def _prompt_logprobs(self, request: Request, logits: torch.Tensor, start: int, end: int) -> list[dict]:
         """logits (end - start, V) at prompt positions start..end-1 score prompt tokens start+1..end."""
         targets = request.prompt_ids[start + 1:end + 1]  # the last position may predict past the prompt
-        if not targets:
-            return
         k = request.params.prompt_logprobs
-        request.prompt_logprobs.extend(logprob_entries(logits[:len(targets)], torch.tensor(targets, device=logits.device),
-                                                       [k] * len(targets)))
+        if k is None or not targets:
+            return []
+        return logprob_entries(logits[:len(targets)], torch.tensor(targets, device=logits.device), [k] * len(targets))
 
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
@@ -384,35 +434,13 @@ class Engine:
                                           finish_reason=s.finish_reason,
                                           logprobs=list(s.logprobs) if s.logprobs is not None else None,
                                           new_token_ids=s.new_ids, new_text=s.new_text) for s in request.seqs],
-                finished=finished))
+                finished=finished, error=request.error))
             for s in request.seqs:
                 s.new_ids, s.new_text = [], ""
             if finished:
                 self._requests.pop(request_id, None)
         self._touched = {}
         return outputs
-
-
-class _ProgressBar:
-    """rich progress for Engine.generate: requests finished, generated tokens/s, ETA."""
-
-    def __init__(self, total: int, engine: Engine):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.engine, self.start = engine, time.perf_counter()
-        self.tokens0 = engine._counters["generated_tokens"]
-        self.progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), transient=True)
-        self.task = self.progress.add_task("generate", total=total, speed="")
-        self.progress.start()
-
-    def update(self, done: int) -> None:
-        tokens = self.engine._counters["generated_tokens"] - self.tokens0
-        speed = tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, completed=done, speed=f"{speed:,.0f} tokens/s")
-
-    def close(self) -> None:
-        self.progress.stop()
 
 
 def _check_kv_memory(model: nn.Module, num_slots: int, max_len: int, device: torch.device) -> None:
@@ -427,8 +455,21 @@ def _check_kv_memory(model: nn.Module, num_slots: int, max_len: int, device: tor
 
         free = psutil.virtual_memory().available
     if need > 0.9 * free:
-        raise ValueError(f"the KV cache needs {need / 2**30:.1f} GiB ({num_slots} slots x {max_len} tokens) but only "
+        raise UserError(f"the KV cache needs {need / 2**30:.1f} GiB ({num_slots} slots x {max_len} tokens) but only "
                          f"{free / 2**30:.1f} GiB is free; lower max_num_seqs, max_model_len or kv_cache_tokens")
+
+
+def _request_of(item: Sequence | tuple[Request, int, int]) -> Request:
+    return item.request if isinstance(item, Sequence) else item[0]
+
+
+def _group_by_request(items: list[Item]) -> list[tuple[Request, list[Item]]]:
+    """The items of each request together (a request's n samples decode as one unit), in first-seen order."""
+    groups: dict[int, tuple[Request, list[Item]]] = {}
+    for item in items:
+        request = _request_of(item)
+        groups.setdefault(id(request), (request, []))[1].append(item)
+    return list(groups.values())
 
 
 def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
@@ -440,18 +481,6 @@ def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
         pass
     ids += [int(t) for t in (getattr(tokenizer, "stop_token_ids", None) or []) if t is not None]
     return sorted(set(ids))
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
-    if dtype not in table:
-        raise ValueError(f"dtype={dtype!r}: choose auto, bf16, fp16 or fp32")
-    return table[dtype]
 
 
 class CudaGraphDecoder:

@@ -72,11 +72,6 @@ class KVCache:
         self.v[layer_idx, :, :, self._start:self.length] = v
         return self.k[layer_idx, :, :, :self.length], self.v[layer_idx, :, :, :self.length]
 
-    def crop(self, length: int) -> None:
-        """Forget everything from column ``length`` on (e.g. to re-use a shared prefix)."""
-        self.length = min(self.length, length)
-        self.key_positions[:, self.length:] = -1
-
 
 class SlotKVCache:
     """Pre-allocated pool: k, v (n_layer, num_slots + 1, H_kv, max_len + 1, D); see the module docstring."""

@@ -21,18 +21,33 @@ Order of operations for one row of logits (the model's raw next-token scores):
 Log-probabilities returned to the user (``logprobs`` / ``prompt_logprobs``) are ``log_softmax`` of
 the *raw* logits, before penalties, temperature and filtering: they score the model, not the
 sampler, which is what evaluation wants.
+
+Numerical safety: any value :meth:`SamplingParams.validate` accepts gives a well-defined token. A
+temperature below ``GREEDY_BELOW_TEMPERATURE`` decodes greedily (dividing by 1e-300 would turn every
+logit into +-inf and the softmax into NaN); penalised and tempered logits have NaN mapped to -inf and
++inf to the largest finite float (a tiny repetition penalty divides a logit into +inf), and a row
+whose probabilities are still unusable takes its argmax. ``top_k`` larger than the vocabulary means
+"off", ``logprobs`` larger than the vocabulary returns the whole vocabulary.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from lmstack.errors import UserError
+
 # one logprob entry, per generated (or prompt) token:
 #   {"token_id": int, "logprob": float, "rank": int, "top": [{"token_id": int, "logprob": float}, ...]}
 LogprobEntry = dict
+
+# below this temperature, sampling is greedy: the tempered distribution is already a point mass at the
+# argmax for any logits a model produces, and dividing by a smaller number overflows float32
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_K = 2 ** 31 - 1  # fits the int64 tensors of the batched sampler with room to spare
 
 
 @dataclass
@@ -56,15 +71,29 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # logprobs of the prompt tokens (+ top alternatives); None = off
 
     def validate(self) -> None:
+        """Raise :class:`~lmstack.errors.UserError` naming the first field the sampler cannot honour."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"SamplingParams: {msg}")
+                raise UserError(f"SamplingParams: {msg}")
 
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("max_tokens", "top_k", "n"):
+            need(is_int(getattr(self, name)), f"{name}={getattr(self, name)!r} must be an integer")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            need(is_number(getattr(self, name)), f"{name}={getattr(self, name)!r} must be a finite number")
+        for name in ("seed", "logprobs", "prompt_logprobs"):
+            need(getattr(self, name) is None or is_int(getattr(self, name)),
+                 f"{name}={getattr(self, name)!r} must be an integer or None")
         need(self.max_tokens >= 0, f"max_tokens={self.max_tokens} must be >= 0")
         need(self.max_tokens > 0 or self.prompt_logprobs is not None,
              "max_tokens=0 only makes sense with prompt_logprobs (scoring a prompt)")
         need(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
+        need(0 <= self.top_k <= MAX_TOP_K, f"top_k={self.top_k} must be in [0, {MAX_TOP_K}] (0 = off)")
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
         need(0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
         need(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
@@ -73,11 +102,11 @@ class SamplingParams:
         need(self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              f"prompt_logprobs={self.prompt_logprobs} must be >= 0 or None")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
-        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0")
+        need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
@@ -153,11 +182,15 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     if all(r.params.greedy and not r.params.needs_penalties for r in rows):
         return logits.argmax(dim=-1)
     if any(r.params.needs_penalties for r in rows):
-        logits = torch.stack([apply_penalties(logits[i], r.params, r.prompt_ids, r.output_ids)
-                              if r.params.needs_penalties else logits[i] for i, r in enumerate(rows)])
+        logits = _finite(torch.stack([apply_penalties(logits[i], r.params, r.prompt_ids, r.output_ids)
+                                      if r.params.needs_penalties else logits[i] for i, r in enumerate(rows)]))
+    best = logits.argmax(dim=-1)  # (B,) what greedy rows take, and the fallback of unusable rows
     greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-    temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
-    scaled = logits / temperature[:, None]
+    if bool(greedy.all()):
+        return best
+    temperature = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
+                               device=logits.device)
+    scaled = _finite(logits / temperature[:, None])  # (B, V)
     if any(r.params.needs_filtering and not r.params.greedy for r in rows):
         top_k = torch.tensor([r.params.top_k for r in rows], device=logits.device)
         top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
@@ -170,7 +203,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         if not r.params.greedy:
             race[i].exponential_(generator=r.generator)
     sampled = (probs / race).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)  # False only when every logit was -inf/NaN
+    return torch.where(greedy | ~usable, best, sampled)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never chosen), +inf -> the largest finite float (chosen, without NaN from inf - inf)."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
 # ----------------------------------------------------------------------------- logprobs
@@ -184,7 +223,7 @@ def logprob_entries(logits: torch.Tensor, chosen: torch.Tensor, num_top: Sequenc
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     chosen_lp = logp.gather(1, chosen[:, None])  # (B, 1)
     ranks = (logp > chosen_lp).sum(dim=-1) + 1  # (B,)
-    k = max(num_top) if len(num_top) else 0
+    k = min(max(num_top), logp.shape[-1]) if len(num_top) else 0  # asking for more than the vocabulary gets all of it
     top_lp, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], chosen[:, None][:, :0])
     chosen_l, chosen_lp_l, ranks_l = chosen.tolist(), chosen_lp[:, 0].tolist(), ranks.tolist()
     top_ids_l, top_lp_l = top_ids.tolist(), top_lp.tolist()

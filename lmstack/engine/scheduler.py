@@ -80,6 +80,7 @@ class Request:
     status: Status = Status.WAITING
     prompt_logprobs: list | None = None
     reserved_slots: list[int] = field(default_factory=list)  # slots for samples 1..n-1 until the fork
+    error: str | None = None  # why the engine stopped it, when a step failed for it alone
 
     @property
     def prefill_seq(self) -> Sequence:
@@ -95,10 +96,6 @@ class ScheduledBatch:
     prefill: list[tuple[Request, int, int]]  # (request, start, end): prompt tokens [start, end) this step
     decode: list[Sequence]
 
-    @property
-    def empty(self) -> bool:
-        return not self.prefill and not self.decode
-
 
 class Scheduler:
     def __init__(self, cache: SlotKVCache, max_num_batched_tokens: int, prefix_reuse: bool = True):
@@ -106,6 +103,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_reuse = prefix_reuse
         self.waiting: deque[Request] = deque()
+        # sequences (sum of n) of the waiting requests: an int other threads may read without a lock
+        self.waiting_seqs = 0
         self.prefilling: list[Request] = []
         self.decoding: list[Sequence] = []
         self.reused_tokens = 0  # prompt tokens whose KV came from another sequence instead of a forward pass
@@ -113,6 +112,7 @@ class Scheduler:
     # ------------------------------------------------------------------ queues
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        self.waiting_seqs += request.params.n
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
@@ -137,6 +137,7 @@ class Scheduler:
                 budget, widest = budget - chunk, max(widest, chunk)
         while self.waiting and budget > 0 and self.cache.num_free >= self.waiting[0].params.n:
             request = self.waiting.popleft()
+            self.waiting_seqs -= request.params.n
             self._admit(request)  # the reusable prefix is known once its slot is chosen
             start = request.prefill_seq.num_computed
             chunk = self._fit(request, start, budget, len(prefill), widest)
@@ -206,11 +207,13 @@ class Scheduler:
             if request in self.prefilling:
                 self.prefilling.remove(request)
 
-    def abort(self, request: Request) -> None:
+    def abort(self, request: Request, reason: str = "abort") -> None:
+        """Finish every sample of a request now ("abort" by the client, "error" when a step failed for it)."""
         if request in self.waiting:
             self.waiting.remove(request)
+            self.waiting_seqs -= request.params.n
         for seq in request.seqs:
-            self.finish(seq, "abort")
+            self.finish(seq, reason)
         request.status = Status.FINISHED
 
     def kv_tokens_used(self) -> int:
