@@ -25,7 +25,8 @@ import torch
 from lmstack.engine.embed import embed
 from lmstack.engine.engine import Engine
 from lmstack.engine.sampling import SamplingParams
-from lmstack.serve.app import create_app, default_model_name, serve_in_thread
+from lmstack.serve.app import create_app, default_model_name
+from lmstack.serve.run import serve_in_thread
 from serve_helpers import API_KEY, health, tiny_checkpoint, wait_for, wait_idle, wide_checkpoint  # noqa: F401
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about cats."}]

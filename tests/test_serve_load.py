@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from lmstack.serve.app import create_app, serve_in_thread
+from lmstack.serve.app import create_app
+from lmstack.serve.run import serve_in_thread
 from serve_helpers import bench_serve, health, tiny_checkpoint  # noqa: F401
 
 

@@ -14,7 +14,8 @@ import shutil
 import httpx
 import pytest
 
-from lmstack.serve.app import create_app, serve_in_thread
+from lmstack.serve.app import create_app
+from lmstack.serve.run import serve_in_thread
 from serve_helpers import API_KEY, ARTIFACTS, health, wait_idle, wide_checkpoint  # noqa: F401
 
 CHROMIUM = "/usr/bin/chromium"

@@ -20,13 +20,19 @@ Error mapping (every error body is OpenAI's ``{"error": {"message", "type", "par
     503 server_error            shutting down (``shutting_down``), engine stopped (``engine_unavailable``),
                                 or the request ran past the server's per-request timeout (``timeout``)
 
-OpenAI itself answers 400 for schema errors; FastAPI's default of 422 for them is overridden in
-app.py. 422 is kept for "valid but unsupported" so a client can tell a typo from a missing feature.
+OpenAI itself answers 400 for schema errors (:func:`validation_error` turns pydantic's errors into one
+naming the field); FastAPI's default of 422 for them is overridden in app.py. 422 is kept for "valid but unsupported" so a client can tell a typo from a missing feature.
 Unknown fields are rejected like OpenAI does, except a few that are harmless to ignore
 (``user``, ``metadata``, ``store``, ``service_tier``, ...; see ``IGNORED_FIELDS``).
 
 Non-OpenAI sampling knobs that vLLM also accepts are allowed as extra fields: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos`` (the openai client sends them with ``extra_body=``).
+
+Types are strict, as OpenAI's are: ``"stream": "yes"``, ``"n": "2"``, ``"n": 2.0`` and ``"n": true`` are
+400s, not coerced (an integer is accepted where a number is expected). Every numeric field has a range
+the engine can honour, so nothing a client sends can overflow the batched sampler; NaN and infinity are
+refused. Values inside the ranges may still be extreme (``temperature: 1e-300``); the sampler handles
+those safely (lmstack.engine.sampling).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lmstack.engine.sampling import MAX_TOP_K
 
 # ----------------------------------------------------------------------------- errors
 
@@ -63,6 +71,41 @@ def unsupported(param: str, what: str) -> APIError:
                     code="unsupported_parameter")
 
 
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """pydantic/FastAPI validation errors -> one OpenAI-style 400 naming the first offending field."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "We could not parse the JSON body of your request: "
+                             f"{first.get('ctx', {}).get('error', first.get('msg'))}. Send valid JSON "
+                             "with Content-Type: application/json.", code="invalid_json")
+    if first.get("type") in ("model_attributes_type", "dict_type", "model_type") and not loc:
+        return APIError(400, "The request body must be a JSON object; send it with Content-Type: application/json.",
+                        code="invalid_json")
+    if first.get("type") == "missing" and not loc:
+        return APIError(400, "The request body is missing; send a JSON object.", code="invalid_json")
+    param = _dotted(loc)
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "Unrecognized request argument supplied"
+    elif first.get("type") == "missing":
+        msg = "Missing required parameter"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    where = f"'{param}': " if param else ""
+    return APIError(400, f"{where}{msg}{more}", param=param or None,
+                    code="missing_required_parameter" if first.get("type") == "missing" else "invalid_value")
+
+
+def _dotted(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        # union branches show up as type names ("str", "list[int]"); they are not part of the path
+        if part in ("str", "int", "float", "bool") or "[" in part or part.startswith("function-"):
+            continue
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
 # ----------------------------------------------------------------------------- request models
 
 # OpenAI fields that change nothing about the output here; accepted and ignored rather than rejected.
@@ -70,10 +113,13 @@ IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_ca
                   "prompt_cache_key", "prompt_cache_retention", "verbosity")
 
 StopSpec = Union[str, list[str], None]
+MAX_INT = 2 ** 31 - 1  # upper bound of token counts: far above any context, far below any overflow
+SEED_RANGE = dict(ge=-2 ** 63, le=2 ** 63 - 1)  # a 64-bit integer, as OpenAI's seed
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     @model_validator(mode="before")
     @classmethod
@@ -84,7 +130,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
     include_obfuscation: bool | None = None  # newer OpenAI clients may send it; nothing to obfuscate here
 
@@ -101,10 +147,10 @@ class _SamplingFields(_Request):
     stop: StopSpec = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, **SEED_RANGE)
     logit_bias: dict[str, float] | None = None
     # extensions (vLLM names)
-    top_k: int = Field(default=0, ge=-1)  # 0 or -1 = off
+    top_k: int = Field(default=0, ge=-1, le=MAX_TOP_K)  # 0 or -1 = off
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
@@ -141,7 +187,7 @@ PromptSpec = Union[str, list[str], list[int], list[list[int]]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptSpec
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_INT)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=16)
@@ -178,7 +224,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
@@ -186,12 +232,12 @@ class TextPart(BaseModel):
 class OtherPart(BaseModel):
     """A content part of another kind (image_url, input_audio, file): parsed only to be refused with 422."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[Union[TextPart, OtherPart]], None] = None
     name: str | None = None
@@ -213,14 +259,14 @@ class ChatMessageIn(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -262,7 +308,7 @@ class EmbeddingRequest(_Request):
     model: str
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_INT)
 
     @field_validator("input")
     @classmethod
