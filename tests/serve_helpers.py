@@ -1,40 +1,49 @@
 """Shared fixtures and helpers for the server tests (test_serve*.py, test_webui.py).
 
-A tiny random checkpoint is built once per session by bench/bench_serve.py's builder (a BPE
-tokenizer trained on a few hundred generated sentences, a 2-layer GPT with a 1024-token context so
-that long generations take long enough to be interrupted), and servers are started in-process with
-uvicorn on a free loopback port through :func:`lmstack.serve.app.serve_in_thread`. Test modules import the fixtures they use:
+A tiny random checkpoint is built once per session (a BPE tokenizer trained on a few hundred generated
+sentences, a 2-layer GPT with a 1024-token context so that long generations take long enough to be
+interrupted), and servers are started in-process with uvicorn on a free loopback port through
+:func:`lmstack.serve.run.serve_in_thread`. Test modules import the fixtures they use:
 
     from serve_helpers import tiny_checkpoint, API_KEY, wait_idle   # noqa: F401
 """
 
 from __future__ import annotations
 
-import sys
+import random
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
+
+from lmstack.checkpoint import save_checkpoint
+from lmstack.config import model_config_to_dict, tiny
+from lmstack.models import build_model
+from lmstack.tokenizer import Tokenizer
 
 API_KEY = "sk-test-key-123456"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+WORDS = ("the model reads a token and writes the next one while the server streams every piece "
+         "of text to the client who asked a question about cats dogs rivers code numbers and time").split()
 
 
-def _load_bench_serve():
-    """bench/bench_serve.py (the load test) as a module: the tests share its tiny checkpoint and load driver."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serve"] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+def random_words(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choices(WORDS, k=rng.randint(low, high)))
 
 
-bench_serve = _load_bench_serve()
-build_tiny_checkpoint = bench_serve.build_tiny_checkpoint
+def build_tiny_checkpoint(path: Path, block_size: int = 1024, n_layer: int = 2, n_embd: int = 64,
+                          seed: int = 0) -> Path:
+    """A random-weight GPT with a BPE tokenizer trained on generated sentences (seconds on a CPU)."""
+    rng = random.Random(seed)
+    lines = [random_words(rng, 4, 14).capitalize() + rng.choice(".?!:") + f" {i % 10}" for i in range(400)]
+    tokenizer = Tokenizer.train(lines, vocab_size=384)
+    cfg = tiny().model
+    cfg.vocab_size, cfg.block_size = tokenizer.vocab_size, block_size
+    cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd = n_layer, 2, 2, n_embd
+    torch.manual_seed(seed)
+    return save_checkpoint(path, build_model(cfg), {"model": model_config_to_dict(cfg)}, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
