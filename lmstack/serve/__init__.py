@@ -1,5 +1,7 @@
 """lmstack.serve: the OpenAI-compatible HTTP server and the web chat page (static/).
 
-protocol.py holds the request schemas; the app, transport (SSE, disconnects), generation driver and
-OpenAI body formatting are described in docs/ARCHITECTURE.md.
+app.py (factory and routes) · protocol.py (request/response schemas, error mapping) · validation.py
+(server-side checks, SamplingParams) · generation.py (runs a request on the engine) · openai_format.py
+(response bodies, SSE events, logprobs) · transport.py (gatekeeper, disconnects, SSE) · embeddings.py ·
+state.py (ServerState, ServerLimits) · run.py (sockets, serve_in_thread, the `lmstack serve` verb).
 """

@@ -77,10 +77,11 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
 
 # ----------------------------------------------------------------------------- app factory
 
-def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *, api_keys: list[str] | tuple[str, ...] | None = None,
-               max_request_bytes: int = 1 << 20, max_prompt_tokens: int | None = None,
-               max_tokens_limit: int = 4096, max_waiting: int = 256, request_timeout_s: float = 600.0,
-               model_name: str | None = None, device: str = "auto", **engine_kwargs: Any) -> FastAPI:
+def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *,
+               api_keys: list[str] | tuple[str, ...] | None = None, max_request_bytes: int = 1 << 20,
+               max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096, max_waiting: int = 256,
+               request_timeout_s: float = 600.0, model_name: str | None = None, device: str = "auto",
+               **engine_kwargs: Any) -> FastAPI:
     """The FastAPI app serving one model.
 
     ``engine_or_checkpoint``: a checkpoint / run directory, an ``Engine``, or an ``AsyncEngine``
@@ -105,7 +106,7 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
                         f"not {type(engine_or_checkpoint).__name__}")
     if tokenizer is None:
         raise UserError("the model has no tokenizer (no tokenizer.json in the checkpoint); the server needs one "
-                         "to read text: save the checkpoint with its tokenizer")
+                        "to read text: save the checkpoint with its tokenizer")
     for name, value in (("max_request_bytes", max_request_bytes), ("max_tokens_limit", max_tokens_limit),
                         ("max_waiting", max_waiting)):
         if value < 1:
@@ -115,7 +116,7 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
     max_model_len = int(getattr(engine, "max_model_len", None) or model.config.block_size)
     if max_prompt_tokens is not None and not 1 <= max_prompt_tokens <= max_model_len:
         raise UserError(f"max_prompt_tokens={max_prompt_tokens} must be in [1, {max_model_len}] "
-                         "(the model's context length)")
+                        "(the model's context length)")
     limits = ServerLimits(max_request_bytes=max_request_bytes, max_prompt_tokens=max_prompt_tokens,
                           max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
                           request_timeout_s=request_timeout_s)

@@ -16,6 +16,7 @@ from lmstack.engine.embed import embed_ids
 from lmstack.serve.protocol import APIError
 from lmstack.serve.state import ServerState
 
+
 async def embed_queued(state: ServerState, ids: list[list[int]]) -> list[list[float]]:
     """One embedding batch at a time in a worker thread; callers beyond ``max_waiting`` get 429."""
     if state.embed_waiting >= state.limits.max_waiting:

@@ -21,7 +21,8 @@ Error mapping (every error body is OpenAI's ``{"error": {"message", "type", "par
                                 or the request ran past the server's per-request timeout (``timeout``)
 
 OpenAI itself answers 400 for schema errors (:func:`validation_error` turns pydantic's errors into one
-naming the field); FastAPI's default of 422 for them is overridden in app.py. 422 is kept for "valid but unsupported" so a client can tell a typo from a missing feature.
+naming the field); FastAPI's default of 422 for them is overridden in app.py. 422 is kept for "valid but
+unsupported" so a client can tell a typo from a missing feature.
 Unknown fields are rejected like OpenAI does, except a few that are harmless to ignore
 (``user``, ``metadata``, ``store``, ``service_tier``, ...; see ``IGNORED_FIELDS``).
 

@@ -15,6 +15,7 @@ from lmstack.engine.sampling import SamplingParams
 from lmstack.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmstack.serve.state import ServerState
 
+
 def check_ready(state: ServerState, generate: bool = True) -> None:
     if state.shutting_down:
         raise APIError(503, "The server is shutting down; retry on another instance.", type="server_error",
