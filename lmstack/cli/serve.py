@@ -20,7 +20,7 @@ def api_keys_from(args: argparse.Namespace) -> list[str]:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from lmstack.serve.app import serve
+    from lmstack.serve.run import serve
 
     serve(args.model, host=args.host, port=args.port, api_keys=api_keys_from(args), log_level=args.log_level,
           model_name=args.model_name, max_request_bytes=args.max_request_bytes,
