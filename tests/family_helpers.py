@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -16,16 +15,6 @@ TEXT = (
     "all that glitters is not gold. to be or not to be, that is the question. "
     "the early bird catches the worm. actions speak louder than words. "
 ) * 20
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning
-    threads per test slow it down many times over; import this into a test module to apply it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)

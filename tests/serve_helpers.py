@@ -1,11 +1,9 @@
-"""Shared fixtures and helpers for the server tests (test_serve*.py, test_webui.py).
+"""Shared helpers for the server tests (test_serve*.py): the tiny checkpoint builder, health polling.
 
 A tiny random checkpoint is built once per session (a BPE tokenizer trained on a few hundred generated
 sentences, a 2-layer GPT with a 1024-token context so that long generations take long enough to be
 interrupted), and servers are started in-process with uvicorn on a free loopback port through
-:func:`lmstack.serve.run.serve_in_thread`. Test modules import the fixtures they use:
-
-    from serve_helpers import tiny_checkpoint, API_KEY, wait_idle   # noqa: F401
+:func:`lmstack.serve.run.serve_in_thread`. The fixtures built from it (``tiny_checkpoint``, ``wide_checkpoint``) are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 
 from lmstack.checkpoint import save_checkpoint
@@ -44,17 +41,6 @@ def build_tiny_checkpoint(path: Path, block_size: int = 1024, n_layer: int = 2, 
     cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd = n_layer, 2, 2, n_embd
     torch.manual_seed(seed)
     return save_checkpoint(path, build_model(cfg), {"model": model_config_to_dict(cfg)}, tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-chat")
-
-
-@pytest.fixture(scope="session")
-def wide_checkpoint(tmp_path_factory) -> Path:
-    """4 layers x 256 (3.3M parameters): slow enough that a long answer can be interrupted midway."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "wide-chat", n_layer=4, n_embd=256)
 
 
 def health(url: str) -> dict:

@@ -38,7 +38,7 @@ def spam(rng: random.Random) -> str:
 def example_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("quality")
     rng = random.Random(0)
-    pos, neg = d / "good.jsonl", d / "bad.txt"
+    pos = d / "good.jsonl"
     pos.write_text("".join(json.dumps({"text": prose(rng)}) + "\n" for _ in range(150)))
     (d / "bad").mkdir()
     for i in range(150):

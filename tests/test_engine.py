@@ -13,7 +13,9 @@ import torch
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.generate import generate
 
-from engine_helpers import argmax_loop, one_thread, tiny_model as _tiny  # noqa: F401
+from engine_helpers import argmax_loop, tiny_model as _tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -10,7 +10,9 @@ import pytest
 from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.async_engine import AsyncEngine, QueueFull
 
-from engine_helpers import one_thread, tiny_model  # noqa: F401
+from engine_helpers import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from lmstack.models.layers import POSITIONS
 from lmstack.tokenizer import Tokenizer
 from lmstack.checkpoint import save_checkpoint
 
-from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
+from engine_helpers import tiny_model as _tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = ["héllo wörld, naïve café — 日本語のテキスト and emoji 😀🚀 here.\n",
          "The quick brown fox jumps over the lazy dog. " * 3, "def f(x):\n    return x * 2\n"] * 30

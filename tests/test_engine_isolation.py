@@ -21,7 +21,9 @@ from lmstack.engine.sampling import SamplingRow, make_generator, sample
 from lmstack.errors import UserError
 from lmstack.models import MODEL_CONFIGS, build_model
 
-from engine_helpers import argmax_loop, one_thread, tiny_model  # noqa: F401
+from engine_helpers import argmax_loop, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OVERFLOW = 2 ** 63  # does not fit the int64 tensor the batched sampler builds
 

@@ -11,7 +11,9 @@ from lmstack.engine import Engine, SamplingParams
 from lmstack.engine.embed import embed, embed_ids
 from lmstack.engine.quant import Int4Linear, Int8Linear, quantize_model, weight_bytes
 
-from engine_helpers import one_thread, tiny_model as _tiny  # noqa: F401
+from engine_helpers import tiny_model as _tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_helpers import make_tiny_checkpoint  # noqa: E402
+from eval_helpers import make_tiny_checkpoint
 
 from lmstack.errors import CheckpointError, UserError  # noqa: E402
 from lmstack.evals.lm import EvalLM  # noqa: E402

@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 from family_helpers import argmax_loop, cached_greedy, tiny_tokenizer, token_windows, train_steps
-from family_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from lmstack.config import ConfigError, apply_overrides, build_run_config
 from lmstack.engine import Engine, SamplingParams
@@ -20,6 +19,8 @@ from lmstack.models import build_model
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.layers import alibi_slopes, attention_mask
 from lmstack.train.losses import objective_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {
     "dense": {},

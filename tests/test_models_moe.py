@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from family_helpers import argmax_loop, cached_greedy, train_steps
-from family_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from lmstack.config import ConfigError, build_run_config
 from lmstack.engine import Engine, SamplingParams
@@ -18,6 +17,8 @@ from lmstack.models import build_model
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.moe import MoE, MoEConfig, MoEFeedForward, routing_metrics
 from lmstack.train.losses import objective_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = dict(vocab_size=400, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_helpers import tiny_tokenizer, token_windows
-from family_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from lmstack.errors import ConfigError, UserError
 from lmstack.models import FAMILIES, build_model, family_of
@@ -17,6 +16,8 @@ from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.layers import check_positions, count_params, lm_loss
 from lmstack.models.moe import MoE, MoEConfig
 from lmstack.train.losses import FACTORIES, objective_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = dict(vocab_size=400, block_size=64, n_layer=2, n_head=4, n_embd=32)
 

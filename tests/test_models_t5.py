@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from family_helpers import tiny_tokenizer, token_windows, train_steps
-from family_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from lmstack.config import ConfigError, build_run_config
 from lmstack.engine.sampling import SamplingParams
@@ -16,6 +15,8 @@ from lmstack.errors import UserError
 from lmstack.models import build_model
 from lmstack.models.t5 import T5, RelativePositionBias, T5Config, relative_position_bucket
 from lmstack.train.losses import SENTINELS, objective_for, random_span_mask, span_layout, split_spans
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_t5(seed: int = 0, **overrides) -> T5:

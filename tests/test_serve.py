@@ -27,7 +27,7 @@ from lmstack.engine.engine import Engine
 from lmstack.engine.sampling import SamplingParams
 from lmstack.serve.app import create_app, default_model_name
 from lmstack.serve.run import serve_in_thread
-from serve_helpers import API_KEY, health, tiny_checkpoint, wait_for, wait_idle, wide_checkpoint  # noqa: F401
+from serve_helpers import API_KEY, health, wait_for, wait_idle
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about cats."}]
 NO_EOS = {"ignore_eos": True}

@@ -21,7 +21,7 @@ import pytest
 
 from lmstack.serve.app import create_app
 from lmstack.serve.run import serve_in_thread
-from serve_helpers import health, random_words, tiny_checkpoint, wait_idle  # noqa: F401
+from serve_helpers import health, random_words, wait_idle
 
 
 @dataclass

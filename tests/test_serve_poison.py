@@ -20,7 +20,7 @@ import pytest
 from lmstack.serve.app import create_app
 from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest
 from lmstack.serve.run import serve_in_thread
-from serve_helpers import health, tiny_checkpoint, wait_for, wait_idle  # noqa: F401
+from serve_helpers import health, wait_for, wait_idle
 
 POISON = [2 ** 63, -2 ** 63 - 1, 10 ** 30, 1e308, -1e308, 1e-300, float("nan"), float("inf"), -1, 0, 1.5, True,
           "yes", "1", "", [], [10 ** 20], [[]], {}, {"a": 1}, None]

@@ -15,7 +15,7 @@ from lmstack.train.dist import DistInfo
 from lmstack.train.losses import Objective, causal_lm, real_tokens
 from lmstack.train.loop import evaluate, train
 from lmstack.train.optim import lr_multiplier, param_groups
-from tests.loop_helpers import PatternLoader
+from loop_helpers import PatternLoader
 
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=2", "model.vocab_size=128",
         "model.block_size=32", "train.batch_size=4", "train.seq_len=16", "train.max_steps=24",

@@ -3,7 +3,7 @@
 The page is loaded from a real `lmstack serve` app (in-process, loopback) that requires an API key,
 so the tests also walk through the settings panel. Screenshots land in test-artifacts/ (gitignored).
 Chromium: `apt-get install chromium` (.ci/run does it); Playwright's own browser download is not used.
-Run: python -m pytest tests/test_webui.py
+Run: python -m pytest tests/test_serve_webui.py
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from lmstack.serve.app import create_app
 from lmstack.serve.run import serve_in_thread
-from serve_helpers import API_KEY, ARTIFACTS, health, wait_idle, wide_checkpoint  # noqa: F401
+from serve_helpers import API_KEY, ARTIFACTS, health, wait_idle
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
