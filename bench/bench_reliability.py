@@ -101,6 +101,11 @@ def staging_leftovers(run: Path) -> list[str]:
     return found
 
 
+def checkpoint_writes(leftovers: list[str]) -> list[str]:
+    """The leftovers that are checkpoint or final-model writes (not e.g. the metrics file's atomic rewrite)."""
+    return [n for n in leftovers if n.startswith("checkpoints/.step_") or n.split("/")[-1].startswith(".model.")]
+
+
 def newest_step(run: Path) -> int:
     steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*") if p.name.split("_")[1].isdigit()]
     return max(steps, default=0)
@@ -138,7 +143,7 @@ def run_session(args: list[str], run: Path, kind: str, delay: float, log: Path) 
         elif kind == "write":
             time.sleep(delay)
             while proc.poll() is None:
-                if set(staging_leftovers(run)) - earlier:
+                if checkpoint_writes(sorted(set(staging_leftovers(run)) - earlier)):
                     proc.send_signal(signal.SIGKILL)
                     session.killed = True
                     break
@@ -146,7 +151,7 @@ def run_session(args: list[str], run: Path, kind: str, delay: float, log: Path) 
         session.returncode = proc.wait()
     session.seconds = time.perf_counter() - start
     session.leftovers = sorted(set(staging_leftovers(run)) - earlier) if session.killed else []
-    session.during_write = bool(session.leftovers)
+    session.during_write = bool(checkpoint_writes(session.leftovers))
     session.traceback = "Traceback" in log.read_text()
     return session
 
@@ -200,30 +205,35 @@ def training_kills(work: Path, kills: int, steps: int, ckpt_every: int, write_sh
     with open(work / "reference.log", "w") as out:
         proc = subprocess.Popen(pretrain_args(work / "shards", reference, steps, ckpt_every, False),
                                 env=child_env(), stdout=out, stderr=subprocess.STDOUT)
-        first_checkpoint = None
+        seen: dict[int, float] = {}  # checkpoint step -> seconds after start it appeared
         while proc.poll() is None:
-            if first_checkpoint is None and (reference / "checkpoints").is_dir() and \
-                    any((reference / "checkpoints").iterdir()):
-                first_checkpoint = time.perf_counter() - start
-            time.sleep(0.005)
+            step = newest_step(reference) if (reference / "checkpoints").is_dir() else 0
+            if step and step not in seen:
+                seen[step] = time.perf_counter() - start
+            time.sleep(0.002)
     reference_seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"the uninterrupted run failed; see {work / 'reference.log'}")
-    startup = first_checkpoint if first_checkpoint is not None else reference_seconds / 2
-    train_seconds = max(reference_seconds - startup, 0.1)
+    if proc.returncode != 0 or len(seen) < 2:
+        raise SystemExit(f"the uninterrupted run failed or wrote too few checkpoints; see {work / 'reference.log'}")
+    (first, t_first), (last, t_last) = min(seen.items()), max(seen.items())
+    step_seconds = (t_last - t_first) / (last - first)
+    startup = t_first - first * step_seconds  # process start to the first training step
+    final_steps = (reference_seconds - t_last) / step_seconds  # the final model write, plots, exit, in steps
+    # kill targets on the training timeline, in steps: uniform over the whole run, the final phase included
+    targets = sorted(rng.uniform(0, steps + final_steps) for _ in range(kills))
 
     killed = work / "killed"
     sessions: list[Session] = []
     start = time.perf_counter()
     for number in range(kills + 1):
-        remaining = (steps - newest_step(killed)) / steps
-        expected = startup + remaining * train_seconds
         if number == kills:
             kind, delay = "final", 0.0
-        elif rng.random() < write_share:
-            kind, delay = "write", rng.uniform(0.0, expected * 0.8)
         else:
-            kind, delay = "timer", rng.uniform(0.9 * startup, expected)
+            # a target the last checkpoint already passed (two targets between checkpoints) is a start-up kill
+            ahead = targets[number] - newest_step(killed)
+            delay = startup + ahead * step_seconds if ahead > 0 else rng.uniform(0.3, 1.0) * startup
+            kind = "write" if rng.random() < write_share else "timer"
+            if kind == "write":  # start polling a little before the target: the next checkpoint write is hit
+                delay = max(0.0, delay - ckpt_every * step_seconds)
         session = run_session(pretrain_args(work / "shards", killed, steps, ckpt_every, resume=number > 0),
                               killed, kind, delay, work / f"session_{number:03d}.log")
         sessions.append(session)
@@ -245,6 +255,7 @@ def training_kills(work: Path, kills: int, steps: int, ckpt_every: int, write_sh
     shared = ref_losses.keys() & got_losses.keys()
     return {
         "steps": steps, "ckpt_every": ckpt_every, "reference_seconds": reference_seconds, "startup_seconds": startup,
+        "step_seconds": step_seconds, "kill_targets": targets,
         "kills_attempted": sum(s.kind != "final" for s in sessions),
         "kills_landed": sum(s.killed for s in sessions),
         "kills_during_checkpoint_write": sum(s.during_write for s in sessions),
@@ -281,7 +292,7 @@ def data_kills(work: Path, kills: int, rng: random.Random) -> dict:
 
     rows = []
     for number in range(kills):
-        out, delay = work / f"clean_{number:02d}", rng.uniform(0.3, 0.95) * reference_seconds
+        out, delay = work / f"clean_{number:02d}", rng.uniform(0.3, 0.85) * reference_seconds
         with open(work / f"clean_{number:02d}_killed.log", "w") as log:
             proc = subprocess.Popen(clean_args(corpus, out), env=child_env(), stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -292,12 +303,16 @@ def data_kills(work: Path, kills: int, rng: random.Random) -> dict:
                 proc.wait()
                 killed = True
         marker = (out / "_INCOMPLETE").is_file()
+        finished_before_kill = not marker and (out / "report.json").is_file()
         refusal = run_cli(cli("data", "tokenize", str(out), "--tokenizer", str(tokenizer), "--out",
                               str(work / f"tokenized_{number:02d}"), "--workers", "0"),
                           work / f"clean_{number:02d}_tokenize.log")
         refusal_lines = refusal.stdout.strip().splitlines()
         rerun = run_cli(clean_args(corpus, out), work / f"clean_{number:02d}_rerun.log")
+        refused = refusal.returncode == 2 and len(refusal_lines) == 1
         rows.append({"delay": delay, "killed": killed, "incomplete_marker": marker,
+                     "finished_before_kill": finished_before_kill,
+                     "tokenize_as_expected": refused if marker else (finished_before_kill and refusal.returncode == 0),
                      "shards_before_rerun": len(list(out.glob("shard_*"))),
                      "tokenize_exit": refusal.returncode, "tokenize_lines": len(refusal_lines),
                      "tokenize_message": refusal_lines[-1] if refusal_lines else "",
@@ -325,15 +340,17 @@ def print_tables(train: dict, data: dict) -> None:
           f"| {yes_no(train['metric_rows_same_steps'])} ({train['metric_rows_killed']} rows, "
           f"{train['loss_max_abs_diff']:.3g}) | {train['tracebacks']} "
           f"| {train['killed_run_seconds']:.1f} s / {train['reference_seconds']:.1f} s |")
-    print(f"\n{train['steps']} steps, a checkpoint every {train['ckpt_every']}; start-up to the first checkpoint "
-          f"{train['startup_seconds']:.1f} s.")
+    print(f"\n{train['steps']} steps, a checkpoint every {train['ckpt_every']}; start-up "
+          f"{train['startup_seconds']:.1f} s, {1000 * train['step_seconds']:.0f} ms per step (checkpoint included).")
     print("\n### Data: SIGKILL `lmstack data clean`, then tokenize the half-written output, then re-run\n")
-    print("| kill | at (s) | landed | _INCOMPLETE left | shards on disk | tokenize exit (lines) "
-          "| re-run exit | output equals uninterrupted |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kill | at (s) | landed | output finished before the kill | _INCOMPLETE left | shards on disk "
+          "| tokenize exit (lines) | tokenize as expected | re-run exit | output equals uninterrupted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, row in enumerate(data["kills"]):
-        print(f"| {i} | {row['delay']:.2f} | {yes_no(row['killed'])} | {yes_no(row['incomplete_marker'])} "
+        print(f"| {i} | {row['delay']:.2f} | {yes_no(row['killed'])} | {yes_no(row['finished_before_kill'])} "
+              f"| {yes_no(row['incomplete_marker'])} "
               f"| {row['shards_before_rerun']} | {row['tokenize_exit']} ({row['tokenize_lines']}) "
+              f"| {yes_no(row['tokenize_as_expected'])} "
               f"| {row['rerun_exit']} | {yes_no(row['same_documents'])} |")
     print(f"\nuninterrupted clean: {data['reference_seconds']:.1f} s, {data['reference_documents']} documents kept.")
     messages = {row["tokenize_message"] for row in data["kills"] if row["tokenize_exit"] == 2}
