@@ -7,10 +7,11 @@
 1. **Training kills.** A tiny token set is built from Python standard-library sources (`lmstack tokenizer
    train`, `lmstack data tokenize`), and a tiny GPT (2 layers, 64 wide) is pretrained once without
    interruption. The same command then runs in a fresh directory and is SIGKILLed ``--kills`` times,
-   resuming with ``--resume`` after each kill until it finishes. Each kill is one of two kinds, drawn
-   from a seeded RNG: a *timer* kill at a moment uniform over the session's expected remaining run time
-   (start-up included, from 0.9 x the measured start-up onwards so most kills land while it trains), or
-   a *write* kill that waits a random while and then polls the run directory and kills the moment a
+   resuming with ``--resume`` after each kill until it finishes. The kill targets are drawn from a seeded
+   RNG, uniform over the reference run's timeline in steps (start-up and seconds per step fitted from
+   when its checkpoints appeared; the final model write and plots included); a target the last
+   checkpoint already passed becomes a start-up kill. Each kill is a *timer* kill at its target, or a
+   *write* kill that starts polling a little before it and kills the moment a new
    checkpoint or final-model staging directory (``.NAME.tmp-XXXX``, lmstack.atomic) appears. A kill
    counts as landing inside a checkpoint write when a staging leftover is on disk right after the
    process died. The final ``model/model.safetensors`` must equal the uninterrupted run's bit for bit,
@@ -27,7 +28,9 @@ fp32), so runs are deterministic and the defaults take a few minutes on a 2-core
 printed as Markdown tables (and written as JSON with ``--json``). Caveats: a kill's moment is a wall-clock
 moment, so which step or file it hits varies with machine load even for one seed; the seed fixes the
 kinds and the delays, not the exact landing points. Kills landing during interpreter start-up are
-real kills too, but they test little beyond "nothing was written yet".
+real kills too, but they test little beyond "nothing was written yet". When a session finishes before
+its kill is due (a late target, or a write kill that missed the short final write), the run is done and
+the remaining kills are not made: "kills attempted" can be below ``--kills``.
 """
 
 from __future__ import annotations
