@@ -18,7 +18,7 @@
    and metrics.jsonl must hold the same steps with the same losses.
 2. **Data kills.** `lmstack data clean` over a JSONL corpus (standard-library sources in 60-line
    documents, small shards so a run writes several) is SIGKILLed ``--data-kills`` times, each in a fresh
-   output directory at a moment uniform over [0.3, 0.95] x the uninterrupted clean's wall time. After
+   output directory at a moment uniform over [0.3, 0.85] x the uninterrupted clean's wall time. After
    each kill `lmstack data tokenize` on the half-written output must exit 2 with one line (the
    ``_INCOMPLETE`` refusal); re-running the same clean must then finish and its shards must hold the
    same documents as the uninterrupted clean's.
