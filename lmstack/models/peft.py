@@ -1,0 +1,213 @@
+"""LoRA adapters for any model family: wrap chosen linear layers, train only the low-rank factors, merge.
+
+    cfg = LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    wrapped = apply_lora(model, cfg)          # names of the wrapped nn.Linear modules; base frozen
+    ... train: only parameters with requires_grad (the lora_A / lora_B factors) need the optimizer ...
+    state = lora_state_dict(model)            # just the adapter: {"blocks.0.attn.q_proj.lora_A.weight": ...}
+    merge_lora(model)                         # fold B @ A into the weights, unwrap: a plain model again
+
+A wrapped layer computes ``W x + b + scaling * B (A dropout(x))`` with A (r, in) drawn Kaiming-uniform
+(a = sqrt(5), nn.Linear's own init) and B (out, r) zero, so a fresh adapter leaves the model's outputs
+unchanged; ``scaling`` is alpha / r, or alpha / sqrt(r) with ``use_rslora`` (rank-stabilised LoRA).
+These are the conventions of the ``peft`` library, and the factors are named ``lora_A`` / ``lora_B`` as
+there, so an adapter moves between the two with a renaming of module paths only
+(lmstack.interop.peft_adapters does that, and the file layout).
+
+``target_modules`` follows peft's rule: a list matches a module whose dotted name equals an entry or
+ends with ``.`` + entry (``"q_proj"`` matches every layer's query projection; a full name matches one
+module); a single string is a regular expression that must match the whole name. Only ``nn.Linear``
+modules are wrapped. The projection names shared by every family are ``q_proj``, ``k_proj``, ``v_proj``,
+``o_proj`` (attention; T5 also has ``cross_attn.*``), ``gate_proj`` (GLU activations only),
+``up_proj``, ``down_proj`` (MLP), ``router`` (MoE) and ``lm_head``.
+
+A wrapper keeps the base layer's ``weight`` and ``bias`` under their own names, so the model's base
+state-dict keys do not change; the adapter adds ``<module>.lora_A.weight`` and ``<module>.lora_B.weight``.
+
+Caveats: only ``nn.Linear`` is supported (no embeddings, no convolutions, no DoRA, no per-module rank or
+alpha patterns, no trainable biases); one adapter per model at a time. A tied ``lm_head`` shares its
+matrix with the token embedding, so merging an adapter on it changes the embedding too (as it would in
+peft with tied weights). Save a checkpoint only after :func:`merge_lora`: the wrapped model's state
+dict carries the factor tensors that a plain model of the family does not have. Merging in low precision
+rounds: the sum is formed in fp32 and cast back once, but a bf16 weight still keeps only bf16's digits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from lmstack.errors import ConfigError, ConversionError
+
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # a list of module names / name suffixes, or one regular expression matched against whole names
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r={self.r!r} must be an integer >= 1 (the adapter's rank, e.g. 8)")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha={self.alpha!r} must be > 0 (e.g. 2 * lora.r)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ConfigError(f"lora.target_modules={targets!r} is not a valid regular expression: {e}") from None
+        elif not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"lora.target_modules={targets!r}: give module names such as ['q_proj', 'v_proj'] "
+                              "or one regular expression")
+
+    def matches(self, module_name: str) -> bool:
+        """peft's rule: a regex fully matches the name, or a list entry equals it or is its dotted suffix."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear (in -> out) plus a trainable low-rank update scaling * B @ A, B (out, r) and A (r, in).
+
+    The base ``weight`` (out, in) and ``bias`` (out,) are the original Parameter objects (tied matrices
+    stay tied), frozen."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (out, in)
+        self.bias = base.bias  # (out,) or None
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # weight (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = nn.functional.linear(x, self.weight, self.bias)  # (..., out)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        return base + (update * self.scaling).to(base.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W + scaling * B @ A (summed in fp32, cast back to W's dtype).
+
+        The merge writes into the base Parameter in place, so a matrix tied elsewhere sees it too."""
+        with torch.no_grad():
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta")
+        linear.weight = self.weight
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.lora_A.out_features}, scaling={self.scaling:g}")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The wrapped layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Wrap every nn.Linear whose name matches ``cfg.target_modules``, freeze every base parameter, and
+    return the wrapped module names. ConfigError when no module matches or the model already has LoRA."""
+    cfg.validate()
+    if lora_modules(model):
+        raise ConfigError("the model already has LoRA layers; merge_lora(model) or build a fresh model first")
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [name for name in linears if cfg.matches(name)]
+    if not targets:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ConfigError(f"lora.target_modules={cfg.target_modules!r} matches no linear layer of this model; "
+                          f"its linear layers are named {', '.join(leaves)} (e.g. {linears[0] if linears else '-'})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), cfg.r, cfg.scaling, cfg.dropout))
+    return targets
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter factors only: ``<module>.lora_A.weight`` (r, in) and ``<module>.lora_B.weight`` (out, r)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter factors into a model that :func:`apply_lora` has wrapped the same way.
+
+    ConversionError (one line) when the names or shapes disagree: an adapter for another base model or
+    another target set."""
+    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
+    if not expected:
+        raise ConversionError("the model has no LoRA layers; call apply_lora(model, cfg) before loading an adapter")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ConversionError(f"the adapter does not fit this model: missing {missing[:3]}"
+                              f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                              f"{' ...' if len(unexpected) > 3 else ''}; was it trained on another base model?")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(shape)}" for k, shape in expected.items()
+           if tuple(state[k].shape) != tuple(shape)]
+    if bad:
+        raise ConversionError(f"the adapter's shapes do not fit this model (adapter vs model): {'; '.join(bad[:3])}; "
+                              "was it trained on another base model or with another rank?")
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            name, factor = key[: -len(".lora_A.weight")], key.rsplit(".", 2)[-2]
+            target = getattr(modules[name], factor).weight
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Fold every adapter into its base weight and remove the wrappers; returns the merged module names.
+
+    The merged model has exactly the base model's parameter names again (and they stay frozen: set
+    requires_grad yourself to train it further)."""
+    merged = []
+    for name, m in lora_modules(model).items():
+        _set_submodule(model, name, m.merged())
+        merged.append(name)
+    return merged
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters that require grad, all parameters); a tied matrix counts once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
