@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses with defaults in one place, named presets, one override syntax.
 
 A run is described by a :class:`RunConfig` with three parts: ``model`` (the family's own config
-dataclass, e.g. :class:`lmstack.models.gpt.GPTConfig`), ``optim`` and ``train``. Every value can be
-changed the same way everywhere:
+dataclass, e.g. :class:`lmstack.models.gpt.GPTConfig`), ``optim`` and ``train``, plus the section of the
+stage that needs one (``sft``: :class:`SFTConfig`; absent, and refused as an unknown section, in runs of
+other stages). Every value can be changed the same way everywhere:
 
     lmstack pretrain --preset tiny model.n_layer=4 optim.lr=1e-3 train.max_steps=200
     lmstack pretrain --preset tiny --config my.yaml          # same dotted keys, nested in YAML/TOML
@@ -137,23 +138,61 @@ class TrainConfig:
         check_flag("train.tensorboard", self.tensorboard)
 
 
+LOSS_ON = ("assistant", "all", "last_turn")
+OVERLONG = ("truncate", "drop")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on conversations (lmstack/stages/sft.py, lmstack/data/instruct.py).
+
+    A conversation longer than ``train.seq_len + 1`` tokens is cut to that length (``truncate``) or left
+    out (``drop``); both are counted in the run's summary."""
+
+    data: list[str] = field(default_factory=list)  # JSONL (.gz/.zst) or parquet files of conversations
+    weights: list[float] = field(default_factory=list)  # per file: copies per epoch (1.0 each when empty)
+    loss_on: str = "assistant"  # assistant | all | last_turn
+    overlong: str = "truncate"  # truncate | drop
+    skip_bad_records: bool = False  # count and skip bad conversations instead of stopping at the first
+    val_fraction: float = 0.05  # conversations held out for validation
+    seed: int = 0  # the held-out split and the subset drawn for fractional weights
+
+    def validate(self) -> None:
+        check_choice("sft.loss_on", self.loss_on, LOSS_ON)
+        check_choice("sft.overlong", self.overlong, OVERLONG)
+        check_flag("sft.skip_bad_records", self.skip_bad_records)
+        check_range("sft.val_fraction", self.val_fraction, 0, 1, high_open=True)
+        check_range("sft.seed", self.seed, 0, 2**63, high_open=True, integer=True)
+        require(bool(self.data), "sft.data is empty: name the conversation files (--data FILE ...)")
+        require(not self.weights or len(self.weights) == len(self.data),
+                f"sft.weights has {len(self.weights)} value(s) for {len(self.data)} data file(s); give one per file")
+        for weight in self.weights:
+            check_range("sft.weights", weight, 0, low_open=True)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig | None = None  # only in fine-tuning runs
 
     def validate(self) -> None:
         self.model.validate()
         self.optim.validate()
         self.train.validate()
+        if self.sft is not None:
+            self.sft.validate()
         require(self.train.seq_len <= self.model.block_size,
                 f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
                 "lower train.seq_len or raise model.block_size")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": model_config_to_dict(self.model), "optim": dataclasses.asdict(self.optim),
-                "train": dataclasses.asdict(self.train)}
+        sections = {"model": model_config_to_dict(self.model), "optim": dataclasses.asdict(self.optim),
+                    "train": dataclasses.asdict(self.train)}
+        if self.sft is not None:
+            sections["sft"] = dataclasses.asdict(self.sft)
+        return sections
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -161,7 +200,8 @@ class RunConfig:
             raise ConfigError("a run config is a mapping with a model section (and optional optim, train)")
         return cls(model=model_config_from_dict(d["model"]),
                    optim=_from_fields(OptimConfig, d.get("optim", {}), "optim"),
-                   train=_from_fields(TrainConfig, d.get("train", {}), "train"))
+                   train=_from_fields(TrainConfig, d.get("train", {}), "train"),
+                   sft=_from_fields(SFTConfig, d["sft"], "sft") if d.get("sft") is not None else None)
 
 
 # ----------------------------------------------------------------------------- model configs <-> dicts
@@ -265,7 +305,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
             cfg.model = new_cls(**keep)
     for key, value in items:
         if key != "model.family":
-            set_section_value(cfg, key, value, ("model", "optim", "train"))
+            set_section_value(cfg, key, value, ("model", "optim", "train") + (("sft",) if cfg.sft is not None else ()))
     return cfg
 
 

@@ -1,0 +1,358 @@
+"""Instruction data for supervised fine-tuning: conversation files in, padded ``{"input_ids", "labels"}`` batches out.
+
+    stats = InstructStats()
+    data = load_instruct(["chat.jsonl", "alpaca.parquet"], tokenizer, max_tokens=257, stats=stats)
+    train = InstructLoader(data.train, batch_size=8, seed=0, pad_id=tokenizer.pad_id)
+    python -m lmstack.data.instruct --make-tasks tasks.jsonl --n 2000 --seed 0   # task data with exact answers
+
+Records, one per JSONL line (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``) or parquet row, in any of three shapes,
+all read into the same messages:
+
+- OpenAI chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}``;
+- prompt/completion: ``{"prompt": P, "completion": C}`` -> user P, assistant C;
+- Alpaca: ``{"instruction": I, "input": X, "output": O}`` -> user ``I`` (plus a blank line and ``X`` when
+  X is not empty), assistant O.
+
+Each conversation is rendered by the tokenizer's own chat format (``Tokenizer.render_chat``: the lmstack
+format or an imported model's Jinja template) into token ids and a mask of the tokens to train on, then
+``loss_on`` picks them: ``assistant`` (every assistant turn, with its end-of-turn token), ``all`` (every
+token), ``last_turn`` (the last assistant turn only: the last run of assistant tokens in the mask).
+Tool calls follow the chat format: the lmstack format writes an assistant's ``tool_calls`` as
+``<|tool_call|>{"name", "arguments"}`` inside the trained assistant turn; a Jinja template renders them as
+it chooses (many ignore them).
+
+Role order is checked: an optional system message first, then a user message; a user is answered by an
+assistant; a tool message follows an assistant with ``tool_calls`` or another tool message. A record that
+breaks a rule, does not parse, or has no token to train on is a :class:`DataError` naming file and line,
+or is counted and skipped (``skip_bad=True``). A conversation longer than ``max_tokens`` is cut
+(``overlong="truncate"``; left out when no trainable token survives the cut) or left out (``"drop"``);
+both are counted in :class:`InstructStats`.
+
+Mixing: file i's weight is its copies per epoch (2.0: every conversation twice; 0.5: a seeded half).
+The held-out conversations (``val_fraction``, drawn with ``seed`` before weighting) are never trained on.
+
+Batches: :func:`collate` pads to the longest example of the batch on the right; ``labels`` is the next
+token where that token is trained and -1 elsewhere (prompts, padding), so padding never reaches the
+loss. :class:`InstructLoader` shuffles each epoch with ``seed + epoch`` and saves its position
+(``state_dict``), so a resumed run sees the same batches; the data is held in memory (fine-tuning sets
+are small), which is the caveat for very large ones. Packing several conversations per row is not done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from lmstack.atomic import write_text_atomic
+from lmstack.data.readers import _format_of, _open_binary, decode_utf8
+from lmstack.errors import DataError, UserError
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass
+class Example:
+    """One rendered conversation: token ids and 1 where the token is trained (same length)."""
+
+    ids: list[int]
+    mask: list[int]
+
+
+@dataclass
+class InstructStats:
+    read: int = 0  # records read from the files
+    used: int = 0  # conversations kept (train + validation)
+    skipped: int = 0  # bad records skipped (skip_bad)
+    truncated: int = 0  # over-long conversations cut to max_tokens
+    dropped: int = 0  # over-long conversations left out
+    train_examples: int = 0  # after mixing weights
+    val_examples: int = 0
+    trainable_tokens: int = 0  # trained tokens in one epoch of the training examples
+    problems: list[str] = field(default_factory=list)  # the first few skipped records, for the log
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InstructData:
+    train: list[Example]
+    val: list[Example]
+
+
+# ----------------------------------------------------------------------------- records -> messages
+
+
+def record_messages(record: Any) -> Messages:
+    """The messages of one record in any of the three shapes (see the module docstring)."""
+    if not isinstance(record, dict):
+        raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
+    record = {k: v for k, v in record.items() if v is not None}  # parquet fills absent columns with nulls
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError("'messages' must be a non-empty list of {'role', 'content'} objects")
+        return [dict(m) if isinstance(m, dict) else m for m in messages]
+    if "prompt" in record and "completion" in record:
+        return [{"role": "user", "content": _text(record, "prompt")},
+                {"role": "assistant", "content": _text(record, "completion")}]
+    if "instruction" in record and "output" in record:
+        extra = record.get("input") or ""
+        prompt = _text(record, "instruction") + (f"\n\n{extra}" if extra else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output")}]
+    raise DataError(f"unknown record shape (keys {', '.join(sorted(map(str, record))) or 'none'}); use "
+                    "{'messages': [...]}, {'prompt', 'completion'} or {'instruction', 'input', 'output'}")
+
+
+def _text(record: dict[str, Any], key: str) -> str:
+    if not isinstance(record[key], str):
+        raise DataError(f"'{key}' must be a string, got {type(record[key]).__name__}")
+    return record[key]
+
+
+_NEXT_ROLES = {"system": ("user",), "user": ("assistant",), "assistant": ("user",), "tool": ("tool", "assistant")}
+
+
+def check_role_order(messages: Messages) -> None:
+    """DataError naming the first message out of order (rules in the module docstring)."""
+    previous, previous_calls = None, False
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if previous is None:
+            allowed: tuple[str, ...] = ("system", "user")
+        else:
+            allowed = _NEXT_ROLES[previous] + (("tool",) if previous == "assistant" and previous_calls else ())
+        if role not in allowed:
+            after = f"after a {previous} message" if previous else "as the first message"
+            raise DataError(f"message {i}: role {role!r} {after}; expected {' or '.join(allowed)} "
+                            "(system first, then user and assistant turns; tool results after an assistant "
+                            "tool call)")
+        previous, previous_calls = role, bool(message.get("tool_calls"))
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number from 1, parsed record) of a JSONL (.gz/.zst) or parquet file; unparsable
+    JSON lines come back as the DataError to raise."""
+    fmt = _format_of(path)
+    if fmt is None or fmt[0] == "txt":
+        raise DataError(f"{path}: conversation files are .jsonl (optionally .gz / .zst) or .parquet")
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; name an existing conversation file")
+    if fmt[0] == "parquet":
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+        return
+    with _open_binary(path, fmt[1]) as f:
+        for number, raw in enumerate(f, 1):
+            text, _ = decode_utf8(raw)
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield number, DataError(f"not valid JSON ({e.msg})")
+
+
+# ----------------------------------------------------------------------------- messages -> examples
+
+
+def select_loss(mask: list[int], loss_on: str) -> list[int]:
+    """The loss mask for ``loss_on`` from the chat format's assistant mask."""
+    if loss_on == "all":
+        return [1] * len(mask)
+    if loss_on == "last_turn":
+        end = max((i + 1 for i, m in enumerate(mask) if m), default=0)
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        return [1 if start <= i < end else 0 for i in range(len(mask))]
+    return list(mask)
+
+
+def render_example(tokenizer: Any, messages: Messages, loss_on: str) -> Example:
+    check_role_order(messages)
+    ids, mask = tokenizer.render_chat(messages)
+    return Example(ids, select_loss(mask, loss_on))
+
+
+def load_instruct(paths: Sequence[str | Path], tokenizer: Any, max_tokens: int, *, weights: Sequence[float] = (),
+                  loss_on: str = "assistant", overlong: str = "truncate", skip_bad: bool = False,
+                  val_fraction: float = 0.05, seed: int = 0, stats: InstructStats | None = None) -> InstructData:
+    """Read, render and split the conversation files (see the module docstring); ``stats`` gets the counts."""
+    stats = stats if stats is not None else InstructStats()
+    per_file: list[list[Example]] = []
+    for path in map(Path, paths):
+        examples = []
+        for line, record in iter_records(path):
+            stats.read += 1
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                example = render_example(tokenizer, record_messages(record), loss_on)
+                if len(example.ids) > max_tokens:
+                    if overlong == "drop":
+                        stats.dropped += 1
+                        continue
+                    example = Example(example.ids[:max_tokens], example.mask[:max_tokens])
+                    stats.truncated += 1
+                    if not any(example.mask[1:]):
+                        stats.dropped += 1
+                        continue
+                if not any(example.mask[1:]):  # the first token is never a target
+                    raise DataError(f"no token to train on (sft.loss_on={loss_on}): the conversation needs an "
+                                    "assistant message")
+            except DataError as e:
+                problem = f"{path}:{line}: {e}"
+                if not skip_bad:
+                    raise DataError(f"{problem} (fix the record, or set sft.skip_bad_records=true to skip "
+                                    "bad records)") from None
+                stats.skipped += 1
+                if len(stats.problems) < 5:
+                    stats.problems.append(problem)
+                continue
+            examples.append(example)
+        per_file.append(examples)
+    stats.used = sum(map(len, per_file))
+    if stats.used == 0:
+        raise DataError(f"no usable conversation in {', '.join(map(str, paths))} ({stats.read} read, "
+                        f"{stats.skipped} skipped, {stats.dropped} over-long); check the files and train.seq_len")
+    rng = random.Random(seed)
+    train: list[Example] = []
+    val: list[Example] = []
+    for examples, weight in zip(per_file, list(weights) or [1.0] * len(per_file)):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        n_val = round(len(examples) * val_fraction)
+        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(examples) - 1) if len(examples) > 1 else 0
+        val += [examples[i] for i in sorted(order[:n_val])]
+        kept = [examples[i] for i in sorted(order[n_val:])]
+        copies, fraction = divmod(weight, 1.0)
+        train += kept * int(copies) + rng.sample(kept, round(fraction * len(kept)))
+    stats.train_examples, stats.val_examples = len(train), len(val)
+    stats.trainable_tokens = sum(sum(e.mask[1:]) for e in train)
+    return InstructData(train, val)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example: input_ids (B, T) and labels (B, T), T = longest - 1, labels -1 where
+    the next token is not trained or is padding."""
+    width = max(len(e.ids) for e in examples) - 1
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -1, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        input_ids[row, :n] = torch.tensor(e.ids[:-1])
+        targets = torch.tensor(e.ids[1:])
+        labels[row, :n] = torch.where(torch.tensor(e.mask[1:], dtype=torch.bool), targets, -1)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class InstructLoader:
+    """Padded batches of examples. ``shuffle``: endless, reshuffled each epoch (``seed + epoch``), resumable;
+    otherwise one pass in order per ``iter()`` (validation). Under DDP each rank takes its own slice."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int = 0, pad_id: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        per_step = batch_size * world_size
+        if shuffle and len(examples) < per_step:
+            raise DataError(f"{len(examples)} training conversations is fewer than one batch "
+                            f"(train.batch_size={batch_size} x {world_size} process(es)); add data or lower "
+                            "train.batch_size")
+        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
+        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
+        self.epoch, self.position = 0, 0  # position: batches of this epoch already drawn
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        B, W = self.batch_size, self.world_size
+        if not self.shuffle:
+            mine = self.examples[self.rank::W]
+            for start in range(0, len(mine), B):
+                yield collate(mine[start:start + B], self.pad_id)
+            return
+        while True:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed + self.epoch).shuffle(order)
+            while self.position < len(order) // (B * W):
+                first = (self.position * W + self.rank) * B
+                self.position += 1
+                yield collate([self.examples[i] for i in order[first:first + B]], self.pad_id)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ----------------------------------------------------------------------------- task data with exact answers
+
+
+def make_task_conversations(n: int, seed: int = 0) -> list[dict[str, Messages]]:
+    """``n`` conversations of small tasks with one exact answer each: addition, multiplication, reversing
+    and upper-casing a word, and formatting a name; some carry a system message."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "maple", "ocean", "candle",
+             "garden", "rocket", "silver", "window", "forest", "pepper"]
+
+    def task() -> tuple[str, str]:
+        kind = rng.randrange(5)
+        a, b, word = rng.randrange(100), rng.randrange(100), rng.choice(words)
+        if kind == 0:
+            return f"What is {a} + {b}?", str(a + b)
+        if kind == 1:
+            return f"What is {a % 13} * {b % 13}?", str((a % 13) * (b % 13))
+        if kind == 2:
+            return f"Reverse the word: {word}", word[::-1]
+        if kind == 3:
+            return f"Write in capital letters: {word}", word.upper()
+        first, last = rng.choice(words).title(), rng.choice(words).title()
+        return f"Format as 'Last, First': {first} {last}", f"{last}, {first}"
+
+    conversations = []
+    for _ in range(n):
+        prompt, answer = task()
+        messages = [{"role": "system", "content": "Answer with the result only."}] if rng.random() < 0.3 else []
+        conversations.append({"messages": [*messages, {"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": answer}]})
+    return conversations
+
+
+def write_tasks(out: str | Path, n: int, seed: int = 0) -> Path:
+    """Write :func:`make_task_conversations` as messages JSONL (atomically)."""
+    if n < 1:
+        raise UserError(f"--n {n}: write at least one conversation")
+    lines = "".join(json.dumps(c) + "\n" for c in make_task_conversations(n, seed))
+    write_text_atomic(Path(out), lines)
+    return Path(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmstack.data.instruct",
+                                     description="Write task conversations with exact answers as messages JSONL.")
+    parser.add_argument("--make-tasks", required=True, metavar="OUT.jsonl", help="file to write")
+    parser.add_argument("--n", type=int, default=1000, help="number of conversations")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    args = parser.parse_args(argv)
+    try:
+        print(write_tasks(args.make_tasks, args.n, args.seed))
+    except UserError as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()
