@@ -190,3 +190,17 @@ def test_adapter_for_another_base_is_refused(exported_base, tmp_path):
     with pytest.raises(ConversionError, match="not an adapter directory"):
         save_adapter(model, cfg, tmp_path / "junk")
     assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+
+
+def test_incomplete_or_unsupported_adapter_configs_are_refused(tmp_path):
+    model = tiny_gpt()
+    cfg = LoRAConfig(r=4, target_modules=["q_proj"])
+    apply_lora(model, cfg)
+    out = save_adapter(model, cfg, tmp_path / "adapter")
+    config_path = out / "adapter_config.json"
+    written = json.loads(config_path.read_text())
+    for change, message in (({"use_dora": True}, "use_dora=True is not supported"),
+                            ({"r": None}, "'r' .* required"), ({"peft_type": "IA3"}, "only LORA")):
+        config_path.write_text(json.dumps({**written, **change}))
+        with pytest.raises(ConversionError, match=message):
+            load_adapter(tiny_gpt(), out)

@@ -142,7 +142,10 @@ def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
     if unsupported:
         raise ConversionError(f"{path}: {', '.join(unsupported)} is not supported; only plain LoRA on linear "
                               "layers (no DoRA, biases, per-module ranks or saved modules) loads here")
-    return LoRAConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+    if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        raise ConversionError(f"{path}: 'r' (an integer) and 'lora_alpha' (a number) are required; "
+                              "is the adapter config complete?")
+    return LoRAConfig(r=cfg["r"], alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
                       target_modules=cfg.get("target_modules") or [], use_rslora=bool(cfg.get("use_rslora")))
 
 
