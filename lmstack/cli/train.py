@@ -1,4 +1,4 @@
-"""`lmstack speedrun` and `lmstack pretrain`: the verbs that train a model (lmstack.stages)."""
+"""`lmstack speedrun`, `lmstack pretrain` and `lmstack sft`: the verbs that train a model (lmstack.stages)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,30 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
         pretrain(data_dir=args.data, out_dir=args.out, preset=args.preset, config_file=args.config,
                  overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+
+    parser.set_defaults(func=run)
+
+
+def add_sft(sub: argparse._SubParsersAction) -> None:
+    parser = verb_parser(sub, "sft", "fine-tune a model on conversations (supervised)",
+                         "Supervised fine-tuning (all weights) of a trained or imported decoder on chat data:\n"
+                         "JSONL (.gz/.zst) or parquet records of {messages}, {prompt, completion} or Alpaca\n"
+                         "{instruction, input, output}, rendered in the model's chat format. Settings of\n"
+                         "its own take sft.KEY=VALUE: sft.loss_on=assistant|all|last_turn, sft.weights=1,0.5,\n"
+                         "sft.overlong=truncate|drop, sft.skip_bad_records=true, sft.val_fraction, sft.seed.")
+    parser.add_argument("--model", required=True, help="checkpoint to start from (with its tokenizer)")
+    parser.add_argument("--data", action="append", default=None, metavar="FILE",
+                        help="a conversation file; repeat for several (default: sft.data from --config)")
+    parser.add_argument("--out", required=True, help="run directory: checkpoints, model, metrics.jsonl, summary.json")
+    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run's outputs in --out")
+    add_run_config_args(parser)
+
+    def run(args: argparse.Namespace) -> None:
+        from lmstack.stages.sft import sft
+
+        sft(model=args.model, data=args.data, out_dir=args.out, preset=args.preset, config_file=args.config,
+            overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
 
     parser.set_defaults(func=run)
 

@@ -1,0 +1,95 @@
+"""`lmstack sft`: supervised fine-tuning of a trained (or imported) decoder on conversations. Wiring over train/stage.py.
+
+    python -m lmstack.data.instruct --make-tasks tasks.jsonl --n 2000
+    lmstack sft --model runs/tiny/model --data tasks.jsonl --out runs/tiny-sft train.max_steps=200
+    lmstack sft --model models/smollm2 --data a.jsonl b.parquet --out runs/s sft.weights=1,0.5 sft.loss_on=last_turn
+    lmstack sft --model runs/tiny/model --data tasks.jsonl --out runs/tiny-sft --resume
+
+Full fine-tuning: every weight trains, starting from MODEL (a checkpoint lmstack wrote or imported, with its
+tokenizer, whose chat format renders the conversations; see lmstack/data/instruct.py). The run config is
+the model's own config, the preset's ``optim`` and ``train`` sections (pick a smaller ``optim.lr`` than
+pretraining used), then the config file and the ``key=value`` overrides, including the ``sft`` section
+(lmstack.config.SFTConfig). ``train.seq_len`` is the longest conversation trained on (plus one token);
+batches are padded to their longest conversation, so tokens/s and MFU count real tokens only.
+
+The objective is the model's causal LM loss on the trained tokens (the mixture-of-experts loss for a MoE
+model). OUT/model is a normal checkpoint with the tokenizer (chat, serve, eval and export read it);
+OUT/summary.json adds ``data``: conversations read, used, skipped, truncated and dropped, and the trainable
+tokens of one epoch. Validation reports the loss on held-out conversations (``sft.val_fraction``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lmstack.atomic import write_json_atomic
+from lmstack.checkpoint import load_checkpoint, load_model_state, model_state, read_config
+from lmstack.config import RunConfig, SFTConfig, apply_overrides, get_preset, load_config_file
+from lmstack.errors import ConfigError
+from lmstack.models import build_model, family_of, is_decoder
+
+
+def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: str = "tiny",
+        config_file: str | None = None, overrides: list[str] | None = None, resume: bool = False,
+        overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune MODEL on the conversation files ``data`` into OUT_DIR; returns the run summary dict.
+
+    ``data`` sets ``sft.data`` (None keeps the config's). ``resume`` continues the run in OUT_DIR with the
+    config it started with plus ``config_file`` and ``overrides``; ``overwrite`` replaces its outputs.
+    """
+    from lmstack.data.instruct import InstructLoader, InstructStats, load_instruct
+    from lmstack.train.losses import causal_lm, moe_lm
+    from lmstack.train.stage import StageParts, run_stage, stage_config
+
+    source = load_checkpoint(model)
+    if source.tokenizer is None:
+        raise ConfigError(f"{model} has no tokenizer; fine-tune a checkpoint saved with its tokenizer")
+    if not is_decoder(source.model.config):
+        raise ConfigError(f"{model} is a {family_of(source.model.config).name} model; sft trains decoders "
+                          "(gpt, moe, prefixlm, glm)")
+    extra = [f"sft.data={','.join(map(str, data))}"] if data else []
+    overrides = [*extra, *(overrides or [])]
+    defaults = get_preset(preset)
+    base = RunConfig(model=source.model.config, optim=defaults.optim, train=defaults.train, sft=SFTConfig())
+    base.train.seq_len = min(base.train.seq_len, base.model.block_size)  # the preset's, where the model allows it
+    if config_file:
+        apply_overrides(base, load_config_file(config_file))
+    apply_overrides(base, overrides)
+    _, checkpoint = stage_config(out_dir, preset, config_file, overrides, resume, base=base)
+    cfg = base
+    if checkpoint is not None:  # a resumed run keeps its own config, with the file and overrides on top
+        cfg = RunConfig.from_dict(read_config(checkpoint))
+        if config_file:
+            apply_overrides(cfg, load_config_file(config_file))
+        apply_overrides(cfg, overrides)
+    cfg.validate()
+    scfg, tokenizer = cfg.sft, source.tokenizer
+    stats = InstructStats()
+    instruct = load_instruct(scfg.data, tokenizer, cfg.train.seq_len + 1, weights=scfg.weights,
+                             loss_on=scfg.loss_on, overlong=scfg.overlong, skip_bad=scfg.skip_bad_records,
+                             val_fraction=scfg.val_fraction, seed=scfg.seed, stats=stats)
+    source_weights = model_state(source.model)
+    objective = moe_lm if family_of(cfg.model).objective == "moe_lm" else causal_lm
+
+    def build(cfg: RunConfig, dist) -> StageParts:
+        tcfg = cfg.train
+        train_loader = InstructLoader(instruct.train, tcfg.batch_size, seed=tcfg.seed, pad_id=tokenizer.pad_id,
+                                      rank=dist.rank, world_size=dist.world_size)
+        val_loader = InstructLoader(instruct.val, tcfg.batch_size, pad_id=tokenizer.pad_id, shuffle=False,
+                                    rank=dist.rank, world_size=dist.world_size)
+        skipped = f", {stats.skipped} skipped" if stats.skipped else ""
+        model = build_model(cfg.model)  # the config may change what does not touch the weights (dropout)
+        load_model_state(model, source_weights, source.path)
+        return StageParts(model=model, train_loader=train_loader, val_loader=val_loader,
+                          objective=objective, tokenizer=tokenizer,
+                          description=f"{stats.train_examples:,} training conversations ({stats.trainable_tokens:,} "
+                                      f"trained tokens per epoch), {stats.val_examples:,} held out{skipped}")
+
+    summary = run_stage(cfg, out_dir, build, resume=resume, overwrite=overwrite, resume_from=checkpoint,
+                        progress=progress, extra_config={"data": {"source_model": str(source.path)}})
+    summary["data"] = stats.to_dict()
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(Path(out_dir) / "summary.json", summary)
+    return summary

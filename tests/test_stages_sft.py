@@ -1,0 +1,138 @@
+"""`lmstack sft` (lmstack/stages/sft.py): a tiny model fine-tuned on generated task conversations lowers its
+held-out loss, the output is a normal checkpoint with the tokenizer, the data counts reach summary.json,
+a resumed run matches an uninterrupted one weight for weight (in process and after SIGKILL), and the CLI
+answers --help and user errors in one line."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmstack.checkpoint import load_checkpoint, save_checkpoint
+from lmstack.cli import main
+from lmstack.data.instruct import InstructLoader, load_instruct, make_task_conversations, write_tasks
+from lmstack.errors import ConfigError
+from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.stages.sft import sft
+from lmstack.tokenizer import Tokenizer
+
+SMALL = ["train.batch_size=8", "train.seq_len=64", "train.eval_batches=4", "train.log_every=5",
+         "train.tensorboard=false", "train.device=cpu", "optim.lr=3e-3", "optim.warmup_steps=0",
+         "optim.schedule=constant", "sft.val_fraction=0.1", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny untrained decoder checkpoint with a chat tokenizer, and task conversations to tune it on."""
+    root = tmp_path_factory.mktemp("sft")
+    texts = [m["content"] for c in make_task_conversations(400, seed=9) for m in c["messages"]]
+    tok = Tokenizer.train(texts, vocab_size=320)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    save_checkpoint(root / "model", GPT(cfg), {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
+    write_tasks(root / "tasks.jsonl", 400, seed=1)
+    return root
+
+
+def _held_out_loss(checkpoint, data_file) -> float:
+    """Token-weighted causal LM loss of CHECKPOINT on the held-out conversations of the run config."""
+    ckpt = load_checkpoint(checkpoint)
+    data = load_instruct([data_file], ckpt.tokenizer, 65, val_fraction=0.1, seed=0)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in InstructLoader(data.val, 8, pad_id=ckpt.tokenizer.pad_id, shuffle=False):
+            n = int((batch["labels"] != -1).sum())
+            total += float(ckpt.model(batch["input_ids"], batch["labels"])[1]) * n
+            tokens += n
+    return total / tokens
+
+
+def test_sft_lowers_held_out_loss_and_writes_a_normal_checkpoint(base, tmp_path):
+    out = tmp_path / "run"
+    summary = sft(base / "model", [str(base / "tasks.jsonl")], out, overrides=[*SMALL, "train.max_steps=40"],
+                  progress=False)
+    before, after = _held_out_loss(base / "model", base / "tasks.jsonl"), _held_out_loss(out / "model", base / "tasks.jsonl")
+    assert after < 0.7 * before, (before, after)
+    assert abs(summary["final_val_loss"] - after) < 0.05 * after
+    data = json.loads((out / "summary.json").read_text())["data"]
+    assert (data["read"], data["used"], data["skipped"], data["val_examples"]) == (400, 400, 0, 40)
+    assert data["trainable_tokens"] > 0 and data["train_examples"] == 360
+    tuned = load_checkpoint(out / "model")
+    assert tuned.tokenizer is not None and tuned.config["sft"]["loss_on"] == "assistant"
+    assert tuned.tokenizer.render_chat([{"role": "user", "content": "hi"}])[0]  # the chat format came along
+
+
+def test_resume_matches_an_uninterrupted_run(base, tmp_path, capfd):
+    data = [str(base / "tasks.jsonl")]
+    sft(base / "model", data, tmp_path / "full", overrides=[*SMALL, "train.max_steps=12", "train.ckpt_every=6"],
+        progress=False)
+    sft(base / "model", data, tmp_path / "split", overrides=[*SMALL, "train.max_steps=6", "train.ckpt_every=6"],
+        progress=False)
+    capfd.readouterr()
+    summary = sft(base / "model", None, tmp_path / "split", overrides=["train.max_steps=12"], resume=True,
+                  progress=False)
+    assert "at step 6" in capfd.readouterr().err  # continued from the checkpoint, with the run's own config
+    assert summary["config"]["train"]["max_steps"] == 12 and summary["config"]["sft"]["data"] == data
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_cli_survives_sigkill_bit_identically(base, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = [*SMALL, "train.max_steps=30", "train.ckpt_every=10"]
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "lmstack.cli", "sft", "--model", str(base / "model"), "--data",
+                str(base / "tasks.jsonl"), "--out", str(out), *extra, *steps]
+
+    full = subprocess.run(cmd(tmp_path / "full"), env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "killed" / "checkpoints" / "step_0000010" / "model.safetensors").exists():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(cmd(tmp_path / "killed", "--resume"), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_sft_keys_and_bad_values_are_config_errors(base, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'sft.loss'"):
+        sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.loss=all"])
+    with pytest.raises(ConfigError, match="sft.loss_on='prompt': choose one of assistant, all, last_turn"):
+        sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.loss_on=prompt"])
+    with pytest.raises(ConfigError, match="sft.weights has 2 value"):
+        sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.weights=1,2"])
+
+
+def test_cli_help_and_one_line_errors(base, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    assert "sft.loss_on" in capsys.readouterr().out
+    (tmp_path / "empty.jsonl").write_text("")
+    for data, expected in ((tmp_path / "empty.jsonl", "no usable conversation"),
+                           (tmp_path / "missing.jsonl", "does not exist")):
+        code = main(["sft", "--model", str(base / "model"), "--data", str(data), "--out", str(tmp_path / "o"),
+                     "train.device=cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err
+    code = main(["sft", "--model", str(tmp_path / "nothing"), "--data", str(base / "tasks.jsonl"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
