@@ -1,5 +1,6 @@
-"""Instruction data (lmstack/data/instruct.py): the three record shapes, loss masks, bad records, over-long
-conversations, mixing weights, padding that never reaches the loss, and a loader that resumes exactly."""
+"""Instruction data (lmstack/data/instruct.py): the three record shapes in JSONL, gzip and parquet, loss masks
+(lmstack and imported Jinja chat formats), bad records, over-long conversations, mixing weights, padding
+that never reaches the loss, and a loader that resumes exactly."""
 
 import gzip
 import json
@@ -199,6 +200,8 @@ def test_loader_order_is_seeded_and_resumes_exactly():
     assert not all(torch.equal(a, next(other)["input_ids"]) for a in first)
     with pytest.raises(DataError, match="fewer than one batch"):
         InstructLoader(examples[:2], batch_size=3)
+    with pytest.raises(DataError, match="raise sft.val_fraction"):
+        InstructLoader([], batch_size=3, shuffle=False)
 
 
 def test_make_tasks_command_writes_exact_answers(tmp_path):
@@ -214,3 +217,17 @@ def test_make_tasks_command_writes_exact_answers(tmp_path):
             assert int(answer) == int(a) + int(b)
         if user.startswith("Reverse the word: "):
             assert answer == user.split(": ")[1][::-1]
+
+
+def test_an_imported_jinja_chat_template_sets_the_mask(tok, tmp_path):
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    jinja = Tokenizer.from_hf_json(tok.hf_tokenizer().to_str(), chat_template=template, eot_token="<|end|>")
+    assert jinja.chat_format == "jinja"
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    for loss_on, expected in (("assistant", "enots<|end|>\nSTONE<|end|>\n"),
+                              ("last_turn", "STONE<|end|>\n")):
+        example = load_instruct([path], jinja, 512, loss_on=loss_on, val_fraction=0).train[0]
+        assert jinja.decode([i for i, m in zip(example.ids, example.mask) if m]) == expected
+        assert jinja.decode(example.ids).startswith("system: Be brief.\nuser: Reverse: stone\nassistant: ")

@@ -272,6 +272,9 @@ class InstructLoader:
             raise DataError(f"{len(examples)} training conversations is fewer than one batch "
                             f"(train.batch_size={batch_size} x {world_size} process(es)); add data or lower "
                             "train.batch_size")
+        if not shuffle and len(examples) < world_size:
+            raise DataError(f"{len(examples)} held-out conversation(s) for {world_size} process(es): every process "
+                            "needs one to validate on; raise sft.val_fraction or add data")
         self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
         self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
         self.epoch, self.position = 0, 0  # position: batches of this epoch already drawn
