@@ -117,7 +117,7 @@ def test_unknown_sft_keys_and_bad_values_are_config_errors(base, tmp_path):
         sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.loss=all"])
     with pytest.raises(ConfigError, match="sft.loss_on='prompt': choose one of assistant, all, last_turn"):
         sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.loss_on=prompt"])
-    with pytest.raises(ConfigError, match=r"sft.val_fraction=0 must be a finite number in \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"sft.val_fraction=0.0 must be a finite number in \(0, 1\)"):
         sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.val_fraction=0"])
     with pytest.raises(ConfigError, match="sft.weights has 2 value"):
         sft(base / "model", [str(base / "tasks.jsonl")], tmp_path / "o", overrides=["sft.weights=1,2"])
