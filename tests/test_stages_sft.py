@@ -138,3 +138,13 @@ def test_cli_help_and_one_line_errors(base, tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
+
+
+def test_skipped_records_are_counted_and_named(base, tmp_path, capfd):
+    lines = (base / "tasks.jsonl").read_text().splitlines()
+    lines[3] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    summary = sft(base / "model", [str(tmp_path / "mixed.jsonl")], tmp_path / "run",
+                  overrides=[*SMALL, "train.max_steps=2", "sft.skip_bad_records=true"], progress=False)
+    assert (summary["data"]["read"], summary["data"]["used"], summary["data"]["skipped"]) == (400, 399, 1)
+    assert "skipped " in capfd.readouterr().err and "mixed.jsonl:4: no token to train on" in summary["data"]["problems"][0]

@@ -21,12 +21,14 @@ tokens of one epoch. Validation reports the loss on held-out conversations (``sf
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from lmstack.atomic import write_json_atomic
 from lmstack.checkpoint import load_checkpoint, load_model_state, model_state, read_config
-from lmstack.config import RunConfig, SFTConfig, apply_overrides, get_preset, load_config_file
+from lmstack.config import (RunConfig, SFTConfig, apply_overrides, get_preset, load_config_file,
+                            model_config_from_dict)
 from lmstack.errors import ConfigError
 from lmstack.models import build_model, family_of, is_decoder
 
@@ -52,7 +54,8 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     extra = [f"sft.data={','.join(map(str, data))}"] if data else []
     overrides = [*extra, *(overrides or [])]
     defaults = get_preset(preset)
-    base = RunConfig(model=source.model.config, optim=defaults.optim, train=defaults.train, sft=SFTConfig())
+    base = RunConfig(model=model_config_from_dict(source.config["model"]), optim=defaults.optim,
+                     train=defaults.train, sft=SFTConfig())
     base.train.seq_len = min(base.train.seq_len, base.model.block_size)  # the preset's, where the model allows it
     if config_file:
         apply_overrides(base, load_config_file(config_file))
@@ -70,7 +73,11 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     instruct = load_instruct(scfg.data, tokenizer, cfg.train.seq_len + 1, weights=scfg.weights,
                              loss_on=scfg.loss_on, overlong=scfg.overlong, skip_bad=scfg.skip_bad_records,
                              val_fraction=scfg.val_fraction, seed=scfg.seed, stats=stats)
-    source_weights = model_state(source.model)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for problem in stats.problems:  # the first few, so a skipped record is not a silent loss of data
+            print(f"skipped {problem}", file=sys.stderr)
+    source_weights, source_path = model_state(source.model), source.path
+    del source  # the weights stay (in source_weights) until build() has loaded them into the model it trains
     objective = moe_lm if family_of(cfg.model).objective == "moe_lm" else causal_lm
 
     def build(cfg: RunConfig, dist) -> StageParts:
@@ -81,14 +88,15 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
                                     rank=dist.rank, world_size=dist.world_size)
         skipped = f", {stats.skipped} skipped" if stats.skipped else ""
         model = build_model(cfg.model)  # the config may change what does not touch the weights (dropout)
-        load_model_state(model, source_weights, source.path)
+        load_model_state(model, source_weights, source_path)
+        source_weights.clear()  # the model holds its own copy now: do not keep the weights twice
         return StageParts(model=model, train_loader=train_loader, val_loader=val_loader,
                           objective=objective, tokenizer=tokenizer,
                           description=f"{stats.train_examples:,} training conversations ({stats.trainable_tokens:,} "
                                       f"trained tokens per epoch), {stats.val_examples:,} held out{skipped}")
 
     summary = run_stage(cfg, out_dir, build, resume=resume, overwrite=overwrite, resume_from=checkpoint,
-                        progress=progress, extra_config={"data": {"source_model": str(source.path)}})
+                        progress=progress, extra_config={"data": {"source_model": str(source_path)}})
     summary["data"] = stats.to_dict()
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(Path(out_dir) / "summary.json", summary)
