@@ -69,8 +69,8 @@ class InstructStats:
     read: int = 0  # records read from the files
     used: int = 0  # conversations kept (train + validation)
     skipped: int = 0  # bad records skipped (skip_bad)
-    truncated: int = 0  # over-long conversations cut to max_tokens
-    dropped: int = 0  # over-long conversations left out
+    truncated: int = 0  # over-long conversations cut to max_tokens (and kept)
+    dropped: int = 0  # over-long conversations left out (overlong="drop", or nothing trained left after the cut)
     train_examples: int = 0  # after mixing weights
     val_examples: int = 0
     trainable_tokens: int = 0  # trained tokens in one epoch of the training examples
@@ -205,10 +205,10 @@ def load_instruct(paths: Sequence[str | Path], tokenizer: Any, max_tokens: int, 
                         stats.dropped += 1
                         continue
                     example = Example(example.ids[:max_tokens], example.mask[:max_tokens])
-                    stats.truncated += 1
-                    if not any(example.mask[1:]):
+                    if not any(example.mask[1:]):  # the cut removed every trained token
                         stats.dropped += 1
                         continue
+                    stats.truncated += 1
                 if not any(example.mask[1:]):  # the first token is never a target
                     raise DataError(f"no token to train on (sft.loss_on={loss_on}): the conversation needs an "
                                     "assistant message")
