@@ -50,7 +50,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lmstack.atomic import write_text_atomic
-from lmstack.data.readers import _format_of, _open_binary, decode_utf8
+from lmstack.data.readers import format_of, open_binary, decode_utf8
 from lmstack.errors import DataError, UserError
 
 Messages = list[dict[str, Any]]
@@ -139,7 +139,7 @@ def check_role_order(messages: Messages) -> None:
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line or row number from 1, parsed record) of a JSONL (.gz/.zst) or parquet file; unparsable
     JSON lines come back as the DataError to raise."""
-    fmt = _format_of(path)
+    fmt = format_of(path)
     if fmt is None or fmt[0] == "txt":
         raise DataError(f"{path}: conversation files are .jsonl (optionally .gz / .zst) or .parquet")
     if not path.is_file():
@@ -153,7 +153,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
                 row += 1
                 yield row, record
         return
-    with _open_binary(path, fmt[1]) as f:
+    with open_binary(path, fmt[1]) as f:
         for number, raw in enumerate(f, 1):
             text, _ = decode_utf8(raw)
             if not text.strip():

@@ -131,7 +131,7 @@ def _utf8_size(text: str) -> tuple[str, int, int]:
         return text, len(text.encode("utf-8")), replaced
 
 
-def _format_of(path: Path) -> tuple[str, str] | None:
+def format_of(path: Path) -> tuple[str, str] | None:
     """('txt'|'jsonl'|'parquet', compression suffix) from the file name, or None when unsupported."""
     name = path.name.lower()
     if name.endswith(".parquet"):
@@ -143,7 +143,8 @@ def _format_of(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _open_binary(path: Path, compression: str) -> IO[bytes]:
+def open_binary(path: Path, compression: str) -> IO[bytes]:
+    """The file's bytes, decompressed for a ``.gz`` / ``.zst`` suffix (as :func:`format_of` names it)."""
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".zst":
@@ -194,7 +195,7 @@ def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
         if p.is_dir():
             found = 0
             for f in _walk_sorted(p, set()):
-                if _format_of(f) is None:
+                if format_of(f) is None:
                     if stats is not None:
                         stats.unsupported_files.append(str(f))
                     continue
@@ -204,7 +205,7 @@ def list_input_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
                 raise DataError(f"directory {p} holds no readable files; supported types: "
                                 f"{', '.join(SUPPORTED_SUFFIXES)}")
         else:
-            if _format_of(p) is None:
+            if format_of(p) is None:
                 raise DataError(f"{p}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)} "
                                 "(or a directory of them)")
             yield p, p.name
@@ -251,7 +252,7 @@ def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike], text_
     stats = stats if stats is not None else ReadStats()
     errors = _read_errors()
     for path, label in list_input_files(paths, stats):
-        fmt, compression = _format_of(path)  # type: ignore[misc]
+        fmt, compression = format_of(path)  # type: ignore[misc]
         stats.files += 1
         reader = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
         options = dict(delimiter=delimiter) if fmt == "txt" else dict(
@@ -278,7 +279,7 @@ def normalize_newlines(text: str) -> str:
 
 def _read_txt(path: Path, label: str, compression: str, stats: ReadStats,
               delimiter: str | None) -> Iterator[tuple[str, str, int]]:
-    with _open_binary(path, compression) as f:
+    with open_binary(path, compression) as f:
         if delimiter is None:
             text, replaced = decode_utf8(f.read())
             yield label, normalize_newlines(text).lstrip("\ufeff"), replaced
@@ -314,7 +315,7 @@ def _record_id(value: object, fallback: str) -> str:
 
 def _read_jsonl(path: Path, label: str, compression: str, stats: ReadStats, text_field: str,
                 on_bad_record: BadRecordPolicy, id_field: str) -> Iterator[tuple[str, str, int]]:
-    with _open_binary(path, compression) as f:
+    with open_binary(path, compression) as f:
         for line_no, raw_line in enumerate(f, start=1):
             if not raw_line.strip():
                 continue
