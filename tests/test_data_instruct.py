@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmstack.data.instruct import (Example, InstructLoader, InstructStats, collate, load_instruct,
-                                   make_task_conversations, record_messages, write_tasks)
+                                   make_task_conversations, record_messages)
 from lmstack.errors import ConfigError, DataError
 from lmstack.models.gpt import GPTConfig, GPT
 from lmstack.tokenizer import Tokenizer
