@@ -2,8 +2,8 @@
 
 A run is described by a :class:`RunConfig` with three parts: ``model`` (the family's own config
 dataclass, e.g. :class:`lmstack.models.gpt.GPTConfig`), ``optim`` and ``train``, plus the section of the
-stage that needs one (``sft``: :class:`SFTConfig`; absent, and refused as an unknown section, in runs of
-other stages). Every value can be changed the same way everywhere:
+stage that needs one (``sft``: :class:`SFTConfig`, and ``lora``: :class:`SFTLoRAConfig` in ``lmstack sft
+--lora`` runs; absent, and refused as an unknown section, in runs of other stages). Every value can be changed the same way everywhere:
 
     lmstack pretrain --preset tiny model.n_layer=4 optim.lr=1e-3 train.max_steps=200
     lmstack pretrain --preset tiny --config my.yaml          # same dotted keys, nested in YAML/TOML
@@ -171,11 +171,34 @@ class SFTConfig:
 
 
 @dataclass
+class SFTLoRAConfig:
+    """LoRA fine-tuning (``lmstack sft --lora``): the fields of lmstack.models.peft.LoRAConfig, torch-free here.
+
+    ``target_modules`` lists module names or their last dotted parts (``q_proj`` is every layer's query
+    projection); the regular-expression form of the library is not offered on the command line."""
+
+    r: int = 8  # the adapter's rank
+    alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # on the adapter's input only
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        check_range("lora.r", self.r, 1, integer=True)
+        check_range("lora.alpha", self.alpha, 0, low_open=True)
+        check_range("lora.dropout", self.dropout, 0, 1, high_open=True)
+        check_flag("lora.use_rslora", self.use_rslora)
+        require(bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
+                f"lora.target_modules={self.target_modules!r}: name the layers to adapt, e.g. q_proj,v_proj")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig | None = None  # only in fine-tuning runs
+    lora: SFTLoRAConfig | None = None  # only in LoRA fine-tuning runs (lmstack sft --lora)
 
     def validate(self) -> None:
         self.model.validate()
@@ -183,6 +206,8 @@ class RunConfig:
         self.train.validate()
         if self.sft is not None:
             self.sft.validate()
+        if self.lora is not None:
+            self.lora.validate()
         require(self.train.seq_len <= self.model.block_size,
                 f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
                 "lower train.seq_len or raise model.block_size")
@@ -192,6 +217,8 @@ class RunConfig:
                     "train": dataclasses.asdict(self.train)}
         if self.sft is not None:
             sections["sft"] = dataclasses.asdict(self.sft)
+        if self.lora is not None:
+            sections["lora"] = dataclasses.asdict(self.lora)
         return sections
 
     @classmethod
@@ -201,7 +228,8 @@ class RunConfig:
         return cls(model=model_config_from_dict(d["model"]),
                    optim=_from_fields(OptimConfig, d.get("optim", {}), "optim"),
                    train=_from_fields(TrainConfig, d.get("train", {}), "train"),
-                   sft=_from_fields(SFTConfig, d["sft"], "sft") if d.get("sft") is not None else None)
+                   sft=_from_fields(SFTConfig, d["sft"], "sft") if d.get("sft") is not None else None,
+                   lora=_from_fields(SFTLoRAConfig, d["lora"], "lora") if d.get("lora") is not None else None)
 
 
 # ----------------------------------------------------------------------------- model configs <-> dicts
@@ -305,7 +333,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
             cfg.model = new_cls(**keep)
     for key, value in items:
         if key != "model.family":
-            set_section_value(cfg, key, value, ("model", "optim", "train") + (("sft",) if cfg.sft is not None else ()))
+            optional = tuple(name for name in ("sft", "lora") if getattr(cfg, name) is not None)
+            set_section_value(cfg, key, value, ("model", "optim", "train") + optional)
     return cfg
 
 

@@ -17,6 +17,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                          "Tasks: hellaswag arc_easy arc_challenge mmlu piqa winogrande boolq openbookqa lambada\n"
                          "triviaqa gsm8k humaneval mbpp hhh_alignment ppl:PATH")
     parser.add_argument("--model", required=True, help="checkpoint directory (or run directory)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a LoRA adapter (peft layout, e.g. RUN/adapter of `sft --lora`) merged into --model")
     parser.add_argument("--tasks", default="hellaswag,arc_easy", help="comma-separated task names")
     parser.add_argument("--limit", type=positive_int, default=None, help="first N items of each task (default: all)")
     parser.add_argument("--num-fewshot", type=non_negative_int, default=None,
@@ -39,13 +41,15 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                              "instead of refusing (also LMSTACK_SANDBOX=unsafe-fallback)")
 
     def run(args: argparse.Namespace) -> None:
+        from lmstack.cli.adapter import checkpoint_with_adapter
         from lmstack.evals.run import evaluate_checkpoint
 
         tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-        evaluate_checkpoint(args.model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
-                            seed=args.seed, batch_size=args.batch_size, device=args.device, backend=args.backend,
-                            num_samples=args.num_samples, temperature=args.temperature, workers=args.workers,
-                            unsafe_sandbox=args.unsafe_sandbox, keep_records=not args.no_records)
+        with checkpoint_with_adapter(args.model, args.adapter) as model_path:
+            evaluate_checkpoint(model_path, tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
+                                seed=args.seed, batch_size=args.batch_size, device=args.device, backend=args.backend,
+                                num_samples=args.num_samples, temperature=args.temperature, workers=args.workers,
+                                unsafe_sandbox=args.unsafe_sandbox, keep_records=not args.no_records)
 
     parser.set_defaults(func=run)
 

@@ -6,7 +6,7 @@
 
 generate and chat run on the :class:`~lmstack.engine.engine.Engine` through
 :func:`lmstack.engine.generate.stream_request` / :class:`~lmstack.engine.generate.ChatSession` and stream text
-as it is decoded. In chat, ``/reset`` starts over, ``/exit`` or end-of-input (Ctrl-D) quits, and a message
+as it is decoded; ``--adapter DIR`` merges a LoRA adapter into the model first (lmstack.cli.adapter). In chat, ``/reset`` starts over, ``/exit`` or end-of-input (Ctrl-D) quits, and a message
 the session refuses (too long for the context, empty) is reported in brackets without ending the chat.
 """
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from lmstack.cli.adapter import checkpoint_with_adapter
 from lmstack.cli.common import (device, finite_float, non_negative_float, non_negative_int, open_unit_interval,
                                 positive_float, positive_int, unit_interval, verb_parser)
 from lmstack.errors import LmstackError, UserError
@@ -42,6 +43,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 128) ->
     parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda")
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a LoRA adapter (peft layout, e.g. RUN/adapter of `sft --lora`) merged into --model")
 
 
 def params_from_args(args: argparse.Namespace, **extra: Any):
@@ -79,7 +82,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = params_from_args(args, n=args.num_samples)
-    engine = load_engine(args.model, args.device, args.quantize, max_num_seqs=args.num_samples)
+    with checkpoint_with_adapter(args.model, args.adapter) as model_path:
+        engine = load_engine(model_path, args.device, args.quantize, max_num_seqs=args.num_samples)
     tokenizer = engine.tokenizer
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
@@ -134,7 +138,8 @@ def run_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input) -
     from lmstack.engine.generate import ChatSession
 
     params = params_from_args(args)
-    engine = load_engine(args.model, args.device, args.quantize, max_num_seqs=1)
+    with checkpoint_with_adapter(args.model, getattr(args, "adapter", None)) as model_path:
+        engine = load_engine(model_path, args.device, args.quantize, max_num_seqs=1)
     session = ChatSession(engine, params, system=args.system)
     session.prompt_ids()  # a system prompt the template refuses fails here, before the first turn
     print(f"[chatting with {args.model}; context {engine.max_model_len} tokens. /reset to start over, "

@@ -27,7 +27,7 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def add_sft(sub: argparse._SubParsersAction) -> None:
     parser = verb_parser(sub, "sft", "fine-tune a model on conversations (supervised)",
-                         "Supervised fine-tuning (all weights) of a trained or imported decoder on chat data:\n"
+                         "Supervised fine-tuning (all weights, or a LoRA adapter with --lora) of a trained or imported decoder on chat data:\n"
                          "JSONL (.gz/.zst) or parquet records of {messages}, {prompt, completion} or Alpaca\n"
                          "{instruction, input, output}, rendered in the model's chat format. Settings of\n"
                          "its own take sft.KEY=VALUE: sft.loss_on=assistant|all|last_turn, sft.weights=1,0.5,\n"
@@ -38,13 +38,16 @@ def add_sft(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run directory: checkpoints, model, metrics.jsonl, summary.json")
     parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous run's outputs in --out")
+    parser.add_argument("--lora", action="store_true",
+                        help="train a LoRA adapter instead of every weight (lora.r, lora.alpha, lora.dropout, "
+                             "lora.target_modules, lora.use_rslora); writes OUT/adapter and the merged OUT/model")
     add_run_config_args(parser)
 
     def run(args: argparse.Namespace) -> None:
         from lmstack.stages.sft import sft
 
         sft(model=args.model, data=args.data, out_dir=args.out, preset=args.preset, config_file=args.config,
-            overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+            overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, lora=args.lora)
 
     parser.set_defaults(func=run)
 

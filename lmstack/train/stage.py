@@ -37,8 +37,8 @@ from lmstack.train.dist import DistInfo, cleanup_distributed, init_distributed
 from lmstack.train.losses import Objective
 from lmstack.train.loop import seed_everything, train
 
-# what the loop writes into a run directory; nothing else there is touched by a training run
-TRAINING_OUTPUTS = ("checkpoints", "model", "metrics.jsonl", "summary.json", "loss.png", "tb")
+# what a training run writes into its directory (adapter: `sft --lora`); nothing else there is touched
+TRAINING_OUTPUTS = ("checkpoints", "model", "adapter", "metrics.jsonl", "summary.json", "loss.png", "tb")
 
 
 @dataclass
