@@ -1,8 +1,9 @@
-"""Instruction data for supervised fine-tuning: conversation files in, padded ``{"input_ids", "labels"}`` batches out.
+"""Instruction data for supervised fine-tuning: conversation files in, padded or packed batches out.
 
     stats = InstructStats()
     data = load_instruct(["chat.jsonl", "alpaca.parquet"], tokenizer, max_tokens=257, stats=stats)
     train = InstructLoader(data.train, batch_size=8, seed=0, pad_id=tokenizer.pad_id)
+    packed = InstructLoader(data.train, batch_size=8, seed=0, pad_id=tokenizer.pad_id, pack_len=256)
     python -m lmstack.data.instruct --make-tasks tasks.jsonl --n 2000 --seed 0   # task data with exact answers
 
 Records, one per JSONL line (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``) or parquet row, in any of three shapes,
@@ -35,12 +36,24 @@ Batches: :func:`collate` pads to the longest example of the batch on the right; 
 token where that token is trained and -1 elsewhere (prompts, padding), so padding never reaches the
 loss. :class:`InstructLoader` shuffles each epoch with ``seed + epoch`` and saves its position
 (``state_dict``), so a resumed run sees the same batches; the data is held in memory (fine-tuning sets
-are small), which is the caveat for very large ones. Packing several conversations per row is not done.
+are small), which is the caveat for very large ones.
+
+Packing (``pack_len`` = ``train.seq_len``): each conversation is shifted on its own first (its ``len - 1``
+input tokens and their labels, exactly the padded row), then the conversations are packed best-fit
+decreasing into windows of ``pack_len`` input tokens (:func:`pack_best_fit`), so no label ever crosses a
+conversation boundary. :func:`collate_packed` adds ``positions`` (restarting at 0 in each conversation, -1
+on padding) and ``document_ids`` (0, 1, ... per conversation in the row, -1 on padding); the model keeps
+attention inside each conversation with them, so a packed conversation's logits equal its logits alone.
+Each epoch packs the ``seed + epoch`` shuffle (equal lengths tie in that order) and shuffles the windows
+with the same seed: deterministic, and resumable from (epoch, windows drawn). The window shapes depend
+only on the multiset of lengths, so every epoch has the same number of windows. The last partial batch
+of windows of an epoch is left for the next epoch's shuffle, as unpacked examples are.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -261,38 +274,109 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "labels": labels}
 
 
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into windows of at most ``capacity``, best-fit decreasing: longest
+    first, each into the fullest window it still fits (a new window when none does). Equal lengths keep
+    their order in ``lengths``; within a window the indices are in packing order (longest first)."""
+    windows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, window index), sorted: the best fit is the first with room
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > capacity:
+            raise DataError(f"a conversation of {n + 1} tokens does not fit a packed window of {capacity} + 1; "
+                            "load the data with max_tokens = train.seq_len + 1")
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            windows.append([i])
+            room, window = capacity - n, len(windows) - 1
+        else:
+            room, window = free.pop(at)
+            windows[window].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, window))
+    return windows
+
+
+def collate_packed(windows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per window of conversations: input_ids, labels, positions, document_ids, each (B, T) with T the
+    fullest window's input tokens. Each conversation contributes its own shifted row (see :func:`collate`);
+    positions restart at 0 per conversation, document_ids count the conversations of the row; padding is
+    pad_id / -1 / -1 / -1."""
+    width = max(sum(len(e.ids) - 1 for e in window) for window in windows)
+    shape = (len(windows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, -1, dtype=torch.long)
+    positions = torch.full(shape, -1, dtype=torch.long)
+    document_ids = torch.full(shape, -1, dtype=torch.long)
+    for row, window in enumerate(windows):
+        start = 0
+        for document, e in enumerate(window):
+            n = len(e.ids) - 1
+            span = slice(start, start + n)
+            input_ids[row, span] = torch.tensor(e.ids[:-1])
+            labels[row, span] = torch.where(torch.tensor(e.mask[1:], dtype=torch.bool), torch.tensor(e.ids[1:]), -1)
+            positions[row, span] = torch.arange(n)
+            document_ids[row, span] = document
+            start += n
+    return {"input_ids": input_ids, "labels": labels, "positions": positions, "document_ids": document_ids}
+
+
 class InstructLoader:
-    """Padded batches of examples. ``shuffle``: endless, reshuffled each epoch (``seed + epoch``), resumable;
-    otherwise one pass in order per ``iter()`` (validation). Under DDP each rank takes its own slice."""
+    """Padded batches of examples, or with ``pack_len`` batches of packed windows of that many input tokens.
+    ``shuffle``: endless, reshuffled each epoch (``seed + epoch``), resumable; otherwise one pass in order
+    per ``iter()`` (validation). Under DDP each rank takes its own slice."""
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int = 0, pad_id: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        per_step = batch_size * world_size
-        if shuffle and len(examples) < per_step:
-            raise DataError(f"{len(examples)} training conversations is fewer than one batch "
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, pack_len: int | None = None):
+        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
+        self.shuffle, self.rank, self.world_size, self.pack_len = shuffle, rank, world_size, pack_len
+        self.epoch, self.position = 0, 0  # position: batches of this epoch already drawn
+        self._packed: tuple[int, list[list[int]]] | None = None  # (epoch, its windows), packed once per epoch
+        rows = len(self._units(0)) if shuffle else 0
+        if shuffle and rows < batch_size * world_size:
+            what = "packed windows" if pack_len else "training conversations"
+            raise DataError(f"{rows} {what} is fewer than one batch "
                             f"(train.batch_size={batch_size} x {world_size} process(es)); add data or lower "
                             "train.batch_size")
         if not shuffle and len(examples) < world_size:
             raise DataError(f"{len(examples)} held-out conversation(s) for {world_size} process(es): every process "
                             "needs one to validate on; raise sft.val_fraction or add data")
-        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
-        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
-        self.epoch, self.position = 0, 0  # position: batches of this epoch already drawn
+
+    def _units(self, epoch: int) -> list[list[int]]:
+        """The epoch's rows in draw order, each a list of example indices (one index when not packing)."""
+        order = list(range(len(self.examples)))
+        random.Random(self.seed + epoch).shuffle(order)
+        if not self.pack_len:
+            return [[i] for i in order]
+        if self._packed is None or self._packed[0] != epoch:
+            lengths = [len(self.examples[i].ids) - 1 for i in order]
+            windows = [[order[j] for j in window] for window in pack_best_fit(lengths, self.pack_len)]
+            random.Random(self.seed + epoch).shuffle(windows)
+            self._packed = (epoch, windows)
+        return self._packed[1]
+
+    def _collate(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
+        if self.pack_len:
+            return collate_packed(rows, self.pad_id)
+        return collate([row[0] for row in rows], self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         B, W = self.batch_size, self.world_size
         if not self.shuffle:
             mine = self.examples[self.rank::W]
-            for start in range(0, len(mine), B):
-                yield collate(mine[start:start + B], self.pad_id)
+            rows = [[mine[i] for i in window] for window in pack_best_fit([len(e.ids) - 1 for e in mine],
+                                                                          self.pack_len)] \
+                if self.pack_len else [[e] for e in mine]
+            for start in range(0, len(rows), B):
+                yield self._collate(rows[start:start + B])
             return
         while True:
-            order = list(range(len(self.examples)))
-            random.Random(self.seed + self.epoch).shuffle(order)
-            while self.position < len(order) // (B * W):
+            units = self._units(self.epoch)
+            while self.position < len(units) // (B * W):
                 first = (self.position * W + self.rank) * B
                 self.position += 1
-                yield collate([self.examples[i] for i in order[first:first + B]], self.pad_id)
+                yield self._collate([[self.examples[i] for i in unit] for unit in units[first:first + B]])
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:

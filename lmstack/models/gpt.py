@@ -23,12 +23,16 @@ GPT-2 (LayerNorm, GELU, learned positions, bias, tied embeddings).
 Initialisation: N(0, 0.02) for every matrix and embedding, residual output projections scaled by
 1/sqrt(2 * n_layer) (GPT-2), zero biases.
 
-``forward(idx, targets=None, positions=None, kv_cache=None, logits_to_keep=0, prefix_len=None)``; with
+``forward(idx, targets=None, positions=None, kv_cache=None, logits_to_keep=0, prefix_len=None,
+document_ids=None)``; with
 a KV cache the model speaks the protocol documented in models/layers.py, so the same module runs
 training, the simple ``generate`` loop and the batched engine. Every mask (window, prefix, ALiBi
 bias) is derived from query and key positions, so all variants work with any cache; the default
 config without cache or prefix keeps the mask-free causal SDPA fast path. With a cache, a
 bidirectional prefix must arrive in one forward call (its later tokens do not exist yet otherwise).
+Packed training rows (several sequences in one row, each with positions from 0) pass ``document_ids``
+(B, T) as well, so no token attends across a sequence boundary; that costs the fast path (an explicit
+mask) and is not available with a cache.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import torch.nn as nn
 
 from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, TransformerShape,
-                                   alibi_slopes, attention_bias, check_positions, count_params, default_positions,
+                                   alibi_slopes, attention_bias, check_document_ids, check_positions, count_params,
+                                   default_positions,
                                    init_weights, lm_loss, make_lm_head, make_norm, rope_cache,
                                    sinusoidal_embedding)
 
@@ -206,15 +211,17 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
-                return_hidden: bool = False, prefix_len: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_hidden: bool = False, prefix_len: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T', V), and the mean cross-entropy when targets are given.
 
         targets (B, T) use -1 for positions that do not count. positions (B, T) default to
         0..T-1 (or continue the cache). logits_to_keep > 0 computes the head for the last N
         positions only (prefill in generation needs just the last). prefix_len (B,) makes the
-        positions below it a bidirectional prefix (prefix LM); the rest stay causal.
+        positions below it a bidirectional prefix (prefix LM); the rest stay causal. document_ids (B, T)
+        keep attention inside each packed sequence (training only: not with a KV cache).
         """
+        check_document_ids(document_ids, idx, kv_cache)
         if positions is None:
             positions = default_positions(idx, kv_cache)  # (B, T)
         if self.config.position in ("rope", "learned"):  # the other encodings have no table to run past
@@ -233,7 +240,7 @@ class GPT(nn.Module):
             p = positions.clamp(min=0)
             rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, D) each
         key_positions = kv_cache.prepare(positions) if kv_cache is not None else None  # (B, S)
-        masks = self._layer_masks(positions, key_positions, prefix_len)
+        masks = self._layer_masks(positions, key_positions, prefix_len, document_ids)
         for block, mask in zip(self.blocks, masks):
             x = block(x, rope, mask, kv_cache)
         x = self.norm_f(x)
@@ -245,16 +252,18 @@ class GPT(nn.Module):
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
     def _layer_masks(self, positions: torch.Tensor, key_positions: torch.Tensor | None,
-                     prefix_len: torch.Tensor | None) -> list[torch.Tensor | None]:
+                     prefix_len: torch.Tensor | None, document_ids: torch.Tensor | None
+                     ) -> list[torch.Tensor | None]:
         """One attention mask per layer; layers with the same window share it. None = plain causal
-        attention over the T new tokens (no cache, no prefix, no bias), SDPA's fused kernel."""
+        attention over the T new tokens (no cache, no prefix, no bias, no packing), SDPA's fused kernel."""
         slopes = getattr(self, "alibi_slopes", None)
         by_window: dict[int, torch.Tensor | None] = {}
         for window in set(self.layer_windows):
-            if key_positions is None and prefix_len is None and slopes is None and window == 0:
+            if key_positions is None and prefix_len is None and slopes is None and document_ids is None \
+                    and window == 0:
                 by_window[window] = None
             else:
                 keys = positions if key_positions is None else key_positions
                 by_window[window] = attention_bias(positions, keys, window=window, prefix_len=prefix_len,
-                                                   slopes=slopes)
+                                                   slopes=slopes, document_ids=document_ids)
         return [by_window[w] for w in self.layer_windows]

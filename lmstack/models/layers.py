@@ -4,13 +4,14 @@ Only building blocks that more than one model family uses live here; each family
 (gpt.py, bert.py, t5.py, moe.py) assembles them top to bottom. Besides the layers, the families share
 their prelude and accounting from here, so the copies cannot drift: ``TransformerShape`` (resolved head,
 KV-head and MLP sizes), ``init_weights``, ``make_lm_head``, ``count_params``, ``default_positions``,
-``check_positions`` (with its CUDA-graph capture guard) and ``lm_loss``.
+``check_positions`` (with its CUDA-graph capture guard), ``check_document_ids`` and ``lm_loss``.
 
 Attention masks are built from *positions*, not from shapes. A query at position p may attend to a
 key at position q when ``0 <= q <= p`` (and ``p - q < window`` for sliding-window attention). Keys
 with position -1 are empty cache slots or padding and are never attended. Deriving masks from
 positions lets one code path serve plain training (no cache), a contiguous KV cache, and the
-engine's slotted cache shared by many sequences, with left padding or without.
+engine's slotted cache shared by many sequences, with left padding or without. Training rows that pack
+several sequences add ``document_ids`` (B, T): attention then also stays inside each sequence.
 
 The KV-cache protocol the models speak (duck-typed; implementations live in lmstack.engine):
 
@@ -216,6 +217,19 @@ def capturing_cuda_graph() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def check_document_ids(document_ids: torch.Tensor | None, idx: torch.Tensor, kv_cache) -> None:
+    """UserError when packed ``document_ids`` come with a KV cache (generation runs one sequence per row)
+    or do not match the tokens idx (B, T)."""
+    if document_ids is None:
+        return
+    if kv_cache is not None:
+        raise UserError("document_ids separate packed training sequences; they cannot be combined with a KV "
+                        "cache (generate with one sequence per row and no document_ids)")
+    if document_ids.shape != idx.shape:
+        raise UserError(f"document_ids has shape {tuple(document_ids.shape)}, the tokens {tuple(idx.shape)}; "
+                        "give one document id per token")
+
+
 def check_positions(positions: torch.Tensor, block_size: int) -> None:
     """UserError when a position is past the model's position table (``block_size`` entries).
 
@@ -241,7 +255,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- attention
 
 def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
-                   window: int | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                   window: int | None = None, prefix_len: torch.Tensor | None = None,
+                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask (B, 1, T, S): True where query t may attend to key s.
 
     query_positions (B, T), key_positions (B, S); -1 marks padding / empty slots. A padded query
@@ -249,6 +264,9 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     discarded anyway). ``window`` > 0 bands the causal part (a query sees the last ``window``
     positions, itself included). ``prefix_len`` (B,) makes positions < prefix_len attend to each
     other in both directions (prefix LM, U-PaLM / GLM); the prefix ignores the window.
+    ``document_ids`` (B, T) separates sequences packed into one row (queries and keys are then the
+    same T tokens, no cache): a query attends only to keys of its own document. Positions alone
+    cannot do this, as every packed document restarts at position 0.
     """
     q = query_positions[:, :, None]  # (B, T, 1)
     k = key_positions[:, None, :]  # (B, 1, S)
@@ -258,6 +276,11 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     if prefix_len is not None:
         bound = prefix_len.to(q.device).view(-1, 1, 1)  # (B, 1, 1)
         allowed |= (q < bound) & (k < bound)
+    if document_ids is not None:
+        if document_ids.shape != query_positions.shape or query_positions.shape != key_positions.shape:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} must match the query and key positions "
+                             f"{tuple(query_positions.shape)}, {tuple(key_positions.shape)} (no KV cache)")
+        allowed &= document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
     allowed &= k >= 0
     allowed |= (q < 0)
     return allowed[:, None]  # (B, 1, T, S)
@@ -291,10 +314,11 @@ def alibi_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, slope
 
 
 def attention_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, *, window: int = 0,
-                   prefix_len: torch.Tensor | None = None, slopes: torch.Tensor | None = None) -> torch.Tensor:
+                   prefix_len: torch.Tensor | None = None, slopes: torch.Tensor | None = None,
+                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The mask for one attention call: boolean (B, 1, T, S), or with ALiBi ``slopes`` a float
     bias (B, H, T, S) that is -inf where attention is not allowed."""
-    allowed = attention_mask(query_positions, key_positions, window, prefix_len)
+    allowed = attention_mask(query_positions, key_positions, window, prefix_len, document_ids)
     if slopes is None:
         return allowed
     return alibi_bias(query_positions, key_positions, slopes).masked_fill(~allowed, float("-inf"))

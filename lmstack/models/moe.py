@@ -28,6 +28,7 @@ fraction, per-expert share of the kept assignments).
 The pieces that are the same as in gpt.py come from models/layers.py, so they cannot drift apart: the
 position-limit check (skipped while a CUDA graph is being captured), the loss, the embedding / tied head /
 init prelude and the parameter count. The KV-cache protocol is the one in models/layers.py.
+Packed training rows pass ``document_ids`` (B, T) to keep attention inside each sequence.
 
 Caveats: experts run one after another on gathered tokens (index_select / index_add), which is
 clear and cheap at toy scale but not the grouped-GEMM kernels large MoE systems use; there is no
@@ -50,8 +51,8 @@ import torch.nn.functional as F
 
 from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, TransformerShape, attention_mask,
-                                   check_positions, count_params, default_positions, init_weights, lm_loss,
-                                   make_lm_head, make_norm, rope_cache)
+                                   check_document_ids, check_positions, count_params, default_positions,
+                                   init_weights, lm_loss, make_lm_head, make_norm, rope_cache)
 
 
 @dataclass
@@ -232,13 +233,15 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
-                return_hidden: bool = False, return_aux: bool = False
+                return_hidden: bool = False, return_aux: bool = False, document_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
         """idx (B, T) -> (logits (B, T', V), lm_loss | None), plus ``aux`` when return_aux.
 
         The returned loss is the plain cross-entropy (comparable with dense models); the
         auxiliary losses are in ``aux["loss"]`` and the objective adds them while training.
+        document_ids (B, T) keep attention inside each sequence of a packed row (not with a KV cache).
         """
+        check_document_ids(document_ids, idx, kv_cache)
         if positions is None:
             positions = default_positions(idx, kv_cache)  # (B, T)
         check_positions(positions, self.config.block_size)
@@ -248,6 +251,8 @@ class MoE(nn.Module):
         mask = None  # plain causal: SDPA's fused kernel
         if kv_cache is not None:
             mask = attention_mask(positions, kv_cache.prepare(positions))  # (B, 1, T, S)
+        elif document_ids is not None:
+            mask = attention_mask(positions, positions, document_ids=document_ids)  # (B, 1, T, T)
         layer_stats = []
         for block in self.blocks:
             x, stats = block(x, rope, mask, kv_cache)
