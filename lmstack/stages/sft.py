@@ -104,9 +104,7 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
             print(f"skipped {problem}", file=sys.stderr)
     source_weights, source_path = model_state(source.model), source.path
     del source  # the weights stay (in source_weights) until build() has loaded them into the model it trains
-    objective = moe_lm if family_of(cfg.model).objective == "moe_lm" else causal_lm
-    if cfg.sft.packing:
-        objective = packed_objective(moe=objective is moe_lm)
+    objective = moe_lm if family_of(cfg.model).objective == "moe_lm" else causal_lm  # both read packed layouts
     lora_cfg = LoRAConfig(**dataclasses.asdict(cfg.lora)) if cfg.lora is not None else None
     trained: dict[str, Any] = {}  # what build() made for this process, for the adapter written at the end
 
@@ -144,25 +142,6 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
             _write_adapter_and_merged(trained["model"], lora_cfg, Path(out_dir), source_path, tokenizer)
         write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
-
-
-def packed_objective(moe: bool):
-    """The objective for packed batches (``sft.packing``): the causal (``moe``: mixture-of-experts) LM loss,
-    as train/losses.py computes it, with the batch's ``positions`` and ``document_ids`` handed to the model so
-    that no conversation attends to another. A batch without them (validation stays padded) runs as usual."""
-    from lmstack.models.moe import routing_metrics
-    from lmstack.train.losses import Objective, real_tokens
-
-    def objective(model: Any, batch: dict) -> tuple[Any, dict[str, float]]:
-        layout = {key: batch[key] for key in ("positions", "document_ids") if key in batch}
-        if not moe:
-            _, loss = model(batch["input_ids"], batch["labels"], **layout)
-            return loss, {"tokens": real_tokens(batch)}
-        _, lm_loss, aux = model(batch["input_ids"], batch["labels"], return_aux=True, **layout)
-        metrics = {"lm_loss": float(lm_loss.detach()), **routing_metrics(aux["stats"]), "tokens": real_tokens(batch)}
-        return (lm_loss + aux["loss"] if model.training else lm_loss), metrics
-
-    return Objective(objective)
 
 
 def _names_lora(file_overrides: dict[str, Any], overrides: list[str]) -> bool:

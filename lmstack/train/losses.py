@@ -62,10 +62,17 @@ def real_tokens(batch: Batch) -> int:
     return int((batch["labels"] != -1).sum())
 
 
+
+def packed_layout(batch: Batch) -> dict[str, torch.Tensor]:
+    """The ``positions`` / ``document_ids`` of a packed batch (lmstack.data.instruct), empty otherwise."""
+    return {key: batch[key] for key in ("positions", "document_ids") if key in batch}
+
 @Objective
 def causal_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token prediction. input_ids, labels: (B, T), labels = input_ids shifted left by one; -1 is ignored."""
-    _, loss = model(batch["input_ids"], batch["labels"])
+    """Next-token prediction. input_ids, labels: (B, T), labels = input_ids shifted left by one; -1 is ignored.
+    A packed batch also carries ``positions`` and ``document_ids`` (B, T), handed to the model so that no
+    packed conversation attends to another."""
+    _, loss = model(batch["input_ids"], batch["labels"], **packed_layout(batch))
     return loss, {"tokens": real_tokens(batch)}
 
 
@@ -97,7 +104,7 @@ def moe_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, floa
     """Next-token prediction for mixture-of-experts models plus their auxiliary router losses
     (load balancing, z-loss) while training; validation returns the plain LM loss so it compares
     with dense models. Metrics: lm_loss and the routing statistics of models/moe.py."""
-    _, lm_loss, aux = model(batch["input_ids"], batch["labels"], return_aux=True)
+    _, lm_loss, aux = model(batch["input_ids"], batch["labels"], return_aux=True, **packed_layout(batch))
     metrics = {"lm_loss": float(lm_loss.detach()), **routing_metrics(aux["stats"]), "tokens": real_tokens(batch)}
     return (lm_loss + aux["loss"] if model.training else lm_loss), metrics
 
