@@ -24,7 +24,7 @@ from lmstack.cli.generate import add_chat, add_embed, add_generate
 from lmstack.cli.interop import add_export, add_import, add_models
 from lmstack.cli.serve import add_serve
 from lmstack.cli.tokenizer import add_tokenizer
-from lmstack.cli.train import add_pretrain, add_sft, add_speedrun
+from lmstack.cli.train import add_pretrain, add_self_instruct, add_sft, add_speedrun
 from lmstack.errors import LmstackError, UserError
 
 __all__ = ["main", "build_parser", "REGISTRARS", "UserError"]
@@ -35,6 +35,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_tokenizer,
     add_pretrain,
     add_sft,
+    add_self_instruct,
     add_generate,
     add_chat,
     add_serve,

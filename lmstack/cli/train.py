@@ -1,10 +1,12 @@
-"""`lmstack speedrun`, `lmstack pretrain` and `lmstack sft`: the verbs that train a model (lmstack.stages)."""
+"""`lmstack speedrun`, `lmstack pretrain`, `lmstack sft` and `lmstack self-instruct` (which writes sft data):
+the verbs that train a model (lmstack.stages)."""
 
 from __future__ import annotations
 
 import argparse
 
-from lmstack.cli.common import add_run_config_args, positive_float, positive_int, verb_parser
+from lmstack.cli.common import (add_run_config_args, device, non_negative_float, non_negative_int, open_unit_interval,
+                                positive_float, positive_int, unit_interval, verb_parser)
 
 
 def add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +50,45 @@ def add_sft(sub: argparse._SubParsersAction) -> None:
 
         sft(model=args.model, data=args.data, out_dir=args.out, preset=args.preset, config_file=args.config,
             overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, lora=args.lora)
+
+    parser.set_defaults(func=run)
+
+
+def add_self_instruct(sub: argparse._SubParsersAction) -> None:
+    parser = verb_parser(sub, "self-instruct", "a model writes its own instruction data (for sft)",
+                         "Self-Instruct: prompt the model with tasks drawn from the seed set and the tasks kept so far to\n"
+                         "write new instructions, then their answers; keep those that pass the filters (empty, length,\n"
+                         "repetition, exact duplicate, ROUGE-L similarity to every kept instruction). Writes\n"
+                         "{messages, provenance} JSONL that `lmstack sft --data` reads, and prints a summary.")
+    parser.add_argument("--model", required=True, help="checkpoint that writes the tasks (with its tokenizer)")
+    parser.add_argument("--seed-tasks", default=None, metavar="FILE",
+                        help="JSONL of {instruction, input, output} demonstrations (default: the shipped set)")
+    parser.add_argument("--out", required=True, help="JSONL file to write")
+    parser.add_argument("--n", type=positive_int, required=True, help="tasks to keep")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of demonstrations and sampling")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation round")
+    parser.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per generated instruction or answer")
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=open_unit_interval, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--num-demos", type=positive_int, default=8, help="demonstrations per prompt")
+    parser.add_argument("--max-rouge", type=unit_interval, default=0.7,
+                        help="reject an instruction whose ROUGE-L to a kept one is at least this")
+    parser.add_argument("--max-rounds", type=positive_int, default=None,
+                        help="stop after this many rounds even if fewer than --n were kept (default: 10x the rounds "
+                             "--n needs)")
+    parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N or auto")
+
+    def run(args: argparse.Namespace) -> None:
+        import json
+
+        from lmstack.stages.self_instruct import Limits, self_instruct
+
+        summary = self_instruct(args.model, args.out, args.n, seed_tasks=args.seed_tasks, seed=args.seed,
+                                batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                temperature=args.temperature, top_p=args.top_p, num_demos=args.num_demos,
+                                max_rounds=args.max_rounds, limits=Limits(max_rouge=args.max_rouge),
+                                device=args.device)
+        print(json.dumps(summary, indent=2))
 
     parser.set_defaults(func=run)
 
