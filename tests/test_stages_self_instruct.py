@@ -3,7 +3,6 @@ up, seeded runs repeat, and the CLI's errors are one line."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +10,23 @@ import torch
 from lmstack.cli import main
 from lmstack.data.instruct import load_instruct
 from lmstack.errors import DataError, UserError
-from lmstack.stages.self_instruct import (FILTERS, Limits, Similarity, is_repetitive, load_seed_tasks, parse_instance,
-                                          rejection, self_instruct)
+from lmstack.stages.self_instruct import (
+    FILTERS,
+    Limits,
+    Similarity,
+    is_repetitive,
+    load_seed_tasks,
+    parse_instance,
+    rejection,
+    self_instruct,
+)
 
 POOL = ["Classify the sentiment of this review as positive or negative.", "List three fruits that are red."]
 
 
-def _reason(instruction, output="a fine answer", pool=POOL, limits=Limits()):
+def _reason(instruction, output="a fine answer", pool=POOL, limits=None):
     seen = {" ".join(p.lower().split()) for p in pool}
-    return rejection(instruction, output, pool, seen, Similarity(), limits)[0]
+    return rejection(instruction, output, pool, seen, Similarity(), limits or Limits())[0]
 
 
 def test_filters_reject_each_kind_and_pass_a_new_task():

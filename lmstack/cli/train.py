@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from lmstack.cli.common import (add_run_config_args, device, non_negative_float, non_negative_int, open_unit_interval,
-                                positive_float, positive_int, unit_interval, verb_parser)
+from lmstack.cli.common import (
+    add_run_config_args,
+    device,
+    non_negative_float,
+    non_negative_int,
+    open_unit_interval,
+    positive_float,
+    positive_int,
+    unit_interval,
+    verb_parser,
+)
 
 
 def add_pretrain(sub: argparse._SubParsersAction) -> None:

@@ -259,10 +259,9 @@ def self_instruct(model: str, out: str | Path, n: int, *, seed_tasks: str | Path
             outs = engine.generate([fit(instruction_prompt, d) for d in demos],
                                    [params(rounds, i, ["\n"]) for i in range(batch_size)])
             instructions = [first_line(o.outputs[0].text) for o in outs]
-            answer_demos = [[d for d in ds if d.output] for ds in demos]
             asked = [i for i, text in enumerate(instructions) if text]
             answers = engine.generate(
-                [fit(lambda ds, text=instructions[i]: answer_prompt(ds, text), answer_demos[i]) for i in asked],
+                [fit(lambda ds, text=instructions[i]: answer_prompt(ds, text), demos[i]) for i in asked],
                 [params(rounds, batch_size + i, [_SEPARATOR]) for i in asked]) if asked else []
             instances = dict(zip(asked, (parse_instance(a.outputs[0].text) for a in answers)))
             for i, instruction in enumerate(instructions):
