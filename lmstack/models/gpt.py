@@ -46,8 +46,8 @@ from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, TransformerShape,
                                    alibi_slopes, attention_bias, check_document_ids, check_positions, count_params,
                                    default_positions,
-                                   init_weights, lm_loss, make_lm_head, make_norm, rope_cache,
-                                   sinusoidal_embedding)
+                                   init_weights, lm_loss, make_lm_head, make_norm, prefix_embedding_positions,
+                                   rope_cache, sinusoidal_embedding)
 
 GPT_POSITIONS = POSITIONS + ("alibi",)
 
@@ -212,7 +212,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
                 return_hidden: bool = False, prefix_len: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                document_ids: torch.Tensor | None = None, prefix_embeddings: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T', V), and the mean cross-entropy when targets are given.
 
         targets (B, T) use -1 for positions that do not count. positions (B, T) default to
@@ -220,13 +221,21 @@ class GPT(nn.Module):
         positions only (prefill in generation needs just the last). prefix_len (B,) makes the
         positions below it a bidirectional prefix (prefix LM); the rest stay causal. document_ids (B, T)
         keep attention inside each packed sequence (training only: not with a KV cache).
+        prefix_embeddings (1 or B, P, C) are input vectors placed before the tokens (prompt tuning): they take
+        positions 0..P-1 and the tokens P..P+T-1, and the logits, hidden states and loss cover the T tokens only.
         """
         check_document_ids(document_ids, idx, kv_cache)
-        if positions is None:
+        if prefix_embeddings is not None:
+            positions = prefix_embedding_positions(prefix_embeddings, idx, self.config.n_embd, positions=positions,
+                                                   kv_cache=kv_cache, document_ids=document_ids,
+                                                   prefix_len=prefix_len)  # (B, P + T)
+        elif positions is None:
             positions = default_positions(idx, kv_cache)  # (B, T)
         if self.config.position in ("rope", "learned"):  # the other encodings have no table to run past
             check_positions(positions, self.config.block_size)
         x = self.tok_emb(idx)  # (B, T, C)
+        if prefix_embeddings is not None:
+            x = torch.cat([prefix_embeddings.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, P + T, C)
         if self.config.position == "learned":
             x = x + self.pos_emb(positions.clamp(min=0))
         elif self.config.position == "sinusoidal":
@@ -244,6 +253,8 @@ class GPT(nn.Module):
         for block, mask in zip(self.blocks, masks):
             x = block(x, rope, mask, kv_cache)
         x = self.norm_f(x)
+        if prefix_embeddings is not None:
+            x = x[:, prefix_embeddings.shape[1]:]  # (B, T, C): the virtual positions predict nothing
         if return_hidden:
             return x, None
         if logits_to_keep > 0:

@@ -230,6 +230,23 @@ def check_document_ids(document_ids: torch.Tensor | None, idx: torch.Tensor, kv_
                         "give one document id per token")
 
 
+def prefix_embedding_positions(prefix_embeddings: torch.Tensor, idx: torch.Tensor, n_embd: int, *,
+                               positions: torch.Tensor | None, kv_cache, document_ids: torch.Tensor | None,
+                               prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (B, P + T), 0..P+T-1, for P input vectors (B or 1, P, C) placed before the tokens idx (B, T).
+
+    Prompt tuning (models/peft.py) feeds its trainable virtual tokens this way. It is a whole-sequence forward,
+    so a KV cache, explicit positions, a prefix_len or document_ids are refused (ConfigError)."""
+    B, T = idx.shape
+    if prefix_embeddings.dim() != 3 or prefix_embeddings.shape[0] not in (1, B) or prefix_embeddings.shape[2] != n_embd:
+        raise ConfigError(f"prefix_embeddings of shape {tuple(prefix_embeddings.shape)} do not fit a batch of {B} "
+                          f"and width {n_embd}: expected (1 or {B}, P, {n_embd})")
+    if positions is not None or kv_cache is not None or prefix_len is not None or document_ids is not None:
+        raise ConfigError("prefix_embeddings run a whole sequence at once: they cannot be combined with positions, "
+                          "a KV cache, prefix_len or document_ids")
+    return torch.arange(prefix_embeddings.shape[1] + T, device=idx.device).expand(B, -1)
+
+
 def check_positions(positions: torch.Tensor, block_size: int) -> None:
     """UserError when a position is past the model's position table (``block_size`` entries).
 

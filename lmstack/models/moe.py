@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, TransformerShape, attention_mask,
                                    check_document_ids, check_positions, count_params, default_positions,
-                                   init_weights, lm_loss, make_lm_head, make_norm, rope_cache)
+                                   init_weights, lm_loss, make_lm_head, make_norm, prefix_embedding_positions,
+                                   rope_cache)
 
 
 @dataclass
@@ -233,19 +234,27 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
-                return_hidden: bool = False, return_aux: bool = False, document_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
+                return_hidden: bool = False, return_aux: bool = False, document_ids: torch.Tensor | None = None,
+                prefix_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
         """idx (B, T) -> (logits (B, T', V), lm_loss | None), plus ``aux`` when return_aux.
 
         The returned loss is the plain cross-entropy (comparable with dense models); the
         auxiliary losses are in ``aux["loss"]`` and the objective adds them while training.
         document_ids (B, T) keep attention inside each sequence of a packed row (not with a KV cache).
+        prefix_embeddings (1 or B, P, C) go before the tokens as in GPT.forward (prompt tuning); the router sees
+        them too, and the logits and loss cover the T tokens only.
         """
         check_document_ids(document_ids, idx, kv_cache)
-        if positions is None:
+        if prefix_embeddings is not None:
+            positions = prefix_embedding_positions(prefix_embeddings, idx, self.config.n_embd, positions=positions,
+                                                   kv_cache=kv_cache, document_ids=document_ids)  # (B, P + T)
+        elif positions is None:
             positions = default_positions(idx, kv_cache)  # (B, T)
         check_positions(positions, self.config.block_size)
-        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if prefix_embeddings is not None:
+            x = torch.cat([prefix_embeddings.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, P + T, C)
+        x = self.drop(x)
         p = positions.clamp(min=0)
         rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])  # (B, 1, T, D) each
         mask = None  # plain causal: SDPA's fused kernel
@@ -259,6 +268,8 @@ class MoE(nn.Module):
             if stats is not None:
                 layer_stats.append(stats)
         x = self.norm_f(x)
+        if prefix_embeddings is not None:
+            x = x[:, prefix_embeddings.shape[1]:]  # (B, T, C): the virtual positions predict nothing
         if return_hidden:
             return x, None
         if logits_to_keep > 0:

@@ -1,4 +1,6 @@
-"""LoRA adapters for any model family: wrap chosen linear layers, train only the low-rank factors, merge.
+"""Parameter-efficient fine-tuning: LoRA adapters for any model family, and prompt tuning for decoders.
+
+LoRA: wrap chosen linear layers, train only the low-rank factors, merge.
 
     cfg = LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
     wrapped = apply_lora(model, cfg)          # names of the wrapped nn.Linear modules; base frozen
@@ -29,13 +31,36 @@ matrix with the token embedding, so merging an adapter on it changes the embeddi
 peft with tied weights). Save a checkpoint only after :func:`merge_lora`: the wrapped model's state
 dict carries the factor tensors that a plain model of the family does not have. Merging in low precision
 rounds: the sum is formed in fp32 and cast back once, but a bf16 weight still keeps only bf16's digits.
+
+Prompt tuning (Lester et al., 2021): N trainable "virtual token" vectors go before every input of a decoder
+whose weights stay frozen.
+
+    tuned = apply_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=8, init="text",
+                                                          init_text="Answer the question:"), tokenizer)
+    logits, loss = tuned(idx, targets)        # same contract as the model; only tuned.prompt trains
+    state = prompt_tuning_state_dict(tuned)   # {"prompt_embeddings": (N, C)}
+    generate(tuned, prompt_ids, use_kv_cache=False)   # lmstack.engine.generate, recomputing each step
+
+The wrapper hands the vectors to the model's ``prefix_embeddings`` argument (gpt and moe families): they
+take positions 0..N-1 and the real tokens N..N+T-1, exactly as if N extra tokens had been typed first, so
+a prompt initialised from a text's token embeddings behaves like that text. Logits and loss cover the real
+tokens only (the virtual positions have no targets). ``tuned.config`` is the base config with
+``block_size`` reduced by N, the context left for real tokens. The vectors are stored in fp32 and cast to
+the model's dtype in the forward pass. Initialisation: ``random`` draws N(0, s) with s the standard
+deviation of the token-embedding matrix; ``vocab`` copies the embeddings of N random vocabulary ids
+(uniform over the whole vocabulary, not the paper's most frequent 5,000); ``text`` copies the embeddings of
+the tokenized ``init_text``, repeated or cut to N. Caveats: no KV cache (generation recomputes the whole
+sequence each step, so it is slow for long outputs), no packed rows, explicit positions or prefix-LM
+``prefix_len``; prefix tuning (per-layer key / value prefixes) is not implemented.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -211,3 +236,107 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters that require grad, all parameters); a tied matrix counts once."""
     unique = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+# ---------------------------------------------------------------------------------------------- prompt tuning
+PROMPT_INITS = ("random", "vocab", "text")
+PROMPT_KEY = "prompt_embeddings"
+
+
+class TextEncoder(Protocol):
+    """What ``init="text"`` needs of a tokenizer (lmstack.tokenizer.Tokenizer has it)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20
+    init: str = "random"  # random | vocab | text
+    init_text: str | None = None  # the text whose token embeddings start the prompt (init="text")
+    seed: int = 0  # for the random and vocab initialisations
+
+    def validate(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ConfigError(f"prompt_tuning.num_virtual_tokens={self.num_virtual_tokens!r} must be an integer >= 1 "
+                              "(e.g. 20)")
+        if self.init not in PROMPT_INITS:
+            raise ConfigError(f"prompt_tuning.init={self.init!r}: choose one of {PROMPT_INITS}")
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("prompt_tuning.init=text needs prompt_tuning.init_text (e.g. 'Classify the sentiment:')")
+
+
+class PromptTuned(nn.Module):
+    """A frozen decoder with N trainable input vectors ``prompt`` (N, C) before every sequence.
+
+    ``forward(idx, targets=None, **kw)`` keeps the model's contract (logits (B, T', V) for the real tokens
+    and their loss); ``kv_cache`` must be None."""
+
+    def __init__(self, base: nn.Module, prompt: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.prompt = nn.Parameter(prompt.detach().float().clone())  # (N, C)
+        self.num_virtual_tokens = prompt.shape[0]
+        self.config = replace(base.config, block_size=base.config.block_size - self.num_virtual_tokens)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None, **kw):
+        if kv_cache is not None:
+            raise ConfigError("a prompt-tuned model runs without a KV cache; generate with use_kv_cache=False")
+        return self.base(idx, targets, prefix_embeddings=self.prompt[None], **kw)
+
+
+def _initial_prompt(model: nn.Module, cfg: PromptTuningConfig, tokenizer: TextEncoder | None) -> torch.Tensor:
+    """(N, C) starting vectors, detached copies of (or drawn to match) the token embeddings."""
+    table = model.tok_emb.weight.detach()  # (V, C)
+    n = cfg.num_virtual_tokens
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init == "random":
+        return torch.randn(n, table.shape[1], generator=generator) * table.float().std().item()
+    if cfg.init == "vocab":
+        ids = torch.randint(0, table.shape[0], (n,), generator=generator)
+    else:
+        if tokenizer is None:
+            raise ConfigError("prompt_tuning.init=text needs the model's tokenizer: apply_prompt_tuning(model, cfg, "
+                              "tokenizer)")
+        text_ids = list(tokenizer.encode(cfg.init_text))
+        if not text_ids:
+            raise ConfigError(f"prompt_tuning.init_text={cfg.init_text!r} encodes to no tokens; give a longer text")
+        ids = torch.tensor((text_ids * (n // len(text_ids) + 1))[:n])  # repeated, then cut to N
+    return table[ids.to(table.device)].float().cpu()
+
+
+def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig,
+                        tokenizer: TextEncoder | None = None) -> PromptTuned:
+    """Freeze ``model`` and wrap it with ``cfg.num_virtual_tokens`` trainable virtual tokens (see the module
+    docstring). ConfigError (one line) for a model without ``prefix_embeddings`` support (encoders,
+    encoder-decoders), a prompt that leaves no context, or a bad config."""
+    cfg.validate()
+    if isinstance(model, PromptTuned):
+        raise ConfigError("the model is already prompt-tuned; use its .base to start over")
+    if "prefix_embeddings" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"prompt tuning needs a decoder that takes prefix_embeddings (gpt or moe families); "
+                          f"{type(model).__name__} does not")
+    if cfg.num_virtual_tokens >= model.config.block_size:
+        raise ConfigError(f"prompt_tuning.num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in the model's "
+                          f"context of {model.config.block_size} tokens")
+    prompt = _initial_prompt(model, cfg, tokenizer)
+    model.requires_grad_(False)
+    return PromptTuned(model, prompt).to(model.tok_emb.weight.device)
+
+
+def prompt_tuning_state_dict(model: PromptTuned) -> dict[str, torch.Tensor]:
+    """The virtual tokens only: ``{"prompt_embeddings": (N, C)}``."""
+    return {PROMPT_KEY: model.prompt.detach()}
+
+
+def load_prompt_tuning_state_dict(model: PromptTuned, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved virtual tokens into a wrapper of the same size; ConversionError (one line) on a mismatch."""
+    if set(state) != {PROMPT_KEY}:
+        raise ConversionError(f"a prompt-tuning state holds exactly {PROMPT_KEY!r}, this one has {sorted(state)[:3]}")
+    tensor = state[PROMPT_KEY]
+    if tuple(tensor.shape) != tuple(model.prompt.shape):
+        raise ConversionError(f"the saved prompt is {tuple(tensor.shape)} (virtual tokens, width) but this model's is "
+                              f"{tuple(model.prompt.shape)}; apply_prompt_tuning with the same num_virtual_tokens "
+                              "on the same base model")
+    with torch.no_grad():
+        model.prompt.copy_(tensor.to(device=model.prompt.device, dtype=model.prompt.dtype))
