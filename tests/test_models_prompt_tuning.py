@@ -1,7 +1,8 @@
-"""Prompt tuning (lmstack.models.peft) and the ``prefix_embeddings`` hook of the gpt and moe forwards.
+"""Prompt and prefix tuning (lmstack.models.peft) and the ``prefix_embeddings`` hook of the gpt and moe forwards.
 
-The strongest check is an equivalence: a prompt holding the token embeddings of some ids must give the real
-tokens the same logits as typing those ids first, for both families."""
+The strongest checks are equivalences: a prompt holding the token embeddings of some ids, and a fresh prefix
+initialised from some ids, must give the real tokens the same logits as typing those ids first, for both
+families."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from lmstack.models import build_model
 from lmstack.models.bert import BertConfig
 from lmstack.models.gpt import GPTConfig
 from lmstack.models.moe import MoEConfig
-from lmstack.models.peft import (PromptTuned, PromptTuningConfig, apply_prompt_tuning,
-                                 load_prompt_tuning_state_dict, prompt_tuning_state_dict, trainable_parameters)
+from lmstack.models.peft import (PrefixTuned, PrefixTuningConfig, PromptTuned, PromptTuningConfig,
+                                 apply_prefix_tuning, apply_prompt_tuning, load_prefix_tuning_state_dict,
+                                 load_prompt_tuning_state_dict, prefix_tuning_state_dict, prompt_tuning_state_dict,
+                                 trainable_parameters)
 from lmstack.tokenizer import Tokenizer
 
 SHAPE = {"vocab_size": 300, "block_size": 48, "n_layer": 2, "n_head": 4, "n_embd": 32}
@@ -151,7 +154,7 @@ def test_refusals_are_one_line_config_errors():
         apply_prompt_tuning(bert, PromptTuningConfig(num_virtual_tokens=2))
     tuned = apply_prompt_tuning(tiny(), PromptTuningConfig(num_virtual_tokens=2))
     assert isinstance(tuned, PromptTuned)
-    with pytest.raises(ConfigError, match="already prompt-tuned"):
+    with pytest.raises(ConfigError, match="already wrapped by PromptTuned"):
         apply_prompt_tuning(tuned, PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ConfigError, match="no room"):
         apply_prompt_tuning(tiny(), PromptTuningConfig(num_virtual_tokens=48))
@@ -159,3 +162,62 @@ def test_refusals_are_one_line_config_errors():
         apply_prompt_tuning(tiny(), PromptTuningConfig(num_virtual_tokens=2, init="text"))
     with pytest.raises(ConfigError, match="tokenizer"):
         apply_prompt_tuning(tiny(), PromptTuningConfig(num_virtual_tokens=2, init="text", init_text="hi"))
+
+
+# ---------------------------------------------------------------------------------------------- prefix tuning
+@pytest.mark.parametrize("family, overrides", [("gpt", {}), ("gpt", {"position": "learned", "n_kv_head": 2}),
+                                               ("moe", {})])
+def test_a_fresh_prefix_acts_like_typing_its_init_tokens(family, overrides):
+    model = tiny(family, **overrides)
+    tuned = apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=3, seed=2))
+    lead = torch.randint(0, 300, (3,), generator=torch.Generator().manual_seed(2))  # the ids "vocab" init draws
+    with torch.no_grad():
+        typed = model(torch.cat([lead.expand(2, -1), IDS], dim=1))[0][:, 3:]  # (B, T, V)
+        prefixed = tuned(IDS)[0]
+    torch.testing.assert_close(prefixed, typed, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuning_trains_only_the_prefixes_and_lowers_the_loss():
+    model = tiny(init_std=0.3)
+    tuned = apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=4))
+    cfg = model.config
+    assert tuned.prefix_keys.shape == (cfg.n_layer, cfg.kv_heads, 4, cfg.dim_per_head)
+    assert trainable_parameters(tuned)[0] == 2 * tuned.prefix_keys.numel()
+    idx = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(1))
+    targets = torch.full_like(idx, 7)
+    optimizer = torch.optim.Adam([tuned.prefix_keys, tuned.prefix_values], lr=0.1)
+    losses = []
+    for _ in range(20):
+        _, loss = tuned.train()(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.grad is None for p in model.parameters())
+    assert losses[-1] < 0.75 * losses[0]
+
+
+def test_prefix_text_init_state_round_trip_generation_and_refusals():
+    tokenizer = Tokenizer.train(["the cat sat on the mat", "a quick brown fox"] * 30, vocab_size=300)
+    cfg = PrefixTuningConfig(num_virtual_tokens=4, init="text", init_text="the cat")
+    source = apply_prefix_tuning(tiny(), cfg, tokenizer)
+    with torch.no_grad():
+        source.prefix_values.mul_(2.0)
+    target = apply_prefix_tuning(tiny(), PrefixTuningConfig(num_virtual_tokens=4))
+    load_prefix_tuning_state_dict(target, prefix_tuning_state_dict(source))
+    with torch.no_grad():
+        assert torch.equal(target(IDS)[0], source(IDS)[0])
+    out = generate(target, [4, 8, 15], use_kv_cache=False)
+    assert 0 < len(out) <= target.config.block_size - 3 and target.config.block_size == SHAPE["block_size"] - 4
+    with pytest.raises(ConversionError) as err:
+        load_prefix_tuning_state_dict(apply_prefix_tuning(tiny(), PrefixTuningConfig(num_virtual_tokens=2)),
+                                      prefix_tuning_state_dict(source))
+    assert "\n" not in str(err.value) and "prefix_keys" in str(err.value)
+    with pytest.raises(ConfigError, match="use_kv_cache=False"):
+        generate(target, [4, 8, 15])
+    with pytest.raises(ConfigError, match="positions"):
+        target(IDS, positions=torch.arange(10).expand(2, -1))
+    with pytest.raises(ConfigError, match="prefix_tuning.init"):
+        apply_prefix_tuning(tiny(), PrefixTuningConfig(num_virtual_tokens=2, init="random"))
+    with pytest.raises(ConfigError, match="already wrapped"):
+        apply_prefix_tuning(target, PrefixTuningConfig(num_virtual_tokens=2))

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning: LoRA adapters for any model family, and prompt tuning for decoders.
+"""Parameter-efficient fine-tuning: LoRA adapters for any model family; prompt and prefix tuning for decoders.
 
 LoRA: wrap chosen linear layers, train only the low-rank factors, merge.
 
@@ -51,7 +51,21 @@ deviation of the token-embedding matrix; ``vocab`` copies the embeddings of N ra
 (uniform over the whole vocabulary, not the paper's most frequent 5,000); ``text`` copies the embeddings of
 the tokenized ``init_text``, repeated or cut to N. Caveats: no KV cache (generation recomputes the whole
 sequence each step, so it is slow for long outputs), no packed rows, explicit positions or prefix-LM
-``prefix_len``; prefix tuning (per-layer key / value prefixes) is not implemented.
+``prefix_len``.
+
+Prefix tuning (Li & Liang, 2021): every attention layer also attends to N trainable key and value vectors
+per KV head, ``prefix_keys`` / ``prefix_values`` (L, H_kv, N, D), the base frozen.
+
+    tuned = apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=8))   # init: vocab | text
+    state = prefix_tuning_state_dict(tuned)   # {"prefix_keys": ..., "prefix_values": ...}
+
+The prefixes reach the model through the KV-cache protocol of models/layers.py (a cache that holds them at
+positions 0..N-1, the real tokens following at N..N+T-1), so no model code knows about them. They start as
+the keys and values the frozen model computes for N vocabulary ids or for the init text, so a fresh prefix
+acts exactly like typing those tokens (the paper found initialising from real words' activations more
+stable). The keys are trained after the rotary encoding, free vectors as in the paper; there is no MLP
+reparameterisation. Caveats as for prompt tuning (no KV cache in generation, no packing, positions or
+prefix_len), and with sliding-window attention far tokens no longer see the prefix in windowed layers.
 """
 
 from __future__ import annotations
@@ -256,14 +270,17 @@ class PromptTuningConfig:
     init_text: str | None = None  # the text whose token embeddings start the prompt (init="text")
     seed: int = 0  # for the random and vocab initialisations
 
+    INITS = PROMPT_INITS  # class constant (unannotated, so not a field)
+
     def validate(self) -> None:
+        section = "prompt_tuning" if type(self) is PromptTuningConfig else "prefix_tuning"
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ConfigError(f"prompt_tuning.num_virtual_tokens={self.num_virtual_tokens!r} must be an integer >= 1 "
+            raise ConfigError(f"{section}.num_virtual_tokens={self.num_virtual_tokens!r} must be an integer >= 1 "
                               "(e.g. 20)")
-        if self.init not in PROMPT_INITS:
-            raise ConfigError(f"prompt_tuning.init={self.init!r}: choose one of {PROMPT_INITS}")
+        if self.init not in self.INITS:
+            raise ConfigError(f"{section}.init={self.init!r}: choose one of {self.INITS}")
         if self.init == "text" and not self.init_text:
-            raise ConfigError("prompt_tuning.init=text needs prompt_tuning.init_text (e.g. 'Classify the sentiment:')")
+            raise ConfigError(f"{section}.init=text needs {section}.init_text (e.g. 'Classify the sentiment:')")
 
 
 class PromptTuned(nn.Module):
@@ -285,24 +302,41 @@ class PromptTuned(nn.Module):
         return self.base(idx, targets, prefix_embeddings=self.prompt[None], **kw)
 
 
+def _initial_ids(vocab_size: int, cfg: PromptTuningConfig, tokenizer: TextEncoder | None, section: str
+                 ) -> torch.Tensor:
+    """(N,) token ids the virtual tokens start from: random vocabulary ids, or the init text's ids repeated / cut."""
+    n = cfg.num_virtual_tokens
+    if cfg.init == "vocab":
+        return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(cfg.seed))
+    if tokenizer is None:
+        raise ConfigError(f"{section}.init=text needs the model's tokenizer: apply_{section}(model, cfg, tokenizer)")
+    text_ids = list(tokenizer.encode(cfg.init_text))
+    if not text_ids:
+        raise ConfigError(f"{section}.init_text={cfg.init_text!r} encodes to no tokens; give a longer text")
+    return torch.tensor((text_ids * (n // len(text_ids) + 1))[:n])  # repeated, then cut to N
+
+
 def _initial_prompt(model: nn.Module, cfg: PromptTuningConfig, tokenizer: TextEncoder | None) -> torch.Tensor:
     """(N, C) starting vectors, detached copies of (or drawn to match) the token embeddings."""
     table = model.tok_emb.weight.detach()  # (V, C)
-    n = cfg.num_virtual_tokens
-    generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "random":
-        return torch.randn(n, table.shape[1], generator=generator) * table.float().std().item()
-    if cfg.init == "vocab":
-        ids = torch.randint(0, table.shape[0], (n,), generator=generator)
-    else:
-        if tokenizer is None:
-            raise ConfigError("prompt_tuning.init=text needs the model's tokenizer: apply_prompt_tuning(model, cfg, "
-                              "tokenizer)")
-        text_ids = list(tokenizer.encode(cfg.init_text))
-        if not text_ids:
-            raise ConfigError(f"prompt_tuning.init_text={cfg.init_text!r} encodes to no tokens; give a longer text")
-        ids = torch.tensor((text_ids * (n // len(text_ids) + 1))[:n])  # repeated, then cut to N
+        generator = torch.Generator().manual_seed(cfg.seed)
+        return torch.randn(cfg.num_virtual_tokens, table.shape[1], generator=generator) * table.float().std().item()
+    ids = _initial_ids(table.shape[0], cfg, tokenizer, "prompt_tuning")
     return table[ids.to(table.device)].float().cpu()
+
+
+def _check_wrappable(model: nn.Module, cfg: PromptTuningConfig, section: str) -> None:
+    """ConfigError unless ``model`` is a plain gpt / moe decoder with room for the virtual tokens."""
+    cfg.validate()
+    if isinstance(model, (PromptTuned, PrefixTuned)):
+        raise ConfigError(f"the model is already wrapped by {type(model).__name__}; use its .base to start over")
+    if "prefix_embeddings" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"{section.replace('_', ' ')} needs a decoder that takes prefix_embeddings (gpt or moe "
+                          f"families); {type(model).__name__} does not")
+    if cfg.num_virtual_tokens >= model.config.block_size:
+        raise ConfigError(f"{section}.num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in the model's "
+                          f"context of {model.config.block_size} tokens")
 
 
 def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig,
@@ -310,15 +344,7 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig,
     """Freeze ``model`` and wrap it with ``cfg.num_virtual_tokens`` trainable virtual tokens (see the module
     docstring). ConfigError (one line) for a model without ``prefix_embeddings`` support (encoders,
     encoder-decoders), a prompt that leaves no context, or a bad config."""
-    cfg.validate()
-    if isinstance(model, PromptTuned):
-        raise ConfigError("the model is already prompt-tuned; use its .base to start over")
-    if "prefix_embeddings" not in inspect.signature(model.forward).parameters:
-        raise ConfigError(f"prompt tuning needs a decoder that takes prefix_embeddings (gpt or moe families); "
-                          f"{type(model).__name__} does not")
-    if cfg.num_virtual_tokens >= model.config.block_size:
-        raise ConfigError(f"prompt_tuning.num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in the model's "
-                          f"context of {model.config.block_size} tokens")
+    _check_wrappable(model, cfg, "prompt_tuning")
     prompt = _initial_prompt(model, cfg, tokenizer)
     model.requires_grad_(False)
     return PromptTuned(model, prompt).to(model.tok_emb.weight.device)
@@ -331,12 +357,104 @@ def prompt_tuning_state_dict(model: PromptTuned) -> dict[str, torch.Tensor]:
 
 def load_prompt_tuning_state_dict(model: PromptTuned, state: dict[str, torch.Tensor]) -> None:
     """Copy saved virtual tokens into a wrapper of the same size; ConversionError (one line) on a mismatch."""
-    if set(state) != {PROMPT_KEY}:
-        raise ConversionError(f"a prompt-tuning state holds exactly {PROMPT_KEY!r}, this one has {sorted(state)[:3]}")
-    tensor = state[PROMPT_KEY]
-    if tuple(tensor.shape) != tuple(model.prompt.shape):
-        raise ConversionError(f"the saved prompt is {tuple(tensor.shape)} (virtual tokens, width) but this model's is "
-                              f"{tuple(model.prompt.shape)}; apply_prompt_tuning with the same num_virtual_tokens "
-                              "on the same base model")
+    _load_virtual_state(model, state, "prompt_tuning")
+
+
+def _load_virtual_state(model: nn.Module, state: dict[str, torch.Tensor], section: str) -> None:
+    """Copy ``state`` into the wrapper's parameters of the same names; ConversionError (one line) on a mismatch."""
+    params = dict(model.named_parameters(recurse=False))  # the wrapper's own: prompt or prefix_keys / values
+    names = {PROMPT_KEY: "prompt"} if section == "prompt_tuning" else {k: k for k in params}
+    if set(state) != set(names):
+        raise ConversionError(f"a {section.replace('_', '-')} state holds {sorted(names)}, this one has "
+                              f"{sorted(state)[:3]}")
+    for key, name in names.items():
+        if tuple(state[key].shape) != tuple(params[name].shape):
+            raise ConversionError(f"the saved {key} is {tuple(state[key].shape)} but this model's is "
+                                  f"{tuple(params[name].shape)}; apply_{section} with the same num_virtual_tokens "
+                                  "on the same base model")
     with torch.no_grad():
-        model.prompt.copy_(tensor.to(device=model.prompt.device, dtype=model.prompt.dtype))
+        for key, name in names.items():
+            params[name].copy_(state[key].to(device=params[name].device, dtype=params[name].dtype))
+
+
+# ---------------------------------------------------------------------------------------------- prefix tuning
+@dataclass
+class PrefixTuningConfig(PromptTuningConfig):
+    init: str = "vocab"  # vocab | text: the keys and values the frozen model computes for those tokens
+
+    INITS = ("vocab", "text")
+
+
+class _PrefixCache:
+    """The KV-cache protocol of models/layers.py over fixed per-layer prefixes (L, H_kv, N, D): the prefix keys
+    sit at positions 0..N-1 and every forward pass is a whole sequence at positions N..N+T-1. With
+    ``keys=None`` it records the keys and values the model computes instead (for the initialisation)."""
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None):
+        self.keys, self.values = keys, values
+        self.n = 0 if keys is None else keys.shape[2]
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def next_position(self) -> int:
+        return self.n
+
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, N + T)
+        prefix = torch.arange(self.n, device=positions.device).expand(positions.shape[0], -1)
+        return torch.cat([prefix, positions], dim=1)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.recorded.append((k, v))
+            return k, v
+        B = k.shape[0]
+        prefix_k = self.keys[layer_idx].to(k.dtype).expand(B, -1, -1, -1)  # (B, H_kv, N, D)
+        prefix_v = self.values[layer_idx].to(v.dtype).expand(B, -1, -1, -1)
+        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)  # (B, H_kv, N + T, D)
+
+
+class PrefixTuned(nn.Module):
+    """A frozen decoder whose every attention layer also attends to N trainable key / value vectors,
+    ``prefix_keys`` and ``prefix_values`` (L, H_kv, N, D). Same forward contract as :class:`PromptTuned`."""
+
+    def __init__(self, base: nn.Module, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.prefix_keys = nn.Parameter(keys.detach().float().clone())  # (L, H_kv, N, D)
+        self.prefix_values = nn.Parameter(values.detach().float().clone())  # (L, H_kv, N, D)
+        self.num_virtual_tokens = keys.shape[2]
+        self.config = replace(base.config, block_size=base.config.block_size - self.num_virtual_tokens)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None, **kw):
+        refused = sorted(k for k in ("positions", "prefix_len", "document_ids") if kw.get(k) is not None)
+        if kv_cache is not None or refused:
+            raise ConfigError(f"a prefix-tuned model runs whole sequences without a KV cache, positions, prefix_len "
+                              f"or document_ids (got {refused or ['kv_cache']}); generate with use_kv_cache=False")
+        return self.base(idx, targets, kv_cache=_PrefixCache(self.prefix_keys, self.prefix_values), **kw)
+
+
+def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig,
+                        tokenizer: TextEncoder | None = None) -> PrefixTuned:
+    """Freeze ``model`` and give every attention layer ``cfg.num_virtual_tokens`` trainable key / value vectors,
+    initialised to what the model computes for the init tokens (so a fresh prefix acts exactly like typing
+    them). ConfigError (one line) as in :func:`apply_prompt_tuning`."""
+    _check_wrappable(model, cfg, "prefix_tuning")
+    ids = _initial_ids(model.config.vocab_size, cfg, tokenizer, "prefix_tuning")
+    recorder = _PrefixCache(None, None)
+    was_training = model.training
+    with torch.no_grad():  # eval mode: no dropout, and no MoE capacity drops in the recorded activations
+        model.eval()(ids[None].to(model.tok_emb.weight.device), kv_cache=recorder, logits_to_keep=1)
+    model.train(was_training)
+    keys = torch.stack([k[0] for k, _ in recorder.recorded])  # (L, H_kv, N, D)
+    values = torch.stack([v[0] for _, v in recorder.recorded])
+    model.requires_grad_(False)
+    return PrefixTuned(model, keys, values).to(model.tok_emb.weight.device)
+
+
+def prefix_tuning_state_dict(model: PrefixTuned) -> dict[str, torch.Tensor]:
+    """The prefixes only: ``{"prefix_keys": (L, H_kv, N, D), "prefix_values": (L, H_kv, N, D)}``."""
+    return {"prefix_keys": model.prefix_keys.detach(), "prefix_values": model.prefix_values.detach()}
+
+
+def load_prefix_tuning_state_dict(model: PrefixTuned, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved prefixes into a wrapper of the same shape; ConversionError (one line) on a mismatch."""
+    _load_virtual_state(model, state, "prefix_tuning")
