@@ -201,6 +201,7 @@ def test_prefix_text_init_state_round_trip_generation_and_refusals():
     tokenizer = Tokenizer.train(["the cat sat on the mat", "a quick brown fox"] * 30, vocab_size=300)
     cfg = PrefixTuningConfig(num_virtual_tokens=4, init="text", init_text="the cat")
     source = apply_prefix_tuning(tiny(), cfg, tokenizer)
+    assert isinstance(source, PrefixTuned)
     with torch.no_grad():
         source.prefix_values.mul_(2.0)
     target = apply_prefix_tuning(tiny(), PrefixTuningConfig(num_virtual_tokens=4))

@@ -235,7 +235,8 @@ class MoE(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, kv_cache=None, logits_to_keep: int = 0,
                 return_hidden: bool = False, return_aux: bool = False, document_ids: torch.Tensor | None = None,
-                prefix_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
+                prefix_embeddings: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
         """idx (B, T) -> (logits (B, T', V), lm_loss | None), plus ``aux`` when return_aux.
 
         The returned loss is the plain cross-entropy (comparable with dense models); the
