@@ -2,7 +2,7 @@
 
     python -m lmstack.data.instruct --make-tasks tasks.jsonl --n 2000
     lmstack sft --model runs/tiny/model --data tasks.jsonl --out runs/tiny-sft train.max_steps=200
-    lmstack sft --model models/smollm2 --data a.jsonl b.parquet --out runs/s sft.weights=1,0.5 sft.loss_on=last_turn
+    lmstack sft --model models/smollm2 --data a.jsonl --data b.parquet --out runs/s sft.weights=1,0.5 sft.loss_on=last_turn
     lmstack sft --model runs/tiny/model --data tasks.jsonl --out runs/tiny-sft --resume
     lmstack sft --model runs/tiny/model --data tasks.jsonl --out runs/tiny-lora --lora lora.r=16 lora.alpha=32
 
