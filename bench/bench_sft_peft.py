@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="an imported lmstack checkpoint (default: import the package)")
-    p.add_argument("--work", default="/tmp/lmstack-bench-sft-peft", help="work directory")
+    p.add_argument("--work", default="runs/bench-sft-peft", help="work directory (the imported model is reused from here)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "sft_peft"), help="results directory")
     p.add_argument("--n", type=int, default=256, help="task conversations generated")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
