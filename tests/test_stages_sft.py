@@ -3,7 +3,6 @@ held-out loss, the output is a normal checkpoint with the tokenizer, the data co
 a resumed run matches an uninterrupted one weight for weight (in process and after SIGKILL), and the CLI
 answers --help and user errors in one line."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -15,13 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmstack.checkpoint import load_checkpoint, save_checkpoint
+from lmstack.checkpoint import load_checkpoint
 from lmstack.cli import main
-from lmstack.data.instruct import InstructLoader, load_instruct, make_task_conversations, write_tasks
 from lmstack.errors import ConfigError
-from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.stages.sft import sft
-from lmstack.tokenizer import Tokenizer
+from sft_helpers import held_out_loss, make_sft_base
 
 SMALL = ["train.batch_size=8", "train.seq_len=64", "train.eval_batches=4", "train.log_every=5",
          "train.tensorboard=false", "train.device=cpu", "optim.lr=3e-3", "optim.warmup_steps=0",
@@ -31,34 +28,14 @@ SMALL = ["train.batch_size=8", "train.seq_len=64", "train.eval_batches=4", "trai
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny untrained decoder checkpoint with a chat tokenizer, and task conversations to tune it on."""
-    root = tmp_path_factory.mktemp("sft")
-    texts = [m["content"] for c in make_task_conversations(400, seed=9) for m in c["messages"]]
-    tok = Tokenizer.train(texts, vocab_size=320)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    save_checkpoint(root / "model", GPT(cfg), {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
-    write_tasks(root / "tasks.jsonl", 400, seed=1)
-    return root
-
-
-def _held_out_loss(checkpoint, data_file) -> float:
-    """Token-weighted causal LM loss of CHECKPOINT on the held-out conversations of the run config."""
-    ckpt = load_checkpoint(checkpoint)
-    data = load_instruct([data_file], ckpt.tokenizer, 65, val_fraction=0.1, seed=0)
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in InstructLoader(data.val, 8, pad_id=ckpt.tokenizer.pad_id, shuffle=False):
-            n = int((batch["labels"] != -1).sum())
-            total += float(ckpt.model(batch["input_ids"], batch["labels"])[1]) * n
-            tokens += n
-    return total / tokens
+    return make_sft_base(tmp_path_factory.mktemp("sft"))
 
 
 def test_sft_lowers_held_out_loss_and_writes_a_normal_checkpoint(base, tmp_path):
     out = tmp_path / "run"
     summary = sft(base / "model", [str(base / "tasks.jsonl")], out, overrides=[*SMALL, "train.max_steps=40"],
                   progress=False)
-    before, after = _held_out_loss(base / "model", base / "tasks.jsonl"), _held_out_loss(out / "model", base / "tasks.jsonl")
+    before, after = held_out_loss(base / "model", base / "tasks.jsonl"), held_out_loss(out / "model", base / "tasks.jsonl")
     assert after < 0.7 * before, (before, after)
     assert abs(summary["final_val_loss"] - after) < 0.05 * after
     data = json.loads((out / "summary.json").read_text())["data"]

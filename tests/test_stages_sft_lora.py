@@ -11,12 +11,11 @@ from safetensors.torch import load_file
 
 from lmstack.checkpoint import load_checkpoint, save_checkpoint
 from lmstack.cli import main
-from lmstack.data.instruct import InstructLoader, load_instruct, make_task_conversations, write_tasks
 from lmstack.interop.peft_adapters import load_adapter
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.peft import merge_lora
 from lmstack.stages.sft import sft
-from lmstack.tokenizer import Tokenizer
+from sft_helpers import held_out_loss, make_sft_base
 
 SMALL = ["train.batch_size=8", "train.seq_len=64", "train.eval_batches=4", "train.log_every=5",
          "train.tensorboard=false", "train.device=cpu", "optim.lr=3e-2", "optim.warmup_steps=0",
@@ -27,15 +26,8 @@ SMALL = ["train.batch_size=8", "train.seq_len=64", "train.eval_batches=4", "trai
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny untrained decoder with a chat tokenizer, and task conversations to adapt it to."""
-    root = tmp_path_factory.mktemp("lora")
-    texts = [m["content"] for c in make_task_conversations(400, seed=9) for m in c["messages"]]
-    tok = Tokenizer.train(texts, vocab_size=320)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
-                    tie_embeddings=False)  # an untied head: its adapter leaves the embedding alone
-    save_checkpoint(root / "model", GPT(cfg), {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
-    write_tasks(root / "tasks.jsonl", 400, seed=1)
-    return root
+    # an untied head: its adapter leaves the embedding alone
+    return make_sft_base(tmp_path_factory.mktemp("lora"), tie_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +36,6 @@ def run(base, tmp_path_factory):
     summary = sft(base / "model", [str(base / "tasks.jsonl")], out, lora=True,
                   overrides=[*SMALL, "train.max_steps=40", "train.ckpt_every=20"], progress=False)
     return out, summary
-
-
-def _held_out_loss(checkpoint, data_file) -> float:
-    ckpt = load_checkpoint(checkpoint)
-    data = load_instruct([data_file], ckpt.tokenizer, 65, val_fraction=0.1, seed=0)
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in InstructLoader(data.val, 8, pad_id=ckpt.tokenizer.pad_id, shuffle=False):
-            n = int((batch["labels"] != -1).sum())
-            total += float(ckpt.model(batch["input_ids"], batch["labels"])[1]) * n
-            tokens += n
-    return total / tokens
 
 
 def test_only_the_adapter_trains_and_the_loss_falls(base, run):
@@ -71,7 +51,7 @@ def test_only_the_adapter_trains_and_the_loss_falls(base, run):
     step = load_file(str(out / "checkpoints" / "step_0000040" / "model.safetensors"))
     assert all(torch.equal(source[k], step[k]) for k in source)  # the base weights did not move
     assert any(k.endswith("lora_B.weight") and step[k].abs().sum() > 0 for k in step)  # the adapter did
-    before, after = _held_out_loss(base / "model", base / "tasks.jsonl"), _held_out_loss(out / "model",
+    before, after = held_out_loss(base / "model", base / "tasks.jsonl"), held_out_loss(out / "model",
                                                                                         base / "tasks.jsonl")
     assert after < 0.8 * before, (before, after)
     assert json.loads((out / "summary.json").read_text())["lora"]["total_params"] == lora["total_params"]

@@ -1,24 +1,15 @@
 """`lmstack sft ... sft.packing=true` (lmstack/stages/sft.py with the packed loader of lmstack/data/instruct.py):
 a run trains end to end on packed windows and counts the trained tokens of those windows."""
 
-import dataclasses
-
-import torch
-
-from lmstack.checkpoint import save_checkpoint
-from lmstack.data.instruct import InstructLoader, load_instruct, make_task_conversations, write_tasks
-from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.checkpoint import load_checkpoint
+from lmstack.data.instruct import InstructLoader, load_instruct
 from lmstack.stages.sft import sft
-from lmstack.tokenizer import Tokenizer
+from sft_helpers import make_sft_base
 
 
 def test_sft_with_packing_trains_end_to_end(tmp_path):
-    texts = [m["content"] for c in make_task_conversations(200, seed=9) for m in c["messages"]]
-    tok = Tokenizer.train(texts, vocab_size=320)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_embd=32)
-    save_checkpoint(tmp_path / "model", GPT(cfg), {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
-    write_tasks(tmp_path / "tasks.jsonl", 200, seed=1)
+    make_sft_base(tmp_path, conversations=200)
+    tok = load_checkpoint(tmp_path / "model").tokenizer
     summary = sft(tmp_path / "model", [str(tmp_path / "tasks.jsonl")], tmp_path / "run", progress=False,
                   overrides=["train.batch_size=2", "train.seq_len=64", "train.max_steps=6", "train.log_every=2",
                              "train.eval_every=3", "train.eval_batches=2", "train.tensorboard=false",
