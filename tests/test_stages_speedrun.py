@@ -1,5 +1,6 @@
 """`lmstack speedrun` end to end on a small corpus: every stage runs, the report has what the README
-promises, the model beats the unigram baseline, and a second run reuses the finished stages."""
+promises, the model beats the unigram baseline, the chat stage makes a model whose replies end at the
+end-of-turn token, and a second run reuses the finished stages."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import random
 
 from lmstack.cli import main
+from lmstack.engine.engine import Engine
+from lmstack.engine.sampling import SamplingParams
+from lmstack.tokenizer.special import END
 
 SUBJECTS = ["The old sailor", "A quiet shepherd", "The young queen", "My brother", "The village baker"]
 VERBS = ["walked to", "looked at", "sang about", "dreamed of", "wrote to"]
@@ -30,11 +34,16 @@ SMALL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_kv_hea
          "train.ckpt_every=100000", "train.tensorboard=false", "train.max_steps=60", "optim.warmup_steps=5"]
 
 
+# the chat stage: generated tasks only (no download), packed windows of the model's 64-token context
+CHAT = ["--chitchat", "0", "--chat-tasks", "600", "--chat-held-out", "16", "--chat-minutes", "2",
+        "--chat-set", "train.max_steps=150", "--chat-set", "train.batch_size=8", "--chat-set", "optim.lr=3e-3"]
+
+
 def test_speedrun_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
     corpus, out = tmp_path / "corpus", tmp_path / "run"
     _corpus(corpus)
     argv = ["speedrun", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "320", "--minutes", "2",
-            "--workers", "1", *SMALL]
+            "--workers", "1", *CHAT, *SMALL]
     assert main(argv) in (0, None)
     report = json.loads((out / "report.json").read_text())
     for key in ("val_bpb", "unigram_bpb", "wall_seconds", "params", "tokens"):
@@ -48,10 +57,38 @@ def test_speedrun_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
     assert "unigram" in md and str(round(report["val_bpb"], 3)) in md
     assert len(report["samples"]) >= 2 and all(isinstance(s["completion"], str) for s in report["samples"])
 
+    # the chat stage: OUT/chat/model is a chat model; SFT lowered the held-out loss and taught the turn end
+    chat = report["chat"]
+    assert chat["steps"] == 150 and set(report["timings"]) >= {"pretrain", "chat"}
+    assert chat["held_out_loss"]["tasks"]["after"] < 0.5 * chat["held_out_loss"]["tasks"]["before"]
+    assert chat["ended_turn_before"] < 0.2 and chat["ended_turn_after"] >= 0.9
+    assert "## Chat model (SFT)" in md and f"{chat['held_out_loss']['tasks']['after']:.3f}" in md
+    engine = Engine.from_checkpoint(out / "chat" / "model", device="cpu")
+    tok = engine.tokenizer
+    prompt, _ = tok.render_chat([{"role": "user", "content": "Reverse the word: candle"}], add_generation_prompt=True)
+    reply = engine.generate([prompt], [SamplingParams(max_tokens=40, temperature=0.0)])[0].outputs[0]
+    assert reply.finish_reason == "stop" and reply.token_ids[-1] == tok.special_tokens[END]
+    assert len(reply.token_ids) < 20  # a short answer, then the turn ends
+
     # a second run skips the finished tokenizer, shards and training
     capsys.readouterr()
     assert main(argv) in (0, None)
     err = capsys.readouterr().err
     assert "training a byte-level BPE" not in err and "tokenizing" not in err and "pretraining" not in err
+    assert "chat SFT" not in err and "writing chat data" not in err
     again = json.loads((out / "report.json").read_text())
     assert again["val_bpb"] == report["val_bpb"] and again["steps"] == report["steps"]
+    assert again["chat"]["held_out_loss"] == chat["held_out_loss"]
+
+
+def test_speedrun_skip_chat_and_bad_chat_settings(tmp_path, capsys):
+    corpus, out = tmp_path / "corpus", tmp_path / "run"
+    _corpus(corpus, n_docs=100)
+    base = ["speedrun", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "320", "--workers", "1",
+            "--no-clean", *SMALL[:-2], "train.max_steps=5", "optim.warmup_steps=1"]
+    assert main([*base, "--skip-chat"]) in (0, None)
+    assert json.loads((out / "report.json").read_text())["chat"] is None and not (out / "chat").exists()
+    capsys.readouterr()
+    assert main([*base, "--chitchat", "0", "--chat-tasks", "0"]) == 2  # no data for the chat stage: one clear line
+    err = capsys.readouterr().err
+    assert "--chat-tasks or --chitchat" in err and "Traceback" not in err

@@ -103,27 +103,47 @@ def add_self_instruct(sub: argparse._SubParsersAction) -> None:
 
 
 def add_speedrun(sub: argparse._SubParsersAction) -> None:
-    parser = verb_parser(sub, "speedrun", "the main job: corpus -> tokenizer -> shards -> pretrain -> samples -> report",
-                         "Download the default corpus, clean it, train a tokenizer, tokenize, pretrain, sample, and\n"
+    from lmstack.stages.speedrun import DEFAULT_CHAT_MINUTES, DEFAULT_MINUTES, ChatSettings
+
+    chat = ChatSettings()
+    parser = verb_parser(sub, "speedrun", "the main job: corpus -> tokenizer -> shards -> pretrain -> chat SFT -> report",
+                         "Download the default corpus, clean it, train a tokenizer, tokenize, pretrain, sample, fine-tune\n"
+                         "the model into a chat model (OUT/chat/model, for `lmstack chat --model OUT/chat/model`), and\n"
                          "write OUT/report.md, OUT/report.json and OUT/loss.png.")
     parser.add_argument("--out", default="runs/speedrun", help="output directory")
     parser.add_argument("--corpus", default="classics",
                         help="corpus name for `data download`, or a path to your own text")
     parser.add_argument("--vocab-size", type=positive_int, default=None,
                         help="tokenizer vocabulary (default: the preset's)")
-    parser.add_argument("--minutes", type=positive_float, default=6.0,
+    parser.add_argument("--minutes", type=positive_float, default=DEFAULT_MINUTES,
                         help="wall-time budget for pretraining; the steps follow the measured speed, capped by "
                              "train.max_steps (a train.max_minutes=... override wins)")
     parser.add_argument("--no-clean", action="store_true", help="skip the data-cleaning pipeline")
     parser.add_argument("--workers", type=positive_int, default=2,
                         help="worker processes for cleaning and tokenizing")
+    parser.add_argument("--skip-chat", action="store_true", help="stop after pretraining: no chat SFT stage")
+    parser.add_argument("--chat-minutes", type=positive_float, default=chat.minutes,
+                        help="wall-time budget for the chat SFT stage")
+    parser.add_argument("--chat-tasks", type=non_negative_int, default=chat.tasks,
+                        help="generated task conversations (exact answers) to fine-tune on")
+    parser.add_argument("--chitchat", type=non_negative_int, default=chat.chitchat,
+                        help="Chit-Chat conversations (real multi-turn chat, a seeded sample) to fine-tune on")
+    parser.add_argument("--chat-held-out", type=positive_int, default=chat.held_out,
+                        help="conversations of each source held out for the report's before/after loss")
+    parser.add_argument("--chat-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the chat SFT run (train.*, optim.*, sft.*), after its defaults "
+                             "(sft.packing=true optim.lr=1e-3 optim.warmup_steps=20 train.eval_every=0 "
+                             "train.ckpt_every=100); repeat for several. Plain KEY=VALUE arguments set pretraining")
     add_run_config_args(parser)
 
     def run(args: argparse.Namespace) -> None:
-        from lmstack.stages.speedrun import speedrun
+        from lmstack.stages.speedrun import ChatSettings, speedrun
 
+        chat = None if args.skip_chat else ChatSettings(
+            minutes=args.chat_minutes, tasks=args.chat_tasks, chitchat=args.chitchat, held_out=args.chat_held_out,
+            overrides=tuple(args.chat_set))
         speedrun(out_dir=args.out, corpus=args.corpus, preset=args.preset, config_file=args.config,
                  overrides=args.overrides, vocab_size=args.vocab_size, minutes=args.minutes,
-                 clean=not args.no_clean, workers=args.workers)
+                 clean=not args.no_clean, workers=args.workers, chat=chat)
 
     parser.set_defaults(func=run)
