@@ -244,7 +244,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     _check_weights_size(p)
     model_cfg = model_config_from_dict(cfg["model"])
     model = build_model(model_cfg)  # built on CPU: buffers such as RoPE tables are computed, not stored
-    load_model_state(model, read_tensors(p / WEIGHTS), p)
+    tensors = read_tensors(p / WEIGHTS)
+    if cfg.get("head") is not None:  # a reward or value model: the backbone plus its head (models/heads.py)
+        from lmstack.models.heads import attach_head
+
+        model = attach_head(cfg["head"], model, tensors, p)
+    load_model_state(model, tensors, p)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     tokenizer = None
