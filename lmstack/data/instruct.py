@@ -5,6 +5,7 @@
     train = InstructLoader(data.train, batch_size=8, seed=0, pad_id=tokenizer.pad_id)
     packed = InstructLoader(data.train, batch_size=8, seed=0, pad_id=tokenizer.pad_id, pack_len=256)
     python -m lmstack.data.instruct --make-tasks tasks.jsonl --n 2000 --seed 0   # task data with exact answers
+    python -m lmstack.data.instruct --make-tasks t.jsonl --families arithmetic,strings   # named task families
 
 Records, one per JSONL line (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``) or parquet row, in any of three shapes,
 all read into the same messages:
@@ -48,6 +49,13 @@ Each epoch packs the ``seed + epoch`` shuffle (equal lengths tie in that order) 
 with the same seed: deterministic, and resumable from (epoch, windows drawn). The window shapes depend
 only on the multiset of lengths, so every epoch has the same number of windows. The last partial batch
 of windows of an epoch is left for the next epoch's shuffle, as unpacked examples are.
+
+Generated task data: :func:`make_task_conversations` (five kinds, its output fixed by its seed so that
+recorded benchmarks stay reproducible) and :func:`make_family_conversations`, tasks grouped into the
+named families of :data:`TASK_FAMILIES` (arithmetic, strings, formatting, lists; four kinds each, with
+instructions worded differently across families) for held-out-family studies: each record carries
+``family`` and ``kind`` next to its messages. :func:`answer_shape` maps an answer to its shape (digits to
+``9``, letters to ``a``, punctuation kept), a format-compliance check softer than exact match.
 """
 
 from __future__ import annotations
@@ -56,9 +64,10 @@ import argparse
 import bisect
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -419,11 +428,135 @@ def make_task_conversations(n: int, seed: int = 0) -> list[dict[str, Messages]]:
     return conversations
 
 
-def write_tasks(out: str | Path, n: int, seed: int = 0) -> Path:
-    """Write :func:`make_task_conversations` as messages JSONL (atomically)."""
+TaskKind = Callable[[random.Random], tuple[str, str]]  # rng -> (instruction, exact answer)
+_WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "maple", "ocean", "candle",
+          "garden", "rocket", "silver", "window", "forest", "pepper"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(100), rng.randrange(100)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def _multiply(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(13), rng.randrange(13)
+    return f"What is {a} * {b}?", str(a * b)
+
+
+def _subtract(rng: random.Random) -> tuple[str, str]:
+    a, b = sorted((rng.randrange(100), rng.randrange(100)), reverse=True)
+    return f"What is {a} - {b}?", str(a - b)
+
+
+def _double(rng: random.Random) -> tuple[str, str]:
+    a = rng.randrange(50)
+    return f"What is twice {a}?", str(2 * a)
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Reverse the word: {word}", word[::-1]
+
+
+def _upper(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Write in capital letters: {word}", word.upper()
+
+
+def _first_letter(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Give the first letter of: {word}", word[0]
+
+
+def _spell(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Spell out with dashes: {word}", "-".join(word)
+
+
+def _name(rng: random.Random) -> tuple[str, str]:
+    first, last = (w.title() for w in rng.sample(_WORDS, 2))
+    return f"Format as 'Last, First': {first} {last}", f"{last}, {first}"
+
+
+def _date(rng: random.Random) -> tuple[str, str]:
+    day, month, year = rng.randrange(1, 29), rng.randrange(12), rng.randrange(1900, 2030)
+    return f"Write the date {day} {_MONTHS[month]} {year} as YYYY-MM-DD", f"{year}-{month + 1:02d}-{day:02d}"
+
+
+def _brackets(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Put the word in square brackets: {word}", f"[{word}]"
+
+
+def _commas(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, 3)
+    return f"Join with commas: {' '.join(words)}", ", ".join(words)
+
+
+def _sort_numbers(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(100), 3)
+    return f"Sort these numbers: {' '.join(map(str, numbers))}", " ".join(map(str, sorted(numbers)))
+
+
+def _sort_words(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, 3)
+    return f"Sort these words: {' '.join(words)}", " ".join(sorted(words))
+
+
+def _last(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, 4)
+    return f"Which word comes last in the list: {' '.join(words)}", words[-1]
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, rng.randrange(2, 7))
+    return f"How many words are in the list: {' '.join(words)}", str(len(words))
+
+
+TASK_FAMILIES: dict[str, dict[str, TaskKind]] = {
+    "arithmetic": {"add": _add, "multiply": _multiply, "subtract": _subtract, "double": _double},
+    "strings": {"reverse": _reverse, "upper": _upper, "first_letter": _first_letter, "spell": _spell},
+    "formatting": {"name": _name, "date": _date, "brackets": _brackets, "commas": _commas},
+    "lists": {"sort_numbers": _sort_numbers, "sort_words": _sort_words, "last": _last, "count": _count},
+}
+
+
+def make_family_conversations(n: int, seed: int = 0, families: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``n`` task conversations ``{"messages", "family", "kind"}`` drawn uniformly over the kinds of
+    ``families`` (default: every family in :data:`TASK_FAMILIES`), each with one exact answer."""
+    names = list(families) if families is not None else list(TASK_FAMILIES)
+    unknown = [name for name in names if name not in TASK_FAMILIES]
+    if unknown or not names:
+        raise UserError(f"unknown task famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown) or '(none)'}; "
+                        f"choose from {', '.join(TASK_FAMILIES)}")
+    kinds = [(family, kind, make) for family in names for kind, make in TASK_FAMILIES[family].items()]
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(n):
+        family, kind, make = kinds[rng.randrange(len(kinds))]
+        prompt, answer = make(rng)
+        conversations.append({"messages": [{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": answer}],
+                              "family": family, "kind": kind})
+    return conversations
+
+
+def answer_shape(text: str) -> str:
+    """The shape of an answer: runs of digits become ``9``, runs of letters ``a`` (case kept as ``A`` for
+    an upper-case run), other characters stay; "Maple, Tiger" -> "Aa, Aa", "2001-03-09" -> "9-9-9"."""
+    return re.sub(r"[a-z]+", "a", re.sub(r"[A-Z]+", "A", re.sub(r"[0-9]+", "9", text.strip())))
+
+
+def write_tasks(out: str | Path, n: int, seed: int = 0, families: Sequence[str] | None = None) -> Path:
+    """Write :func:`make_task_conversations` (or, given ``families``, :func:`make_family_conversations`) as
+    messages JSONL (atomically)."""
     if n < 1:
         raise UserError(f"--n {n}: write at least one conversation")
-    lines = "".join(json.dumps(c) + "\n" for c in make_task_conversations(n, seed))
+    conversations = make_family_conversations(n, seed, families) if families is not None \
+        else make_task_conversations(n, seed)
+    lines = "".join(json.dumps(c) + "\n" for c in conversations)
     write_text_atomic(Path(out), lines)
     return Path(out)
 
@@ -434,9 +567,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--make-tasks", required=True, metavar="OUT.jsonl", help="file to write")
     parser.add_argument("--n", type=int, default=1000, help="number of conversations")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--families", default=None,
+                        help=f"comma-separated task families ({', '.join(TASK_FAMILIES)}) instead of the five "
+                             "default kinds; records then carry 'family' and 'kind'")
     args = parser.parse_args(argv)
     try:
-        print(write_tasks(args.make_tasks, args.n, args.seed))
+        families = [f.strip() for f in args.families.split(",")] if args.families is not None else None
+        print(write_tasks(args.make_tasks, args.n, args.seed, families))
     except UserError as e:
         parser.error(str(e))
 
