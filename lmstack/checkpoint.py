@@ -7,6 +7,10 @@
         optimizer.safetensors   AdamW moments, flattened as "state.<param index>.<name>"
         rng.safetensors         torch CPU / CUDA generator states, numpy state
         state.json              step, loader position, schedule, loss statistics, param-group hyperparameters
+    CKPT/dcp/                 instead of model.safetensors and optimizer.safetensors in the training
+                              checkpoints of sharded runs (FSDP2 / TP / PP, lmstack/train/parallel/):
+                              torch.distributed.checkpoint files, each process's pieces of the weights
+                              ("model.*") and optimizer state ("optim.*"), loadable into any other layout
     CKPT/manifest.json        {"files": {relative path: {"bytes": n, "sha256": hex}}} of every file above
 
 Writes are atomic and durable (lmstack.atomic): everything goes to a sibling staging directory whose
@@ -21,7 +25,9 @@ skips a damaged checkpoint for the newest intact one, so a resumed run falls bac
 Loading for inference (:func:`load_checkpoint`) checks the weights file's size only (hashing every load
 would read the weights twice), and any file that does not parse is a :class:`CheckpointError` naming
 the file, never a safetensors or torch traceback. Checkpoints written before manifests existed are
-checked by parsing their files.
+checked by parsing their files. A sharded training checkpoint loads for inference too
+(:func:`load_checkpoint` reads its ``dcp/`` weights into the one-process model); the final RUN/model of
+every run is consolidated (one model.safetensors).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from lmstack.errors import CheckpointError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+SHARDED = "dcp"  # the torch.distributed.checkpoint directory of a sharded training checkpoint
 
 
 @dataclass
@@ -120,16 +127,24 @@ def _first_line(error: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], tokenizer: Any | None = None,
-                    trainer_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor] | None, config: dict[str, Any],
+                    tokenizer: Any | None = None, trainer_state: dict[str, Any] | None = None,
+                    sharded: Path | None = None) -> Path:
     """Write a checkpoint directory atomically and durably. ``config`` must hold at least ``{"model": {...}}``.
 
-    trainer_state (optional): {"optimizer": optim.state_dict(), "rng": {name: tensor}, "state": json-able}.
+    ``model``: a module, or its weights as a state dict (tied weights stored once), or None with ``sharded``.
+    trainer_state (optional): {"optimizer": optim.state_dict(), "rng": {name: tensor}, "state": json-able};
+    the optimizer is left out when ``sharded`` holds it. ``sharded``: a finished torch.distributed.checkpoint
+    directory (written by every process of a sharded run), moved into the checkpoint as ``dcp/``.
     The manifest (sizes and SHA-256 of every file) is written last, inside the staging directory.
     """
     final = Path(path)
     with staged_directory(final) as tmp:
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if model is not None:
+            weights = model_state(model) if isinstance(model, nn.Module) else model
+            save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if sharded is not None:
+            shutil.move(str(sharded), str(tmp / SHARDED))
         cfg = {"format": "lmstack", "version": FORMAT_VERSION, **config}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
@@ -137,8 +152,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], 
         if trainer_state is not None:
             state_dir = tmp / "trainer_state"
             state_dir.mkdir()
-            tensors, groups = flatten_optimizer_state(trainer_state["optimizer"])
-            save_file(tensors, str(state_dir / "optimizer.safetensors"))
+            groups = []
+            if trainer_state.get("optimizer") is not None:
+                tensors, groups = flatten_optimizer_state(trainer_state["optimizer"])
+                save_file(tensors, str(state_dir / "optimizer.safetensors"))
             save_file({k: v.contiguous() for k, v in trainer_state.get("rng", {}).items()},
                       str(state_dir / "rng.safetensors"))
             (state_dir / "state.json").write_text(json.dumps({**trainer_state.get("state", {}),
@@ -211,7 +228,7 @@ def _check_safetensors(path: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir as given, or from a run dir: RUN/model, else the newest intact RUN/checkpoints/step_*."""
     p = Path(path)
-    if (p / "config.json").is_file() and (p / WEIGHTS).is_file():
+    if (p / "config.json").is_file() and ((p / WEIGHTS).is_file() or (p / SHARDED / ".metadata").is_file()):
         return p
     if (p / "model" / "config.json").is_file():
         return p / "model"
@@ -244,7 +261,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     _check_weights_size(p)
     model_cfg = model_config_from_dict(cfg["model"])
     model = build_model(model_cfg)  # built on CPU: buffers such as RoPE tables are computed, not stored
-    tensors = read_tensors(p / WEIGHTS)
+    sharded = not (p / WEIGHTS).is_file() and (p / SHARDED).is_dir()
+    tensors = sharded_weights(model, p) if sharded else read_tensors(p / WEIGHTS)
     if cfg.get("head") is not None:  # a reward or value model: the backbone plus its head (models/heads.py)
         from lmstack.models.heads import attach_head
 
@@ -258,6 +276,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
         tokenizer = Tokenizer.load(p)
     return Checkpoint(model=model, config=cfg, tokenizer=tokenizer, path=p)
+
+
+def sharded_weights(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a sharded training checkpoint (its ``dcp/`` directory) for a one-process ``model``."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {name: t.detach().clone() for name, t in model.state_dict().items()}}
+    try:
+        dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=True)
+    except Exception as e:  # DCP reports missing keys and shape mismatches as deep exceptions
+        raise CheckpointError(f"checkpoint {path}: the sharded weights do not fit the model config "
+                              f"({_first_line(e)[:300]})") from None
+    return state["model"]
 
 
 def _check_weights_size(path: Path) -> None:
@@ -353,5 +384,9 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "param_groups" not in state:
         raise CheckpointError(f"{state_dir / 'state.json'} is damaged (no param_groups); use another checkpoint")
     groups = state.pop("param_groups")
-    return {"optimizer": unflatten_optimizer_state(read_tensors(state_dir / "optimizer.safetensors"), groups),
+    if not (state_dir / "optimizer.safetensors").is_file() and (Path(path) / SHARDED).is_dir():
+        optimizer = None  # a sharded checkpoint: the optimizer state is in dcp/ with the weights
+    else:
+        optimizer = unflatten_optimizer_state(read_tensors(state_dir / "optimizer.safetensors"), groups)
+    return {"optimizer": optimizer,
             "rng": read_tensors(state_dir / "rng.safetensors"), "state": state}

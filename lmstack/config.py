@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses with defaults in one place, named presets, one override syntax.
 
-A run is described by a :class:`RunConfig` with three parts: ``model`` (the family's own config
-dataclass, e.g. :class:`lmstack.models.gpt.GPTConfig`), ``optim`` and ``train``, plus the section of the
+A run is described by a :class:`RunConfig` with four parts: ``model`` (the family's own config
+dataclass, e.g. :class:`lmstack.models.gpt.GPTConfig`), ``optim``, ``train`` and ``parallel`` (the
+layout over torchrun's processes, :class:`ParallelConfig`), plus the section of the
 stage that needs one (``sft``: :class:`SFTConfig`, and ``lora``: :class:`SFTLoRAConfig` in ``lmstack sft
 --lora`` runs; absent, and refused as an unknown section, in runs of other stages). Every value can be changed the same way everywhere:
 
@@ -118,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: str = "none"  # none | selective (every other block) | full (every block)
     spike_factor: float = 4.0  # loss > spike_factor * running mean (after warmup) = spike -> roll back
     max_rollbacks: int = 10  # give up after this many rollbacks
     tensorboard: bool = True
@@ -135,7 +137,45 @@ class TrainConfig:
         require(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
                 f"train.device={self.device!r}: choose auto, cpu, cuda, cuda:N or mps")
         check_flag("train.compile", self.compile)
+        check_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
         check_flag("train.tensorboard", self.tensorboard)
+
+
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+@dataclass
+class ParallelConfig:
+    """How training spreads over the processes torchrun starts (lmstack/train/parallel/).
+
+    The degrees multiply to the world size: ``dp_replicate x dp_shard x tp x pp``; -1 (the default of
+    ``dp_replicate``) takes what the others leave. With only data parallelism the run uses DDP;
+    ``dp_shard > 1`` shards parameters, gradients and optimizer state (FSDP2), and with
+    ``dp_replicate > 1`` as well the shards are replicated across groups (HSDP). ``tp`` splits every
+    attention and MLP matrix over that many processes, ``pp`` the layers into that many pipeline stages.
+    The layout belongs to a launch, not to a run: a resumed run takes it from this launch's overrides."""
+
+    dp_replicate: int = -1  # data-parallel replicas (DDP, or HSDP's replicate dimension); -1: the rest
+    dp_shard: int = 1  # FSDP2 shard group size (1: parameters are not sharded)
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline-parallel stages (per process: 2 with interleaved_1f1b)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_microbatches: int = 0  # micro-batches per pipeline step (0: the number of stages); divides train.batch_size
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals split along the sequence
+    cpu_offload: bool = False  # FSDP2 keeps parameters and optimizer state in CPU memory
+    async_checkpoint: bool = False  # sharded checkpoints are written in the background while training goes on
+
+    def validate(self) -> None:
+        require(isinstance(self.dp_replicate, int) and not isinstance(self.dp_replicate, bool)
+                and (self.dp_replicate == -1 or self.dp_replicate >= 1),
+                f"parallel.dp_replicate={self.dp_replicate!r} must be -1 (the rest of the world) or an integer >= 1")
+        for name in ("dp_shard", "tp", "pp"):
+            check_range(f"parallel.{name}", getattr(self, name), 1, integer=True)
+        check_range("parallel.pp_microbatches", self.pp_microbatches, 0, integer=True)
+        check_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        for name in ("sequence_parallel", "cpu_offload", "async_checkpoint"):
+            check_flag(f"parallel.{name}", getattr(self, name))
 
 
 LOSS_ON = ("assistant", "all", "last_turn")
@@ -194,44 +234,163 @@ class SFTLoRAConfig:
                 f"lora.target_modules={self.target_modules!r}: name the layers to adapt, e.g. q_proj,v_proj")
 
 
+GRPO_ALGORITHMS = ("grpo", "reinforce")
+RL_LOSS_NORMS = ("sequence", "token", "dr_grpo")  # lmstack.train.rl_losses.LOSS_NORMS
+RL_KL_ESTIMATORS = ("k1", "k3")
+
+
+def _check_sampling(section: str, cfg: Any) -> None:
+    """The rollout fields the GRPO and PPO sections share."""
+    require(bool(cfg.prompts) or cfg.reward.startswith("task:"),
+            f"{section}.prompts is empty: name the prompt files (--prompts FILE ...)")
+    require(bool(cfg.reward), f"{section}.reward is empty: give --reward task:NAME, a reward model directory "
+                              "or module:function")
+    check_range(f"{section}.prompts_per_rollout", cfg.prompts_per_rollout, 1, integer=True)
+    check_range(f"{section}.minibatches", cfg.minibatches, 1, integer=True)
+    check_range(f"{section}.max_tokens", cfg.max_tokens, 1, integer=True)
+    check_range(f"{section}.temperature", cfg.temperature, 0, low_open=True)
+    check_range(f"{section}.top_k", cfg.top_k, 0, integer=True)
+    check_range(f"{section}.top_p", cfg.top_p, 0, 1, low_open=True)
+    check_flag(f"{section}.keep_kv", cfg.keep_kv)
+    check_range(f"{section}.eval_prompts", cfg.eval_prompts, 1, integer=True)
+    check_range(f"{section}.seed", cfg.seed, 0, 2**63, high_open=True, integer=True)
+
+
+@dataclass
+class GRPOConfig:
+    """Group-relative policy optimisation and REINFORCE (lmstack/stages/grpo.py).
+
+    One rollout is ``prompts_per_rollout`` prompts x ``group_size`` samples; it is used for ``inner_steps``
+    passes of ``minibatches`` updates each (one loop step per minibatch)."""
+
+    prompts: list[str] = field(default_factory=list)  # prompt JSONL files ({"prompt": str | messages, ...})
+    reward: str = ""  # task:NAME | reward model directory | module:function
+    algorithm: str = "grpo"  # grpo (clipped ratio) | reinforce (group-mean baseline, no ratio)
+    group_size: int = 8  # samples per prompt (G)
+    prompts_per_rollout: int = 8
+    minibatches: int = 2  # updates per pass over a rollout
+    inner_steps: int = 1  # passes over each rollout
+    max_tokens: int = 32  # response tokens sampled at most
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    scale_std: bool = True  # divide advantages by the group's std (false: Dr. GRPO)
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # DAPO's clip-higher: e.g. 0.28
+    beta: float = 0.0  # KL(policy || reference) coefficient, k3 estimator in the loss (0: off, no reference)
+    loss_norm: str = "sequence"  # sequence (GRPO) | token (DAPO) | dr_grpo (sum / (N * max_tokens))
+    keep_kv: bool = True  # keep the engine's KV pool between rollouts (false: free it while training)
+    eval_prompts: int = 32  # held-out prompts answered greedily at each validation (val_reward)
+    seed: int = 0  # prompt order, held-out split and sampling seeds
+
+    def validate(self) -> None:
+        _check_sampling("grpo", self)
+        check_choice("grpo.algorithm", self.algorithm, GRPO_ALGORITHMS)
+        check_range("grpo.group_size", self.group_size, 2, integer=True)
+        check_range("grpo.inner_steps", self.inner_steps, 1, integer=True)
+        check_flag("grpo.scale_std", self.scale_std)
+        check_range("grpo.clip_low", self.clip_low, 0, 1, low_open=True, high_open=True)
+        check_range("grpo.clip_high", self.clip_high, 0, low_open=True)
+        check_range("grpo.beta", self.beta, 0)
+        check_choice("grpo.loss_norm", self.loss_norm, RL_LOSS_NORMS)
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a value model and a per-token KL penalty (lmstack/stages/ppo.py).
+
+    One rollout is ``prompts_per_rollout`` prompts x one sample, used for ``epochs`` passes of
+    ``minibatches`` updates (one loop step per minibatch)."""
+
+    prompts: list[str] = field(default_factory=list)
+    reward: str = ""  # reward model directory | task:NAME | module:function
+    prompts_per_rollout: int = 16
+    minibatches: int = 4
+    epochs: int = 2  # passes over each rollout
+    max_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05  # beta of the per-token KL penalty in the reward (the start value when adaptive)
+    kl_estimator: str = "k1"  # k1 (log ratio) | k3
+    kl_target: float = 0.0  # > 0: adaptive controller toward this KL per sequence; 0: beta stays fixed
+    kl_horizon: int = 10000  # adaptive controller's horizon in sequences
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # value prediction clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    keep_kv: bool = True
+    eval_prompts: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check_sampling("ppo", self)
+        check_range("ppo.epochs", self.epochs, 1, integer=True)
+        check_range("ppo.kl_coef", self.kl_coef, 0)
+        check_choice("ppo.kl_estimator", self.kl_estimator, RL_KL_ESTIMATORS)
+        check_range("ppo.kl_target", self.kl_target, 0)
+        check_range("ppo.kl_horizon", self.kl_horizon, 1, integer=True)
+        check_range("ppo.gamma", self.gamma, 0, 1)
+        check_range("ppo.lam", self.lam, 0, 1)
+        check_flag("ppo.whiten_advantages", self.whiten_advantages)
+        check_range("ppo.clip", self.clip, 0, 1, low_open=True, high_open=True)
+        check_range("ppo.value_clip", self.value_clip, 0, low_open=True)
+        check_range("ppo.vf_coef", self.vf_coef, 0)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sft: SFTConfig | None = None  # only in fine-tuning runs
     lora: SFTLoRAConfig | None = None  # only in LoRA fine-tuning runs (lmstack sft --lora)
+    grpo: GRPOConfig | None = None  # only in lmstack grpo runs
+    ppo: PPOConfig | None = None  # only in lmstack ppo runs
 
     def validate(self) -> None:
         self.model.validate()
         self.optim.validate()
         self.train.validate()
+        self.parallel.validate()
         if self.sft is not None:
             self.sft.validate()
         if self.lora is not None:
             self.lora.validate()
+        for rl in (self.grpo, self.ppo):
+            if rl is not None:
+                rl.validate()
         require(self.train.seq_len <= self.model.block_size,
                 f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
                 "lower train.seq_len or raise model.block_size")
 
     def to_dict(self) -> dict[str, Any]:
         sections = {"model": model_config_to_dict(self.model), "optim": dataclasses.asdict(self.optim),
-                    "train": dataclasses.asdict(self.train)}
+                    "train": dataclasses.asdict(self.train), "parallel": dataclasses.asdict(self.parallel)}
         if self.sft is not None:
             sections["sft"] = dataclasses.asdict(self.sft)
         if self.lora is not None:
             sections["lora"] = dataclasses.asdict(self.lora)
+        for name in ("grpo", "ppo"):
+            if getattr(self, name) is not None:
+                sections[name] = dataclasses.asdict(getattr(self, name))
         return sections
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         if not isinstance(d, dict) or "model" not in d:
-            raise ConfigError("a run config is a mapping with a model section (and optional optim, train)")
+            raise ConfigError("a run config is a mapping with a model section (and optional optim, train, parallel)")
         return cls(model=model_config_from_dict(d["model"]),
                    optim=_from_fields(OptimConfig, d.get("optim", {}), "optim"),
                    train=_from_fields(TrainConfig, d.get("train", {}), "train"),
+                   parallel=_from_fields(ParallelConfig, d.get("parallel", {}), "parallel"),
                    sft=_from_fields(SFTConfig, d["sft"], "sft") if d.get("sft") is not None else None,
-                   lora=_from_fields(SFTLoRAConfig, d["lora"], "lora") if d.get("lora") is not None else None)
+                   lora=_from_fields(SFTLoRAConfig, d["lora"], "lora") if d.get("lora") is not None else None,
+                   grpo=_from_fields(GRPOConfig, d["grpo"], "grpo") if d.get("grpo") is not None else None,
+                   ppo=_from_fields(PPOConfig, d["ppo"], "ppo") if d.get("ppo") is not None else None)
 
 
 # ----------------------------------------------------------------------------- model configs <-> dicts
@@ -335,8 +494,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
             cfg.model = new_cls(**keep)
     for key, value in items:
         if key != "model.family":
-            optional = tuple(name for name in ("sft", "lora") if getattr(cfg, name) is not None)
-            set_section_value(cfg, key, value, ("model", "optim", "train") + optional)
+            optional = tuple(name for name in ("sft", "lora", "grpo", "ppo") if getattr(cfg, name) is not None)
+            set_section_value(cfg, key, value, ("model", "optim", "train", "parallel") + optional)
     return cfg
 
 

@@ -2,14 +2,18 @@
 
 `torchrun --nproc_per_node N -m lmstack.cli pretrain ...` sets RANK / LOCAL_RANK / WORLD_SIZE; this
 module turns them into a process group (NCCL on CUDA, gloo on CPU) and a device. Without those
-variables everything runs in one process. DDP is the data-parallel wrapper; the loader shards
-batches by rank, so every rank sees different data and gradients are averaged by DDP.
+variables everything runs in one process. The parallel layout (DDP, FSDP2, tensor and pipeline
+parallelism: lmstack/train/parallel/) records in :class:`DistInfo` which *data-parallel* replica this
+process belongs to: ``dp_rank`` of ``dp_size``. Loaders shard batches by those, so the processes of one
+tensor- or pipeline-parallel group see the same batch; token counts and losses are summed over
+``dp_group`` (each batch once), not over every process.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,15 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # the data-parallel replica this process belongs to (set by lmstack.train.parallel; by default every
+    # process is its own replica) and the process group that sums over replicas (None: all processes)
+    dp_rank: int | None = None
+    dp_size: int | None = None
+    dp_group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.dp_rank is None:
+            self.dp_rank, self.dp_size = self.rank, self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +66,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
+
+
+def dp_sum(value: float, info: DistInfo) -> float:
+    """The sum of ``value`` over the data-parallel replicas (each batch counted once under TP and PP)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, group=info.dp_group)
+    return float(t.item())
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
