@@ -340,6 +340,73 @@ class PPOConfig:
         check_range("ppo.vf_coef", self.vf_coef, 0)
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "robust")
+DPO_REFERENCES = ("copy", "precomputed")
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Preference pairs for ``lmstack reward`` and ``lmstack dpo`` (lmstack/data/preference.py). A pair longer
+    than ``train.seq_len`` tokens has its prompt cut from the left (``truncate``) or is left out (``drop``)."""
+
+    section = "preference"  # the config section's name in messages (a class attribute, not a field)
+    data: list[str] = field(default_factory=list)  # JSONL (.gz/.zst) or parquet files of pairs (TRL formats)
+    weights: list[float] = field(default_factory=list)  # per file: copies per epoch (1.0 each when empty)
+    overlong: str = "truncate"  # truncate | drop
+    skip_bad_records: bool = False  # count and skip bad pairs instead of stopping at the first
+    val_fraction: float = 0.05  # pairs held out for validation and the held-out accuracy
+    seed: int = 0  # the held-out split and the subset drawn for fractional weights
+
+    def validate(self) -> None:
+        section = self.section
+        check_choice(f"{section}.overlong", self.overlong, OVERLONG)
+        check_flag(f"{section}.skip_bad_records", self.skip_bad_records)
+        check_range(f"{section}.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        check_range(f"{section}.seed", self.seed, 0, 2**63, high_open=True, integer=True)
+        require(bool(self.data), f"{section}.data is empty: name the preference files (--data FILE ...)")
+        require(not self.weights or len(self.weights) == len(self.data),
+                f"{section}.weights has {len(self.weights)} value(s) for {len(self.data)} data file(s); give one "
+                "per file")
+        for weight in self.weights:
+            check_range(f"{section}.weights", weight, 0, low_open=True)
+
+
+@dataclass
+class RewardConfig(PreferenceDataConfig):
+    """Reward-model training (``lmstack reward``, lmstack/stages/reward.py): Bradley–Terry on pairs."""
+
+    section = "reward"
+    center_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2), which keeps rewards near zero
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("reward.center_coef", self.center_coef, 0)
+
+
+@dataclass
+class DPOConfig(PreferenceDataConfig):
+    """Direct preference optimisation (``lmstack dpo``, lmstack/stages/dpo.py, lmstack/train/preference_losses.py).
+
+    ``reference``: ``copy`` keeps a frozen copy of the starting model (with ``--lora``: the model with its
+    adapters switched off, no copy); ``precomputed`` scores every pair with it once before training and keeps
+    only the numbers, which saves the memory and the forward pass of a second model."""
+
+    section = "dpo"
+    beta: float = 0.1  # strength of the KL constraint to the reference
+    loss: str = "sigmoid"  # sigmoid (the paper's) | ipo | robust
+    label_smoothing: float = 0.0  # share of labels assumed flipped: conservative DPO (sigmoid), robust DPO
+    reference: str = "precomputed"  # copy | precomputed
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("dpo.beta", self.beta, 0, low_open=True)
+        check_choice("dpo.loss", self.loss, DPO_LOSSES)
+        check_range("dpo.label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
+        require(self.loss != "ipo" or self.label_smoothing == 0,
+                "dpo.label_smoothing applies to the sigmoid and robust losses; set it to 0 with dpo.loss=ipo")
+        check_choice("dpo.reference", self.reference, DPO_REFERENCES)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
@@ -350,6 +417,8 @@ class RunConfig:
     lora: SFTLoRAConfig | None = None  # only in LoRA fine-tuning runs (lmstack sft --lora)
     grpo: GRPOConfig | None = None  # only in lmstack grpo runs
     ppo: PPOConfig | None = None  # only in lmstack ppo runs
+    reward: RewardConfig | None = None  # only in reward-model runs (lmstack reward)
+    dpo: DPOConfig | None = None  # only in DPO runs (lmstack dpo)
 
     def validate(self) -> None:
         self.model.validate()
@@ -363,6 +432,9 @@ class RunConfig:
         for rl in (self.grpo, self.ppo):
             if rl is not None:
                 rl.validate()
+        for section in (self.reward, self.dpo):
+            if section is not None:
+                section.validate()
         require(self.train.seq_len <= self.model.block_size,
                 f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
                 "lower train.seq_len or raise model.block_size")
@@ -374,7 +446,7 @@ class RunConfig:
             sections["sft"] = dataclasses.asdict(self.sft)
         if self.lora is not None:
             sections["lora"] = dataclasses.asdict(self.lora)
-        for name in ("grpo", "ppo"):
+        for name in ("grpo", "ppo", "reward", "dpo"):
             if getattr(self, name) is not None:
                 sections[name] = dataclasses.asdict(getattr(self, name))
         return sections
@@ -390,7 +462,9 @@ class RunConfig:
                    sft=_from_fields(SFTConfig, d["sft"], "sft") if d.get("sft") is not None else None,
                    lora=_from_fields(SFTLoRAConfig, d["lora"], "lora") if d.get("lora") is not None else None,
                    grpo=_from_fields(GRPOConfig, d["grpo"], "grpo") if d.get("grpo") is not None else None,
-                   ppo=_from_fields(PPOConfig, d["ppo"], "ppo") if d.get("ppo") is not None else None)
+                   ppo=_from_fields(PPOConfig, d["ppo"], "ppo") if d.get("ppo") is not None else None,
+                   reward=_from_fields(RewardConfig, d["reward"], "reward") if d.get("reward") is not None else None,
+                   dpo=_from_fields(DPOConfig, d["dpo"], "dpo") if d.get("dpo") is not None else None)
 
 
 # ----------------------------------------------------------------------------- model configs <-> dicts
@@ -494,7 +568,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
             cfg.model = new_cls(**keep)
     for key, value in items:
         if key != "model.family":
-            optional = tuple(name for name in ("sft", "lora", "grpo", "ppo") if getattr(cfg, name) is not None)
+            optional = tuple(name for name in ("sft", "lora", "grpo", "ppo", "reward", "dpo")
+                             if getattr(cfg, name) is not None)
             set_section_value(cfg, key, value, ("model", "optim", "train", "parallel") + optional)
     return cfg
 
