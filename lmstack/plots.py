@@ -26,6 +26,15 @@ PANELS: dict[str, tuple[str, str, str]] = {
     "val_bpb": ("val_bpb", "bits per byte", "validation bits per byte"),
     "lr": ("lr", "learning rate", "learning rate"),
     "tokens_per_second": ("tokens_per_second", "tokens / s", "throughput"),
+    # RL stages (lmstack grpo / ppo)
+    "reward": ("reward", "mean reward", "rollout reward"),
+    "val_reward": ("val_reward", "mean reward", "held-out reward (greedy)"),
+    "kl_ref": ("kl_ref", "KL (nats/token)", "KL to the reference"),
+    "kl_old": ("kl_old", "KL (nats/token)", "KL to the rollout policy"),
+    "entropy": ("entropy", "nats/token", "policy entropy"),
+    "clip_fraction": ("clip_fraction", "share of tokens", "clip fraction"),
+    "response_length": ("response_length", "tokens", "response length"),
+    "value_loss": ("value_loss", "loss", "value loss"),
 }
 
 

@@ -268,6 +268,21 @@ class Engine:
                 bar.update(task, status=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
         return [final[i] for i in ids]
 
+    @contextlib.contextmanager
+    def live_weights(self) -> Iterator["Engine"]:
+        """Generate from a model that is being trained (RL rollouts, lmstack/train/rollout.py).
+
+        The engine runs the model's own tensors (no copy), so an optimizer step between two rollouts is
+        seen by the next one. Inside, the model is in eval mode; on exit it is back in the mode it was in.
+        On entry the KV that free slots kept for prefix reuse is forgotten: older weights computed it."""
+        training = self.model.training
+        self.cache.retained.clear()
+        self.model.eval()
+        try:
+            yield self
+        finally:
+            self.model.train(training)
+
     # ------------------------------------------------------------------ phases
     def _isolated(self, phase: Callable[[list[Item]], None], items: list[Item]) -> None:
         """Run a phase over the batch; if it raises, run it once per request so only the one at fault fails.
