@@ -31,6 +31,7 @@ PANELS: dict[str, tuple[str, str, str]] = {
     "val_reward": ("val_reward", "mean reward", "held-out reward (greedy)"),
     "kl_ref": ("kl_ref", "KL (nats/token)", "KL to the reference"),
     "kl_old": ("kl_old", "KL (nats/token)", "KL to the rollout policy"),
+    "kl": ("kl", "KL (nats/sequence)", "KL to the reference per response"),
     "entropy": ("entropy", "nats/token", "policy entropy"),
     "clip_fraction": ("clip_fraction", "share of tokens", "clip fraction"),
     "response_length": ("response_length", "tokens", "response length"),

@@ -18,12 +18,14 @@ import sys
 from typing import Callable
 
 from lmstack.cli.common import ArgumentParser, HelpFormatter, UsageError
+from lmstack.cli.align import add_dpo, add_reward, add_reward_score
 from lmstack.cli.data import add_data
 from lmstack.cli.evals import add_eval, add_report, add_scaling
 from lmstack.cli.generate import add_chat, add_embed, add_generate
 from lmstack.cli.interop import add_export, add_import, add_models
 from lmstack.cli.serve import add_serve
 from lmstack.cli.tokenizer import add_tokenizer
+from lmstack.cli.rl import add_grpo, add_ppo
 from lmstack.cli.train import add_pretrain, add_self_instruct, add_sft, add_speedrun
 from lmstack.errors import LmstackError, UserError
 
@@ -36,6 +38,11 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_pretrain,
     add_sft,
     add_self_instruct,
+    add_reward,
+    add_reward_score,
+    add_dpo,
+    add_grpo,
+    add_ppo,
     add_generate,
     add_chat,
     add_serve,

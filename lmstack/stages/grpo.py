@@ -150,26 +150,34 @@ def _task_reward(name: str) -> RewardFn:
 
 
 def _reward_model(path: Path, device: torch.device | str) -> RewardFn:
-    """A reward model directory (lmstack.models.heads): the score at the last token of prompt + completion."""
-    try:
-        from lmstack.models.heads import load_reward_model
-    except ImportError:
-        raise ConfigError(f"--reward {path}: reward models need lmstack.models.heads, which this installation "
-                          "lacks; use task:NAME or module:function") from None
-    scorer, tokenizer = load_reward_model(path, device=device)
+    """A reward model directory (lmstack.models.heads, ``lmstack reward``): its score at the last token of the
+    conversation prompt + completion, rendered with the reward model's own tokenizer and chat format."""
+    from lmstack.models.heads import require_head, score_at_last
+
+    loaded = load_checkpoint(path, device=device)
+    scorer = require_head(loaded.model, path).eval()
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise ConfigError(f"--reward {path}: the reward model has no tokenizer; save it with one")
 
     @torch.no_grad()
     def score(records: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[float]:
-        from lmstack.train.rollout import pad_sequences, render_prompt
-
-        prompts = [render_prompt(tokenizer, r["prompt"]) for r in records]
-        responses = [tokenizer.encode(c) + tokenizer.stop_token_ids[:1] for c in completions]
-        input_ids, response_mask = pad_sequences(prompts, responses, tokenizer.pad_id)
-        attention_mask = torch.ones_like(input_ids)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            attention_mask[i, len(p) + len(r):] = 0
-        values = scorer(input_ids.to(scorer_device(scorer)), attention_mask.to(scorer_device(scorer)))
-        return scorer.score_at_last(values, attention_mask.to(values.device)).float().cpu().tolist()
+        rows = []
+        for record, completion in zip(records, completions):
+            prompt = record["prompt"]
+            if isinstance(prompt, str):
+                rows.append([tokenizer.bos_id, *tokenizer.encode(prompt + completion)])
+            else:
+                rows.append(tokenizer.render_chat([*prompt, {"role": "assistant", "content": completion}])[0])
+        rows = [row[-scorer.config.block_size:] for row in rows]  # keep the end, where the score is read
+        T = max(map(len, rows))
+        input_ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)], attention_mask[i, :len(row)] = torch.tensor(row), 1
+        where = scorer_device(scorer)
+        values = scorer(input_ids.to(where), attention_mask.to(where))  # (N, T)
+        return score_at_last(values, attention_mask.to(where)).float().cpu().tolist()
 
     return score
 
