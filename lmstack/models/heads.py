@@ -52,8 +52,9 @@ class ScalarHeadModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) 1 = real -> the backbone's final hidden states (B, T, C)."""
         kwargs: dict[str, Any] = {}
-        if attention_mask is not None and not bool(attention_mask.all()):
-            real = attention_mask.bool()
+        real = attention_mask.bool() if attention_mask is not None else None
+        if real is not None and bool((real[:, 1:] & ~real[:, :-1]).any()):  # a real token after padding
+            # right padding alone needs nothing: a causal model's real tokens never see what comes after them
             kwargs["positions"] = (real.long().cumsum(dim=1) - 1).masked_fill(~real, -1)  # (B, T), -1 on padding
             # one document per row: this makes the model build an explicit mask from the positions, which
             # keeps padding out of view (the fast causal path would let a left-padded row attend to it)

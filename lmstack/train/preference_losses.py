@@ -1,0 +1,181 @@
+"""Preference objectives: DPO (and its IPO / robust / conservative variants) and the Bradley–Terry reward loss.
+
+    objective = dpo_objective(DPOLoss(beta=0.1, kind="sigmoid"), precomputed_reference)
+    loss, metrics = objective(policy, batch)          # batch from lmstack.data.preference.collate_pairs
+    objective = reward_objective(center_coef=0.01)    # for a ScalarHeadModel (lmstack.models.heads)
+
+Batches hold chosen rows then rejected rows, (2B, T) each (``input_ids``, ``attention_mask``,
+``completion_mask``), so one forward pass scores both completions. :func:`completion_logps` is
+log pi(y | x) summed over the completion's trained tokens only: the backbone runs once for its final hidden
+states and the output head is applied only at the positions that predict a completion token (the prompt's
+logits are never formed), which a test pins to the plain full-logits sum.
+
+DPO (Rafailov et al., 2023), with h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)):
+
+- ``sigmoid``: -(1 - e) log sigma(beta h) - e log sigma(-beta h); e = ``label_smoothing`` is the
+  conservative DPO of Mitchell (2023) (labels flipped with probability e); e = 0 is the paper's loss;
+- ``robust``: ((1 - e) (-log sigma(beta h)) - e (-log sigma(-beta h))) / (1 - 2e), the unbiased loss under
+  label noise e of Chowdhury et al. (2024);
+- ``ipo``: (h - 1 / (2 beta))^2 (Azar et al., 2023), on summed log-probabilities as the paper writes it
+  (TRL averages them over tokens for IPO; the two differ by the completion lengths).
+
+The implicit rewards are beta (log pi - log ref) per completion; the metrics are their batch means
+(``reward_chosen``, ``reward_rejected``), ``reward_margin``, ``reward_accuracy`` (the share of pairs whose chosen
+reward is higher) and the policy's mean summed log-probabilities. The reference log-probabilities come from a
+:data:`ReferenceFn`: a frozen copy (:func:`frozen_reference`), the policy itself with its LoRA adapters
+switched off (:func:`adapters_off_reference`, no copy), or the batch's ``ref_logps`` precomputed in one pass
+(:func:`precomputed_reference`). ``tokens`` counts the real (unpadded) tokens of the batch. At step 0 the
+policy is the reference, h = 0 and the sigmoid loss is ln 2.
+
+Reward model (Bradley–Terry, as in InstructGPT): r = the scalar head's value at each row's last real token,
+loss = -log sigma(r_w - r_l) + ``center_coef`` * mean((r_w + r_l)^2), the centring term of Eisenstein et al.
+(2023) that keeps rewards near zero. Metrics: ``accuracy``, ``margin``, ``reward_chosen``, ``reward_rejected``.
+Both objectives set ``judge_spikes=False``: their losses are not language-model losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmstack.devices import unwrap_model
+from lmstack.errors import ConfigError
+from lmstack.models.heads import score_at_last
+from lmstack.models.peft import lora_modules
+from lmstack.train.losses import Batch, Objective
+
+DPO_LOSSES = ("sigmoid", "ipo", "robust")
+ReferenceFn = Callable[[nn.Module, Batch], torch.Tensor]  # (policy, batch) -> reference log-probs (2B,)
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    beta: float = 0.1
+    kind: str = "sigmoid"  # sigmoid | ipo | robust
+    label_smoothing: float = 0.0  # e: the share of labels assumed flipped (sigmoid, robust)
+
+
+def completion_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed log-probabilities (2B,) of each row's completion tokens (``completion_mask``) under ``model``.
+
+    The head is applied only where position t predicts a completion token t + 1; rows are right-padded, so
+    the causal model's real tokens never see the padding."""
+    input_ids, completion = batch["input_ids"], batch["completion_mask"]
+    targets = completion[:, 1:].bool()  # (2B, T-1): position t predicts token t+1
+    hidden, _ = model(input_ids, return_hidden=True)  # (2B, T, C)
+    rows, cols = targets.nonzero(as_tuple=True)  # (N,) each: the positions that predict a completion token
+    head = unwrap_model(model).lm_head
+    logits = head(hidden[rows, cols]).float()  # (N, V)
+    token_logps = logits.gather(1, input_ids[rows, cols + 1][:, None]).squeeze(1) - logits.logsumexp(dim=1)  # (N,)
+    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)  # (2B,)
+
+
+def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, loss: DPOLoss
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """policy, reference (2B,) summed log-probs, chosen rows first -> (losses (B,), chosen rewards (B,),
+    rejected rewards (B,)); the rewards are beta (log pi - log ref), detached."""
+    B = policy.shape[0] // 2
+    ratios = policy - reference  # (2B,)
+    h = ratios[:B] - ratios[B:]  # (B,)
+    beta, e = loss.beta, loss.label_smoothing
+    if loss.kind == "sigmoid":
+        losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
+    elif loss.kind == "robust":
+        losses = ((1 - e) * -F.logsigmoid(beta * h) - e * -F.logsigmoid(-beta * h)) / (1 - 2 * e)
+    elif loss.kind == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ConfigError(f"dpo.loss={loss.kind!r}: choose one of {', '.join(DPO_LOSSES)}")
+    rewards = beta * ratios.detach()
+    return losses, rewards[:B], rewards[B:]
+
+
+def dpo_objective(loss: DPOLoss, reference: ReferenceFn) -> Objective:
+    """The DPO objective (module docstring) with reference log-probs from ``reference``."""
+
+    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = completion_logps(model, batch)  # (2B,)
+        ref = reference(model, batch).to(policy.device, policy.dtype)  # (2B,)
+        losses, chosen, rejected = dpo_losses(policy, ref, loss)
+        B = chosen.shape[0]
+        stats = torch.stack([chosen.mean(), rejected.mean(), (chosen - rejected).mean(),
+                             (chosen > rejected).float().mean(), policy[:B].mean().detach(),
+                             policy[B:].mean().detach()]).tolist()  # one device sync
+        names = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+                 "logps_rejected")
+        return losses.mean(), {**dict(zip(names, stats)), "tokens": int(batch["attention_mask"].sum())}
+
+    return Objective(objective, judge_spikes=False)
+
+
+def precomputed_reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The batch's ``ref_logps`` (2B,), written by one pass of the reference before training."""
+    if "ref_logps" not in batch:
+        raise ConfigError("dpo.reference=precomputed but the batch carries no ref_logps; compute them first "
+                          "(lmstack.stages.dpo does) or use dpo.reference=copy")
+    return batch["ref_logps"]
+
+
+def frozen_reference(reference_model: nn.Module) -> ReferenceFn:
+    """Reference log-probs from a frozen copy of the starting model (moved to the batch's device on first use)."""
+    reference_model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+        device = batch["input_ids"].device
+        if next(reference_model.parameters()).device != device:
+            reference_model.to(device)
+        return completion_logps(reference_model, batch)
+
+    return reference
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The LoRA adapters of ``model`` contribute nothing inside the block (scaling 0: the output is exactly the
+    base layer's), and dropout is off; both come back afterwards."""
+    layers = list(lora_modules(unwrap_model(model)).values())
+    scalings = [layer.scaling for layer in layers]
+    was_training = model.training
+    try:
+        for layer in layers:
+            layer.scaling = 0.0
+        model.eval()
+        yield
+    finally:
+        for layer, scaling in zip(layers, scalings):
+            layer.scaling = scaling
+        model.train(was_training)
+
+
+@torch.no_grad()
+def adapters_off_reference(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Reference log-probs from the policy itself with its LoRA adapters switched off: the frozen base model."""
+    if not lora_modules(unwrap_model(model)):
+        raise ConfigError("the adapters-off reference needs a model with LoRA adapters (lmstack dpo --lora)")
+    with adapters_off(model):
+        return completion_logps(model, batch)
+
+
+def reward_objective(center_coef: float = 0.0) -> Objective:
+    """The Bradley–Terry objective for a scalar-head model (module docstring)."""
+
+    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["attention_mask"]
+        scores = score_at_last(model(batch["input_ids"], mask), mask)  # (2B,)
+        B = scores.shape[0] // 2
+        chosen, rejected = scores[:B], scores[B:]
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        if center_coef:
+            loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+        stats = torch.stack([(chosen > rejected).float().mean(), (chosen - rejected).mean(), chosen.mean(),
+                             rejected.mean()]).detach().tolist()
+        names = ("accuracy", "margin", "reward_chosen", "reward_rejected")
+        return loss, {**dict(zip(names, stats)), "tokens": int(mask.sum())}
+
+    return Objective(objective, judge_spikes=False)
