@@ -224,8 +224,10 @@ class SFTLoRAConfig:
     dropout: float = 0.0  # on the adapter's input only
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
+    quantize: str = "none"  # none | int8 | int4: the frozen base's linear layers (--quantize, QLoRA-style)
 
     def validate(self) -> None:
+        check_choice("lora.quantize", self.quantize, ("none", "int8", "int4"))
         check_range("lora.r", self.r, 1, integer=True)
         check_range("lora.alpha", self.alpha, 0, low_open=True)
         check_range("lora.dropout", self.dropout, 0, 1, high_open=True)
@@ -408,6 +410,40 @@ class DPOConfig(PreferenceDataConfig):
 
 
 @dataclass
+class SFTPromptTuningConfig:
+    """Prompt tuning (``lmstack sft --prompt-tuning``): the fields of lmstack.models.peft.PromptTuningConfig.
+
+    ``init``: random (normal, the embedding table's scale) | vocab (embeddings of random vocabulary ids) |
+    text (the embeddings of ``init_text``'s tokens, repeated or cut to ``num_virtual_tokens``)."""
+
+    num_virtual_tokens: int = 20  # trainable vectors before every conversation; they use up context
+    init: str = "random"
+    init_text: str = ""
+    seed: int = 0  # of the random and vocab initialisations
+
+    SECTION = "prompt_tuning"  # class constants (unannotated, so not fields)
+    INITS = ("random", "vocab", "text")
+
+    def validate(self) -> None:
+        check_range(f"{self.SECTION}.num_virtual_tokens", self.num_virtual_tokens, 1, integer=True)
+        check_choice(f"{self.SECTION}.init", self.init, self.INITS)
+        require(self.init != "text" or bool(self.init_text),
+                f"{self.SECTION}.init=text needs {self.SECTION}.init_text (e.g. 'Answer the question:')")
+        check_range(f"{self.SECTION}.seed", self.seed, 0, 2**63, high_open=True, integer=True)
+
+
+@dataclass
+class SFTPrefixTuningConfig(SFTPromptTuningConfig):
+    """Prefix tuning (``lmstack sft --prefix-tuning``): per-layer key / value prefixes that start as what the
+    frozen model computes for ``init`` tokens (vocab: random vocabulary ids; text: ``init_text``)."""
+
+    init: str = "vocab"
+
+    SECTION = "prefix_tuning"
+    INITS = ("vocab", "text")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -415,6 +451,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sft: SFTConfig | None = None  # only in fine-tuning runs
     lora: SFTLoRAConfig | None = None  # only in LoRA fine-tuning runs (lmstack sft --lora)
+    prompt_tuning: SFTPromptTuningConfig | None = None  # only in lmstack sft --prompt-tuning runs
+    prefix_tuning: SFTPrefixTuningConfig | None = None  # only in lmstack sft --prefix-tuning runs
     grpo: GRPOConfig | None = None  # only in lmstack grpo runs
     ppo: PPOConfig | None = None  # only in lmstack ppo runs
     reward: RewardConfig | None = None  # only in reward-model runs (lmstack reward)
@@ -432,7 +470,7 @@ class RunConfig:
         for rl in (self.grpo, self.ppo):
             if rl is not None:
                 rl.validate()
-        for section in (self.reward, self.dpo):
+        for section in (self.reward, self.dpo, self.prompt_tuning, self.prefix_tuning):
             if section is not None:
                 section.validate()
         require(self.train.seq_len <= self.model.block_size,
@@ -446,7 +484,7 @@ class RunConfig:
             sections["sft"] = dataclasses.asdict(self.sft)
         if self.lora is not None:
             sections["lora"] = dataclasses.asdict(self.lora)
-        for name in ("grpo", "ppo", "reward", "dpo"):
+        for name in ("grpo", "ppo", "reward", "dpo", "prompt_tuning", "prefix_tuning"):
             if getattr(self, name) is not None:
                 sections[name] = dataclasses.asdict(getattr(self, name))
         return sections
@@ -461,6 +499,10 @@ class RunConfig:
                    parallel=_from_fields(ParallelConfig, d.get("parallel", {}), "parallel"),
                    sft=_from_fields(SFTConfig, d["sft"], "sft") if d.get("sft") is not None else None,
                    lora=_from_fields(SFTLoRAConfig, d["lora"], "lora") if d.get("lora") is not None else None,
+                   prompt_tuning=_from_fields(SFTPromptTuningConfig, d["prompt_tuning"], "prompt_tuning")
+                   if d.get("prompt_tuning") is not None else None,
+                   prefix_tuning=_from_fields(SFTPrefixTuningConfig, d["prefix_tuning"], "prefix_tuning")
+                   if d.get("prefix_tuning") is not None else None,
                    grpo=_from_fields(GRPOConfig, d["grpo"], "grpo") if d.get("grpo") is not None else None,
                    ppo=_from_fields(PPOConfig, d["ppo"], "ppo") if d.get("ppo") is not None else None,
                    reward=_from_fields(RewardConfig, d["reward"], "reward") if d.get("reward") is not None else None,
@@ -568,7 +610,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict[str, Any]) -> Ru
             cfg.model = new_cls(**keep)
     for key, value in items:
         if key != "model.family":
-            optional = tuple(name for name in ("sft", "lora", "grpo", "ppo", "reward", "dpo")
+            optional = tuple(name for name in ("sft", "lora", "prompt_tuning", "prefix_tuning", "grpo", "ppo",
+                                               "reward", "dpo")
                              if getattr(cfg, name) is not None)
             set_section_value(cfg, key, value, ("model", "optim", "train", "parallel") + optional)
     return cfg

@@ -25,7 +25,23 @@ modules are wrapped. The projection names shared by every family are ``q_proj``,
 A wrapper keeps the base layer's ``weight`` and ``bias`` under their own names, so the model's base
 state-dict keys do not change; the adapter adds ``<module>.lora_A.weight`` and ``<module>.lora_B.weight``.
 
-Caveats: only ``nn.Linear`` is supported (no embeddings, no convolutions, no DoRA, no per-module rank or
+LoRA over a quantized base (QLoRA-style, Dettmers et al., 2023, with this package's int8 / int4 formats
+rather than NF4 and double quantization):
+
+    quantize_model(model, "int4", keep_shared=True)   # lmstack.models.quant: frozen int8 / int4 buffers
+    apply_lora(model, cfg)                   # wraps quantized layers too; the factors are fp32 Parameters
+    ... train: only the factors have gradients and optimizer state ...
+    merge_lora(model); dequantize_model(model)           # a plain float model again
+
+Over a quantized layer the wrapper keeps the layer as ``base_layer`` (state keys
+``<module>.base_layer.qweight`` ...) and its backward reaches the input through the frozen weight
+(``grad_x = grad_y @ dequant(W)``, lmstack.models.quant). Merging adds ``scaling * B @ A`` to the
+*dequantized* weight, as peft does for its quantized layers: the merged model computes what the
+adapter was trained on (up to the quantized kernels' bf16 activations on CPU), not the original float
+weights plus the adapter. ``keep_shared`` leaves a tied output head as the float matrix it shares with
+the embedding, so merging writes one matrix.
+
+Caveats: only linear layers are supported (no embeddings, no convolutions, no DoRA, no per-module rank or
 alpha patterns, no trainable biases); one adapter per model at a time. A tied ``lm_head`` shares its
 matrix with the token embedding, so merging an adapter on it changes the embedding too (as it would in
 peft with tied weights). Save a checkpoint only after :func:`merge_lora`: the wrapped model's state
@@ -80,6 +96,7 @@ import torch
 import torch.nn as nn
 
 from lmstack.errors import ConfigError, ConversionError
+from lmstack.models.quant import QUANTIZED_LINEARS, Int4Linear, Int8Linear, float_linear
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight")
 
@@ -124,18 +141,26 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """An nn.Linear (in -> out) plus a trainable low-rank update scaling * B @ A, B (out, r) and A (r, in).
 
-    The base ``weight`` (out, in) and ``bias`` (out,) are the original Parameter objects (tied matrices
-    stay tied), frozen."""
+    Over a float layer the base ``weight`` (out, in) and ``bias`` (out,) are the original Parameter objects
+    (tied matrices stay tied), frozen, and the factors take the weight's dtype. Over a quantized layer
+    (lmstack.models.quant, QLoRA-style) the layer itself is kept as ``base_layer`` and the factors are fp32."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+    def __init__(self, base: nn.Linear | Int8Linear | Int4Linear, r: int, scaling: float, dropout: float):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in)
-        self.bias = base.bias  # (out,) or None
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        if isinstance(base, QUANTIZED_LINEARS):
+            self.base_layer = base  # int8 / int4 buffers (no gradient, no optimizer state) and a frozen bias
+            self.weight = self.bias = None
+            base.requires_grad_(False)
+            factory = {"device": base.qweight.device, "dtype": torch.float32}
+        else:
+            self.base_layer = None
+            self.weight = base.weight  # (out, in)
+            self.bias = base.bias  # (out,) or None
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -144,7 +169,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = nn.functional.linear(x, self.weight, self.bias)  # (..., out)
+        if self.base_layer is not None:
+            base = self.base_layer(x)  # (..., out); backward reaches x through the frozen quantized weight
+        else:
+            base = nn.functional.linear(x, self.weight, self.bias)  # (..., out)
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
         return base + (update * self.scaling).to(base.dtype)
 
@@ -155,7 +183,13 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding W + scaling * B @ A (summed in fp32, cast back to W's dtype).
 
-        The merge writes into the base Parameter in place, so a matrix tied elsewhere sees it too."""
+        The merge writes into the base Parameter in place, so a matrix tied elsewhere sees it too. Over a
+        quantized layer W is the dequantized weight, and the result takes the dtype it was quantized from."""
+        if self.base_layer is not None:
+            with torch.no_grad():
+                layer = self.base_layer
+                weight = (layer.dequantized(torch.float32) + self.delta_weight()).to(layer.weight_dtype)
+                return float_linear(weight, layer.bias)
         with torch.no_grad():
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -167,7 +201,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.lora_A.out_features}, scaling={self.scaling:g}")
+                f"r={self.lora_A.out_features}, scaling={self.scaling:g}"
+                f"{'' if self.base_layer is None else ', quantized base'}")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -180,13 +215,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of the layers LoRA can wrap: nn.Linear and the quantized linears of lmstack.models.quant."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, *QUANTIZED_LINEARS))]
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Wrap every nn.Linear whose name matches ``cfg.target_modules``, freeze every base parameter, and
-    return the wrapped module names. ConfigError when no module matches or the model already has LoRA."""
+    """Wrap every linear layer (float or quantized) whose name matches ``cfg.target_modules``, freeze every
+    base parameter, and return the wrapped module names. ConfigError when no module matches or the model
+    already has LoRA."""
     cfg.validate()
     if lora_modules(model):
         raise ConfigError("the model already has LoRA layers; merge_lora(model) or build a fresh model first")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = linear_layers(model)
     targets = [name for name in linears if cfg.matches(name)]
     if not targets:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
