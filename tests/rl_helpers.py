@@ -24,8 +24,8 @@ def digit_share(prompts: list, completions: list[str]) -> list[float]:
 
 
 def raise_on_seven(prompts: list, completions: list[str]) -> list[float]:
-    """Fails on the eighth sample of a call: the error must name it."""
-    if len(completions) > 7:
+    """Fails on the completion "answer 7": the error must name that sample."""
+    if "answer 7" in completions:
         raise ValueError("boom")
     return [0.0] * len(completions)
 

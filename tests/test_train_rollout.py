@@ -11,7 +11,12 @@ from rl_helpers import make_rl_base
 
 from lmstack.checkpoint import load_checkpoint
 from lmstack.engine import SamplingParams
-from lmstack.train.rollout import PolicySampler, RolloutLoader, pad_sequences, render_prompt
+from lmstack.train.rollout import (
+    PolicySampler,
+    RolloutLoader,
+    pad_sequences,
+    render_prompt,
+)
 
 
 @pytest.fixture(scope="module")

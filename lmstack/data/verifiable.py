@@ -29,8 +29,9 @@ import ast
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lmstack.atomic import write_text_atomic
 from lmstack.errors import UserError

@@ -55,15 +55,29 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from lmstack.checkpoint import load_checkpoint, load_model_state, model_state, read_config
-from lmstack.config import GRPOConfig, PPOConfig, RunConfig, SFTLoRAConfig, apply_overrides, get_preset, \
-    load_config_file, model_config_from_dict
+from lmstack.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    model_state,
+    read_config,
+)
+from lmstack.config import (
+    GRPOConfig,
+    PPOConfig,
+    RunConfig,
+    SFTLoRAConfig,
+    apply_overrides,
+    get_preset,
+    load_config_file,
+    model_config_from_dict,
+)
 from lmstack.engine import SamplingParams
 from lmstack.errors import ConfigError, DataError, UserError
 from lmstack.models import build_model, family_of, is_decoder
@@ -190,11 +204,11 @@ def score_samples(reward: RewardFn, records: Sequence[dict[str, Any]], completio
     """Rewards (N,) float32; a reward that raises, miscounts or is not finite is an error naming the sample."""
     try:
         rewards = list(reward(records, completions))
-    except Exception as e:  # the user's function: report which batch, then find the sample
+    except Exception as e:  # noqa: BLE001 -- any error of the user's function: find the sample, report it
         for i, (record, completion) in enumerate(zip(records, completions)):
             try:
                 reward([record], [completion])
-            except Exception as single:
+            except Exception as single:  # noqa: BLE001 -- the same, one sample at a time
                 raise DataError(f"the reward raised on sample {i} (prompt {_prompt_text(record['prompt'])[:60]!r}, "
                                 f"completion {completion[:60]!r}): {type(single).__name__}: {single}") from None
         raise DataError(f"the reward raised on a batch of {len(completions)} samples: {type(e).__name__}: {e}") from None
@@ -254,7 +268,7 @@ def rl_run_config(stage: str, model: str | Path, prompts: list[str] | None, rewa
     def configure(cfg: RunConfig) -> None:
         keys = [str(k) for k in file_overrides] + [item.partition("=")[0].strip() for item in overrides]
         if cfg.lora is None and any(k == "lora" or k.startswith("lora.") for k in keys):
-            raise ConfigError(f"lora.* settings apply to LoRA runs only: pass --lora")
+            raise ConfigError("lora.* settings apply to LoRA runs only: pass --lora")
         apply_overrides(cfg, file_overrides)
         apply_overrides(cfg, overrides)
 
@@ -276,10 +290,20 @@ def rl_run_config(stage: str, model: str | Path, prompts: list[str] | None, rewa
     return cfg, checkpoint, source
 
 
+def lora_config(cfg: RunConfig):
+    """lmstack.models.peft.LoRAConfig from the run's ``lora`` section (a quantized base is not offered here)."""
+    from lmstack.models.peft import LoRAConfig
+
+    if getattr(cfg.lora, "quantize", "none") != "none":
+        raise ConfigError("lora.quantize applies to lmstack sft; RL stages train LoRA over a float base")
+    names = {f.name for f in dataclasses.fields(LoRAConfig)}
+    return LoRAConfig(**{k: v for k, v in dataclasses.asdict(cfg.lora).items() if k in names})
+
+
 def build_policy(cfg: RunConfig, weights: dict[str, torch.Tensor], source_path: Path, keep_reference: bool
                  ) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
     """(policy, frozen reference or None, LoRA summary) from the source weights; LoRA when cfg.lora is set."""
-    from lmstack.models.peft import LoRAConfig, apply_lora, trainable_parameters
+    from lmstack.models.peft import apply_lora, trainable_parameters
 
     policy = build_model(cfg.model)
     load_model_state(policy, weights, source_path)
@@ -289,7 +313,7 @@ def build_policy(cfg: RunConfig, weights: dict[str, torch.Tensor], source_path: 
         reference.requires_grad_(False)
     info: dict[str, Any] = {}
     if cfg.lora is not None:
-        modules = apply_lora(policy, LoRAConfig(**dataclasses.asdict(cfg.lora)))
+        modules = apply_lora(policy, lora_config(cfg))
         trainable, total = trainable_parameters(policy)
         info = {"trainable_params": trainable, "total_params": total, "modules": modules}
     return policy, reference, info
@@ -315,7 +339,6 @@ def finish_rl_run(out_dir: Path, policy: nn.Module, cfg: RunConfig, source_path:
                   summary: dict[str, Any], lora_info: dict[str, Any], curves: Sequence[str]) -> None:
     """On rank 0: the adapter and merged model (LoRA), the RL curves plot, and summary.json."""
     from lmstack.atomic import write_json_atomic
-    from lmstack.models.peft import LoRAConfig
     from lmstack.plots import plot_training_curves
     from lmstack.stages.sft import _write_adapter_and_merged
     from lmstack.train.loop import read_metrics
@@ -324,7 +347,7 @@ def finish_rl_run(out_dir: Path, policy: nn.Module, cfg: RunConfig, source_path:
         return
     if cfg.lora is not None:
         summary["lora"] = lora_info
-        _write_adapter_and_merged(policy, LoRAConfig(**dataclasses.asdict(cfg.lora)), out_dir, source_path, tokenizer)
+        _write_adapter_and_merged(policy, lora_config(cfg), out_dir, source_path, tokenizer)
     records = read_metrics(out_dir / "metrics.jsonl")
     panels = tuple(name for name in curves if any(r.get(name) is not None for r in records))
     if panels:
@@ -393,7 +416,12 @@ class GRPOCollector:
 def grpo_objective(cfg: GRPOConfig):
     """The GRPO / REINFORCE loss on a minibatch of rollout rows (module docstring)."""
     from lmstack.train.losses import Objective
-    from lmstack.train.rl_losses import clipped_policy_loss, kl_estimate, reinforce_loss, token_logprobs
+    from lmstack.train.rl_losses import (
+        clipped_policy_loss,
+        kl_estimate,
+        reinforce_loss,
+        token_logprobs,
+    )
 
     def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         input_ids, mask = batch["input_ids"], batch["response_mask"]

@@ -42,18 +42,32 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from lmstack.checkpoint import model_state, read_config, save_checkpoint
 from lmstack.config import PPOConfig, RunConfig
 from lmstack.engine import SamplingParams
-from lmstack.stages.grpo import (PromptSource, RewardFn, build_policy, carried_stats, finish_rl_run, load_prompts,
-                                 resolve_reward, rl_run_config, rollout_stats, sampling_params, score_samples,
-                                 scorer_device, task_prompts)
+from lmstack.stages.grpo import (
+    PromptSource,
+    RewardFn,
+    build_policy,
+    carried_stats,
+    finish_rl_run,
+    load_prompts,
+    lora_config,
+    resolve_reward,
+    rl_run_config,
+    rollout_stats,
+    sampling_params,
+    score_samples,
+    scorer_device,
+    task_prompts,
+)
 
 
 class PolicyAndValue(nn.Module):
@@ -156,7 +170,12 @@ class PPOCollector:
 def ppo_objective(cfg: PPOConfig):
     """Clipped policy loss + vf_coef x clipped value loss on a minibatch of rollout rows."""
     from lmstack.train.losses import Objective
-    from lmstack.train.rl_losses import clipped_policy_loss, clipped_value_loss, kl_estimate, token_logprobs
+    from lmstack.train.rl_losses import (
+        clipped_policy_loss,
+        clipped_value_loss,
+        kl_estimate,
+        token_logprobs,
+    )
 
     def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         input_ids, mask = batch["input_ids"], batch["response_mask"]
@@ -186,7 +205,7 @@ def ppo(model: str | Path, prompts: list[str] | None, reward: str | None, out_di
 
     ``prompts`` / ``reward`` set ``ppo.prompts`` / ``ppo.reward`` (None keeps the config's)."""
     from lmstack.models.heads import ScalarHeadModel
-    from lmstack.models.peft import LoRAConfig, apply_lora
+    from lmstack.models.peft import apply_lora
     from lmstack.train.rollout import EvaluationLoader, PolicySampler, RolloutLoader
     from lmstack.train.stage import StageParts, run_stage
 
@@ -200,14 +219,12 @@ def ppo(model: str | Path, prompts: list[str] | None, reward: str | None, out_di
     made: dict[str, Any] = {}
 
     def build(cfg: RunConfig, dist) -> StageParts:
-        import dataclasses
-
         policy, reference, made["lora"] = build_policy(cfg, weights, source_path, keep_reference=True)
         weights.clear()
         backbone = copy.deepcopy(reference)
         backbone.requires_grad_(True)
         if cfg.lora is not None:
-            apply_lora(backbone, LoRAConfig(**dataclasses.asdict(cfg.lora)))
+            apply_lora(backbone, lora_config(cfg))
         trained = PolicyAndValue(policy, ScalarHeadModel(backbone))
         source = PromptSource(records, pcfg.eval_prompts, pcfg.seed, dist.rank, dist.world_size)
         longest = max(len(tokenizer.render_chat(r["prompt"], add_generation_prompt=True)[0])

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from lmstack.engine import Engine, SamplingParams
 from lmstack.errors import DataError, UserError
