@@ -11,6 +11,12 @@ every verb's own loading path (device, dtype, quantization, the eval backends) u
 of one write of the weights. An adapter that does not fit the base (other module names or shapes) is a
 ConversionError: one line, exit status 2. Caveat: an adapter made for another base of the same shapes
 cannot be told apart and loads.
+
+Prompt- and prefix-tuning adapters (``lmstack sft --prompt-tuning`` / ``--prefix-tuning``) are refused here
+with one line: they cannot be merged into weights, and the engine behind these verbs takes token ids and a
+paged KV cache, not input vectors or fixed per-layer prefixes. Such an adapter is used from Python
+(lmstack.interop.peft_adapters.load_prompt_adapter, then lmstack.engine.generate.generate with
+``use_kv_cache=False``, which recomputes the sequence each step) or with peft on the exported model.
 """
 
 from __future__ import annotations
@@ -30,12 +36,18 @@ def checkpoint_with_adapter(model_path: str, adapter_dir: str | None) -> Iterato
         yield model_path
         return
     from lmstack.checkpoint import load_checkpoint, save_checkpoint
-    from lmstack.interop.peft_adapters import load_adapter
+    from lmstack.interop.peft_adapters import adapter_type, load_adapter
     from lmstack.models.peft import merge_lora
 
     if not Path(adapter_dir).is_dir():
         raise UserError(f"--adapter {adapter_dir} is not a directory; pass an adapter directory such as "
                         "RUN/adapter from `lmstack sft --lora`")
+    kind = adapter_type(adapter_dir)
+    if kind != "LORA":
+        raise UserError(f"--adapter {adapter_dir} is a {kind} adapter; generate, chat and eval take LoRA adapters "
+                        "(merged into the weights) only, since the engine has no input for virtual tokens: use it "
+                        "from Python (lmstack.interop.peft_adapters.load_prompt_adapter) or with peft on the "
+                        "`lmstack export` model")
     base = load_checkpoint(model_path)
     load_adapter(base.model, adapter_dir)
     merge_lora(base.model)

@@ -38,7 +38,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def add_sft(sub: argparse._SubParsersAction) -> None:
     parser = verb_parser(sub, "sft", "fine-tune a model on conversations (supervised)",
-                         "Supervised fine-tuning (all weights, or a LoRA adapter with --lora) of a trained or imported decoder on chat data:\n"
+                         "Supervised fine-tuning (all weights; a LoRA adapter with --lora, over an int8/int4 base with\n"
+                         "--quantize; or virtual tokens with --prompt-tuning / --prefix-tuning) of a trained or imported decoder on chat data:\n"
                          "JSONL (.gz/.zst) or parquet records of {messages}, {prompt, completion} or Alpaca\n"
                          "{instruction, input, output}, rendered in the model's chat format. Settings of\n"
                          "its own take sft.KEY=VALUE: sft.loss_on=assistant|all|last_turn, sft.weights=1,0.5,\n"
@@ -52,13 +53,25 @@ def add_sft(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora", action="store_true",
                         help="train a LoRA adapter instead of every weight (lora.r, lora.alpha, lora.dropout, "
                              "lora.target_modules, lora.use_rslora); writes OUT/adapter and the merged OUT/model")
+    parser.add_argument("--quantize", default=None, metavar="int8|int4",
+                        help="with --lora: quantize the frozen base's linear layers (QLoRA-style; lora.quantize); "
+                             "OUT/model is the adapter merged into the dequantized base (default: float base)")
+    parser.add_argument("--prompt-tuning", action="store_true",
+                        help="train virtual input tokens instead (prompt_tuning.num_virtual_tokens=20, "
+                             "prompt_tuning.init=random|vocab|text, prompt_tuning.init_text); writes OUT/adapter "
+                             "in peft's PROMPT_TUNING layout and no OUT/model")
+    parser.add_argument("--prefix-tuning", action="store_true",
+                        help="train per-layer key/value prefixes instead (prefix_tuning.num_virtual_tokens=20, "
+                             "prefix_tuning.init=vocab|text, prefix_tuning.init_text); writes OUT/adapter in "
+                             "peft's PREFIX_TUNING layout and no OUT/model")
     add_run_config_args(parser)
 
     def run(args: argparse.Namespace) -> None:
         from lmstack.stages.sft import sft
 
         sft(model=args.model, data=args.data, out_dir=args.out, preset=args.preset, config_file=args.config,
-            overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, lora=args.lora)
+            overrides=args.overrides, resume=args.resume, overwrite=args.overwrite, lora=args.lora,
+            quantize=args.quantize, prompt_tuning=args.prompt_tuning, prefix_tuning=args.prefix_tuning)
 
     parser.set_defaults(func=run)
 
