@@ -47,8 +47,8 @@ from lmstack.data.preference import PreferenceLoader, PreferencePair
 from lmstack.errors import ConfigError
 from lmstack.models import build_model
 from lmstack.models.peft import LoRAConfig, apply_lora, trainable_parameters
-from lmstack.stages.preference import batches_on, describe, load_source, prepare_preference_run, same_vocabulary
-from lmstack.stages.sft import _write_adapter_and_merged
+from lmstack.stages.preference import (batches_on, describe, load_source, prepare_preference_run, same_vocabulary,
+                                      write_adapter_and_merged)
 from lmstack.train.loop import autocast_context
 from lmstack.train.preference_losses import (DPOLoss, ReferenceFn, adapters_off_reference, completion_logps,
                                              dpo_losses, dpo_objective, frozen_reference, precomputed_reference)
@@ -115,7 +115,7 @@ def dpo(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
         summary["heldout"] = implicit_reward_metrics(trained["model"], trained["reference"], run.pairs.val,
                                                      tokenizer.pad_id, cfg.train.batch_size, loss.beta)
         if lora_cfg is not None:
-            _write_adapter_and_merged(trained["model"], lora_cfg, Path(out_dir), source_path, tokenizer)
+            write_adapter_and_merged(trained["model"], lora_cfg, Path(out_dir), source_path, tokenizer)
         write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
 

@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from lmstack.checkpoint import Checkpoint, load_checkpoint, read_config
+from lmstack.checkpoint import Checkpoint, load_checkpoint, read_config, save_checkpoint
 from lmstack.config import RunConfig, SFTLoRAConfig, apply_overrides, get_preset, load_config_file, \
     model_config_from_dict
 from lmstack.data.preference import PreferenceData, PreferenceStats, load_preference
 from lmstack.errors import ConfigError, UserError
 from lmstack.models import family_of, is_decoder
 from lmstack.models.heads import ScalarHeadModel
-from lmstack.stages.sft import _names_lora
+from lmstack.models.peft import LoRAConfig, merge_lora
 from lmstack.train.stage import stage_config
 
 
@@ -96,6 +97,23 @@ def prepare_preference_run(section: str, section_cls: type, model: str | Path, d
         for note in stats.notes:
             print(f"{stats.ratings_skipped} {note}", file=sys.stderr)
     return PreferenceRun(cfg, checkpoint, source, pairs, stats)
+
+
+def _names_lora(file_overrides: dict[str, Any], overrides: list[str]) -> bool:
+    """Whether the config file (nested or dotted keys) or a ``key=value`` override sets a ``lora.*`` key."""
+    keys = [str(key) for key in file_overrides] + [item.partition("=")[0].strip() for item in overrides]
+    return any(key == "lora" or key.startswith("lora.") for key in keys)
+
+
+def write_adapter_and_merged(model: nn.Module, lora_cfg: LoRAConfig, out_dir: Path, source_path: Path,
+                             tokenizer: Any) -> None:
+    """OUT/adapter (peft's layout) from the trained factors, then OUT/model rewritten as the merged model, a
+    normal checkpoint under the run's config (the loop saved it with the factors unmerged)."""
+    from lmstack.interop.peft_adapters import save_adapter
+
+    save_adapter(model, lora_cfg, out_dir / "adapter", base_model_name_or_path=str(source_path))
+    merge_lora(model)
+    save_checkpoint(out_dir / "model", model, read_config(out_dir / "model"), tokenizer)
 
 
 def describe(stats: PreferenceStats) -> str:
