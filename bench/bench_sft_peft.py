@@ -71,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--seed", type=int, default=1337, help="train.seed (adapter init and batch order)")
-    p.add_argument("--side", choices=["lmstack", "peft"], help=argparse.SUPPRESS)  # internal: one side's run
+    p.add_argument("--packed-steps", type=int, default=6, help="timed steps of the packed lmstack run")
+    p.add_argument("--packed-batch-size", type=int, default=2, help="packed windows of --seq-len tokens per step")
+    p.add_argument("--side", choices=["lmstack", "lmstack-packed", "peft"], help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
 
 
@@ -86,9 +88,10 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def lmstack_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
-            f"train.max_steps={args.warmup + args.steps}", "train.log_every=1", "train.eval_every=0",
+def lmstack_overrides(args: argparse.Namespace, packed: bool = False) -> list[str]:
+    batch, steps = (args.packed_batch_size, args.packed_steps) if packed else (args.batch_size, args.steps)
+    return [f"train.batch_size={batch}", f"train.seq_len={args.seq_len}", f"sft.packing={str(packed).lower()}",
+            f"train.max_steps={args.warmup + steps}", "train.log_every=1", "train.eval_every=0",
             "train.eval_batches=1", "train.ckpt_every=0", "train.keep_last=1", f"train.seed={args.seed}",
             "train.device=cpu", "train.dtype=fp32", "train.tensorboard=false",
             f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0",
@@ -98,23 +101,26 @@ def lmstack_overrides(args: argparse.Namespace) -> list[str]:
 
 # ----------------------------------------------------------------------------- the two sides (subprocesses)
 
-def run_lmstack_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """``sft(..., lora=True)``; the per-step losses and step seconds from its metrics.jsonl."""
+def run_lmstack_side(args: argparse.Namespace, work: Path, packed: bool = False) -> dict[str, Any]:
+    """``sft(..., lora=True)`` (padded, or with ``sft.packing=true``); the per-step losses, trained tokens
+    and step seconds from its metrics.jsonl."""
     from lmstack.stages.sft import sft
     from lmstack.train.loop import read_metrics
 
-    run_dir = work / "lmstack-run"
+    run_dir = work / ("lmstack-packed-run" if packed else "lmstack-run")
     started = time.perf_counter()
-    sft(args.model, [str(work / "tasks.jsonl")], run_dir, overrides=lmstack_overrides(args), overwrite=True,
-        progress=False, lora=True)
+    sft(args.model, [str(work / "tasks.jsonl")], run_dir, overrides=lmstack_overrides(args, packed),
+        overwrite=True, progress=False, lora=True)
     wall = time.perf_counter() - started
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r]
-    losses, seconds, previous = [], [], 0
+    losses, seconds, tokens, previous = [], [], [], 0
     for row in rows:  # tokens is the running total: a step's tokens over its tokens/s is its seconds
         losses.append(row["loss"])
+        tokens.append(row["tokens"] - previous)
         seconds.append((row["tokens"] - previous) / row["tokens_per_second"])
         previous = row["tokens"]
-    return {"losses": losses, "step_seconds": seconds, "wall_seconds": wall, "vm_hwm_mib": vm_hwm_mib()}
+    return {"losses": losses, "step_seconds": seconds, "trained_tokens": tokens, "wall_seconds": wall,
+            "vm_hwm_mib": vm_hwm_mib()}
 
 
 def run_peft_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -215,26 +221,38 @@ def run_side(side: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def summarize(args: argparse.Namespace, tokens: dict[str, Any], sides: dict[str, dict[str, Any]]) -> str:
     timed = slice(args.warmup, args.warmup + args.steps)
     speed = {}
-    for name, side in sides.items():
-        secs = sum(side["step_seconds"][timed])
+    for name in ("lmstack", "peft"):
+        secs = sum(sides[name]["step_seconds"][timed])
         speed[name] = {"trained": sum(tokens["trained_tokens"][timed]) / secs,
                        "input": sum(tokens["input_tokens"][timed]) / secs, "step_ms": 1000 * secs / args.steps}
+    packed = sides["lmstack-packed"]
+    packed_timed = slice(args.warmup, args.warmup + args.packed_steps)
+    secs = sum(packed["step_seconds"][packed_timed])
+    speed["lmstack-packed"] = {"trained": sum(packed["trained_tokens"][packed_timed]) / secs, "input": None,
+                               "step_ms": 1000 * secs / args.packed_steps}
     lm, pf = sides["lmstack"], sides["peft"]
     diffs = [abs(a - b) for a, b in zip(lm["losses"], pf["losses"])]
-    lines = ["| side | trained tok/s | input tok/s (no padding) | ms/step | peak RSS (VmHWM) | wall |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, label in (("lmstack", "lmstack sft --lora"), ("peft", "transformers + peft (plain loop)")):
+    lines = ["| side | batch | trained tok/s | input tok/s (no padding) | ms/step | peak RSS (VmHWM) | wall |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    rows = (("lmstack", "lmstack sft --lora", f"{args.batch_size} conversations, padded"),
+            ("lmstack-packed", "lmstack sft --lora sft.packing=true", f"{args.packed_batch_size} x {args.seq_len}-token windows"),
+            ("peft", "transformers + peft (plain loop)", f"{args.batch_size} conversations, padded"))
+    for name, label, batch in rows:
         s, side = speed[name], sides[name]
-        lines.append(f"| {label} | {s['trained']:,.0f} | {s['input']:,.0f} | {s['step_ms']:,.0f} | "
+        input_speed = f"{s['input']:,.0f}" if s["input"] is not None else "-"
+        lines.append(f"| {label} | {batch} | {s['trained']:,.0f} | {input_speed} | {s['step_ms']:,.0f} | "
                      f"{side['vm_hwm_mib']:,.0f} MiB | {side['wall_seconds']:.0f} s |")
-    lines.append(f"| ratio lmstack / peft | {speed['lmstack']['trained'] / speed['peft']['trained']:.2f}x | "
+    lines.append(f"| ratio lmstack / peft, equal shapes | | {speed['lmstack']['trained'] / speed['peft']['trained']:.2f}x | "
                  f"{speed['lmstack']['input'] / speed['peft']['input']:.2f}x | | "
                  f"{lm['vm_hwm_mib'] / pf['vm_hwm_mib']:.2f}x | |")
+    lines.append(f"| ratio lmstack packed / peft padded, end to end | | "
+                 f"{speed['lmstack-packed']['trained'] / speed['peft']['trained']:.2f}x | | | | |")
     lines += ["", "| step | lmstack loss | peft loss | abs diff |", "|---:|---:|---:|---:|"]
     for i, (a, b) in enumerate(zip(lm["losses"], pf["losses"]), start=1):
         lines.append(f"| {i}{' (warm-up)' if i <= args.warmup else ''} | {a:.5f} | {b:.5f} | {abs(a - b):.2e} |")
     lines.append(f"\nmax abs loss difference over {len(diffs)} steps: {max(diffs):.2e}; "
-                 f"padding: {1 - sum(tokens['input_tokens']) / sum(tokens['padded_tokens']):.0%} of the input positions")
+                 f"padding: {1 - sum(tokens['input_tokens']) / sum(tokens['padded_tokens']):.0%} of the padded "
+                 "batches' input positions")
     return "\n".join(lines)
 
 
@@ -243,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     if args.side:  # one side, in its own process
         torch.set_num_threads(args.threads)
-        result = (run_lmstack_side if args.side == "lmstack" else run_peft_side)(args, work)
+        result = run_peft_side(args, work) if args.side == "peft" else \
+            run_lmstack_side(args, work, packed=args.side == "lmstack-packed")
         (work / f"{args.side}.json").write_text(json.dumps(result))
         return
     from lmstack.atomic import write_json_atomic, write_text_atomic
@@ -252,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     tokens = prepare(args, work)
-    sides = {side: run_side(side, args, work) for side in ("lmstack", "peft")}
+    sides = {side: run_side(side, args, work) for side in ("lmstack", "lmstack-packed", "peft")}
     table = summarize(args, tokens, sides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

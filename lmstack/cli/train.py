@@ -116,7 +116,7 @@ def add_self_instruct(sub: argparse._SubParsersAction) -> None:
 
 
 def add_speedrun(sub: argparse._SubParsersAction) -> None:
-    from lmstack.stages.speedrun import DEFAULT_CHAT_MINUTES, DEFAULT_MINUTES, ChatSettings
+    from lmstack.stages.speedrun import CHAT_SFT_DEFAULTS, DEFAULT_MINUTES, ChatSettings
 
     chat = ChatSettings()
     parser = verb_parser(sub, "speedrun", "the main job: corpus -> tokenizer -> shards -> pretrain -> chat SFT -> report",
@@ -141,20 +141,22 @@ def add_speedrun(sub: argparse._SubParsersAction) -> None:
                         help="generated task conversations (exact answers) to fine-tune on")
     parser.add_argument("--chitchat", type=non_negative_int, default=chat.chitchat,
                         help="Chit-Chat conversations (real multi-turn chat, a seeded sample) to fine-tune on")
+    parser.add_argument("--chitchat-messages", type=positive_int, default=chat.chitchat_messages,
+                        help="messages kept from the start of each Chit-Chat conversation (even: it ends on a reply)")
     parser.add_argument("--chat-held-out", type=positive_int, default=chat.held_out,
                         help="conversations of each source held out for the report's before/after loss")
     parser.add_argument("--chat-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of the chat SFT run (train.*, optim.*, sft.*), after its defaults "
-                             "(sft.packing=true optim.lr=1e-3 optim.warmup_steps=20 train.eval_every=0 "
-                             "train.ckpt_every=100); repeat for several. Plain KEY=VALUE arguments set pretraining")
+                             f"({' '.join(CHAT_SFT_DEFAULTS)}); repeat for several. Plain KEY=VALUE arguments "
+                             "set pretraining")
     add_run_config_args(parser)
 
     def run(args: argparse.Namespace) -> None:
         from lmstack.stages.speedrun import ChatSettings, speedrun
 
         chat = None if args.skip_chat else ChatSettings(
-            minutes=args.chat_minutes, tasks=args.chat_tasks, chitchat=args.chitchat, held_out=args.chat_held_out,
-            overrides=tuple(args.chat_set))
+            minutes=args.chat_minutes, tasks=args.chat_tasks, chitchat=args.chitchat,
+            chitchat_messages=args.chitchat_messages, held_out=args.chat_held_out, overrides=tuple(args.chat_set))
         speedrun(out_dir=args.out, corpus=args.corpus, preset=args.preset, config_file=args.config,
                  overrides=args.overrides, vocab_size=args.vocab_size, minutes=args.minutes,
                  clean=not args.no_clean, workers=args.workers, chat=chat)

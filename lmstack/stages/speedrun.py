@@ -18,7 +18,8 @@ nats per token / ln 2 × tokens per byte of UTF-8 text.
 The chat stage (:func:`chat_stage`) fine-tunes the pretrained model with :func:`lmstack.stages.sft.sft`
 (packed batches, loss on the assistant turns) on two sources mixed: generated tasks with exact answers
 (:func:`lmstack.data.instruct.make_task_conversations`) and real human–human conversations
-(:mod:`lmstack.data.chitchat`, a seeded sample). A base model trained on books never writes the
+(:mod:`lmstack.data.chitchat`, a seeded sample, each cut to its first two exchanges so that a step
+holds more turn ends). A base model trained on books never writes the
 chat format's end-of-turn token ``<|end|>``; SFT teaches it the turn structure, so ``lmstack chat``
 gets a reply that stops where the assistant's turn ends. Conversations of both sources are held out
 before training (OUT/chat-data/heldout_*.jsonl); the report gives the loss on them before and after SFT,
@@ -62,14 +63,18 @@ class ChatSettings:
 
     minutes: float = DEFAULT_CHAT_MINUTES  # SFT wall-clock budget (train.max_minutes of the SFT run)
     tasks: int = 3000  # generated task conversations (exact answers)
-    chitchat: int = 2000  # Chit-Chat conversations (real multi-turn chat; 0 leaves the source out)
-    held_out: int = 64  # conversations of each source held out for the before/after loss
+    chitchat: int = 1000  # Chit-Chat conversations (real multi-turn chat; 0 leaves the source out)
+    chitchat_messages: int = 4  # each cut to its first exchanges: more turn ends per trained token
+    held_out: int = 32  # conversations of each source held out for the before/after loss
     overrides: tuple[str, ...] = ()  # KEY=VALUE for the SFT run (train.*, optim.*, sft.*), after the defaults
 
 
 # SFT defaults for the chat stage: packed windows of the preset's context, a smaller LR than pretraining.
-CHAT_SFT_DEFAULTS = ("sft.packing=true", "optim.lr=1e-3", "optim.warmup_steps=20", "train.eval_every=0",
-                     "train.ckpt_every=100")
+# Small batches: more steps in the budget; one small validation at the end (the report measures the
+# held-out files itself).
+CHAT_SFT_DEFAULTS = ("sft.packing=true", "train.batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=10",
+                     "train.eval_every=0", "train.eval_batches=2", "sft.val_fraction=0.01", "train.ckpt_every=100")
+REPLY_PROMPTS = 16  # held-out opening messages per source that the model answers, before and after SFT
 
 
 def _say(msg: str) -> None:
@@ -127,7 +132,8 @@ def write_chat_data(out: Path, settings: ChatSettings, seed: int) -> dict[str, P
     if settings.chitchat:
         from lmstack.data.chitchat import chitchat_conversations
 
-        conversations = [{"messages": m} for m in chitchat_conversations(progress=False)]
+        keep = max(2, settings.chitchat_messages - settings.chitchat_messages % 2)  # end on an assistant turn
+        conversations = [{"messages": m[:keep]} for m in chitchat_conversations(progress=False)]
         random.Random(seed).shuffle(conversations)
         sources["chitchat"] = conversations[:settings.chitchat + settings.held_out]
     files = {}
@@ -161,7 +167,7 @@ def held_out_loss(model_dir: Path, data_file: Path, max_tokens: int) -> float:
     return total / tokens
 
 
-def chat_replies(model_dir: Path, conversations: list[list[dict[str, str]]], max_tokens: int = 64,
+def chat_replies(model_dir: Path, conversations: list[list[dict[str, str]]], max_tokens: int = 48,
                  seed: int = 0) -> list[dict[str, Any]]:
     """The model's reply to each conversation (sampled at temperature 0.7, top-k 50, seeded) through the
     engine and the tokenizer's chat format; ``ended_turn``: the reply stopped at the end-of-turn token."""
@@ -206,10 +212,10 @@ def chat_stage(out: Path, base_model: Path, preset: str, settings: ChatSettings,
     losses = {name: {"before": held_out_loss(base_model, data_dir / f"heldout_{name}.jsonl", max_tokens),
                      "after": held_out_loss(run_dir / "model", data_dir / f"heldout_{name}.jsonl", max_tokens)}
               for name in sources}
-    first_turns = []  # the opening user message of every held-out conversation
+    first_turns = []  # the opening user message of the first held-out conversations of each source
     for name in sources:
         with open(data_dir / f"heldout_{name}.jsonl", encoding="utf-8") as f:
-            first_turns += [json.loads(line)["messages"] for line in f]
+            first_turns += [json.loads(line)["messages"] for line in f][:REPLY_PROMPTS]
     first_turns = [[next(m for m in messages if m["role"] == "user")] for messages in first_turns]
     before = chat_replies(base_model, first_turns, seed=seed)
     after = chat_replies(run_dir / "model", first_turns, seed=seed)
