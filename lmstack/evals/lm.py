@@ -11,6 +11,16 @@ Two interchangeable scorers compute the same numbers:
   ever sits *after* the positions that are read. Requests are sorted longest first so a batch wastes little.
 * ``engine``: the inference engine's ``prompt_logprobs`` (``SamplingParams(max_tokens=0, prompt_logprobs=0)``),
   which batches with continuous batching and chunked prefill. A parity test pins it to ``plain``.
+* ``shared``: the choices of a multiple-choice item share their context (demonstrations + question), and with a
+  fixed demonstration set every item shares the demonstrations. :func:`score_shared` runs each distinct context
+  once, keeps its keys and values, and then runs only the continuations on top of them (a continuation of one
+  token needs no forward at all: the context's last logits score it). Within a batch of contexts the longest
+  common token prefix (the demonstrations) is run once more for all of them. It uses the model's own KV-cache
+  protocol (``models/layers.py``) through a small cache, :class:`StoredPrefix` / :class:`_RowsCache`, whose
+  rows continue stored prefixes; masks come from positions, so padded rows and the left padding of contexts
+  between the common prefix and each remainder are never attended. The token split is the plain path's
+  (``encode_pair``, then the same left truncation), so a parity test pins it to ``plain`` within float noise.
+  Generation with ``shared`` runs on the engine.
 
 Tokenisation follows lm-evaluation-harness: the continuation's tokens are ``encode(context + continuation)``
 minus the tokens of ``encode(context)`` (so a word is tokenised as it would be in running text), and an empty
@@ -42,6 +52,7 @@ from lmstack.errors import CheckpointError, DataError, UserError
 from lmstack.evals.task import GenerationRequest
 
 ProgressFn = Callable[[int], None]
+BACKENDS = ("auto", "engine", "plain", "shared")
 
 
 @dataclass
@@ -59,8 +70,8 @@ class EvalLM:
         if tokenizer is None:
             raise CheckpointError("evaluation needs a tokenizer, and this checkpoint has no tokenizer.json; copy the "
                                   "tokenizer used for training into the checkpoint directory")
-        if backend not in ("auto", "engine", "plain"):
-            raise UserError(f"backend={backend!r}: choose auto, engine or plain")
+        if backend not in BACKENDS:
+            raise UserError(f"backend={backend!r}: choose {', '.join(BACKENDS)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -119,6 +130,9 @@ class EvalLM:
         self.truncated_requests += sum(len(ctx) + len(cont) > self.max_length for ctx, cont in requests)
         if self.backend == "engine":
             return score_with_engine(self.engine, requests, self.max_length, progress)
+        if self.backend == "shared":
+            return score_shared(self.model, requests, self.max_length, self.batch_size, self.max_batch_tokens,
+                                progress)
         return score_plain(self.model, requests, self.max_length, self.batch_size, self.max_batch_tokens, progress)
 
     def loglikelihood_rolling(self, texts: Sequence[str], progress: ProgressFn | None = None
@@ -154,7 +168,7 @@ class EvalLM:
         for start in range(0, len(requests), chunk):
             part = [self._fit_request(r) for r in requests[start:start + chunk]]
             prompts = [self._prompt_ids(r) for r in part]
-            if self.backend == "engine":
+            if self.backend in ("engine", "shared"):
                 texts = self._generate_engine(part, prompts, seed + start)
             else:
                 texts = [generate_plain(self.model, self.tokenizer, p, r, seed + start + i)
@@ -249,6 +263,153 @@ def score_with_engine(engine: Any, requests: Sequence[tuple[list[int], list[int]
         if progress:
             progress(len(part))
     return results
+
+
+# ----------------------------------------------------------------------------- shared-context scoring
+
+@dataclass
+class StoredPrefix:
+    """Keys and values of N token sequences, kept to be continued: per layer (N, H_kv, S, D), positions (N, S).
+
+    Key position -1 marks a padding column, which attention never reads."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_positions: torch.Tensor
+
+
+class _RowsCache:
+    """The KV-cache protocol for one forward whose row r continues stored prefix ``owners[r]`` (or nothing).
+
+    After the forward, :meth:`stored` is every row's whole sequence so far (prefix + new tokens), the prefix of
+    the next level."""
+
+    def __init__(self, prefix: StoredPrefix | None, owners: torch.Tensor, n_layer: int, keep: bool = True):
+        self.prefix, self.owners, self.keep = prefix, owners, keep
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.key_positions: torch.Tensor | None = None
+
+    def next_position(self) -> int:
+        raise RuntimeError("score_shared always passes explicit positions")
+
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions (R, T) of the new tokens -> key positions (R, S + T)."""
+        if self.prefix is None:
+            self.key_positions = positions
+        else:
+            self.key_positions = torch.cat([self.prefix.key_positions[self.owners], positions], dim=1)
+        return self.key_positions
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (R, H_kv, T, D) -> (R, H_kv, S + T, D)."""
+        if self.prefix is not None:
+            k = torch.cat([self.prefix.keys[layer_idx][self.owners], k], dim=2)
+            v = torch.cat([self.prefix.values[layer_idx][self.owners], v], dim=2)
+        if self.keep:
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def stored(self) -> StoredPrefix:
+        return StoredPrefix(self.keys, self.values, self.key_positions)  # type: ignore[arg-type]
+
+
+def _forward_rows(model: torch.nn.Module, rows: Sequence[list[int]], starts: Sequence[int], prefix: StoredPrefix | None,
+                  owners: Sequence[int], *, left_pad: bool, last_only: bool, keep: bool = True
+                  ) -> tuple[torch.Tensor, StoredPrefix]:
+    """Run token rows (row r at positions starts[r]..) on top of stored prefixes -> (logits, stored sequences).
+
+    Left padding puts every row's last token in the last column (``last_only`` then computes the head there
+    only: (R, 1, V)); right padding keeps row r's token j in column j ((R, T, V)). ``keep=False`` stores nothing
+    (the last level), so its keys and values are freed layer by layer."""
+    device = next(model.parameters()).device
+    T = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)  # (R, T); padding is token 0 at position -1
+    positions = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, (tokens, start) in enumerate(zip(rows, starts)):
+        cols = slice(T - len(tokens), T) if left_pad else slice(0, len(tokens))
+        idx[r, cols] = torch.tensor(tokens)
+        positions[r, cols] = torch.arange(start, start + len(tokens))
+    cache = _RowsCache(prefix, torch.tensor(list(owners), device=device), model.config.n_layer, keep)
+    logits, _ = model(idx.to(device), positions=positions.to(device), kv_cache=cache,
+                      logits_to_keep=1 if last_only else 0)
+    return logits, cache.stored()
+
+
+def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first, n = rows[0], min(len(r) for r in rows)
+    for other in rows[1:]:
+        n = next((j for j in range(n) if other[j] != first[j]), n)
+    return n
+
+
+def score_shared(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
+                 batch_size: int = 16, max_batch_tokens: int = 4096, progress: ProgressFn | None = None
+                 ) -> list[LoglikelihoodResult]:
+    """The plain scorer's numbers, each distinct context computed once (see the module docstring).
+
+    Requests are fitted exactly as :func:`score_plain` fits them, then grouped by their context tokens. A batch
+    of up to ``batch_size`` contexts (longest first, ``max_batch_tokens`` padded tokens at most) runs in up to
+    three forwards: the batch's common token prefix once (B = 1), each context's remainder on top of it (its
+    last logits score every continuation's first token), then every continuation of more than one token on top
+    of its context, ``max_batch_tokens`` at a time."""
+    fitted = [_fit(ctx, cont, max_length) for ctx, cont in requests]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (full, n_cont) in enumerate(fitted):
+        groups.setdefault(tuple(full[:-n_cont]), []).append(i)
+    contexts = sorted(groups, key=len, reverse=True)
+    results: list[LoglikelihoodResult | None] = [None] * len(fitted)
+    pos = 0
+    with torch.no_grad():
+        while pos < len(contexts):
+            rows = max(1, min(batch_size, max_batch_tokens // len(contexts[pos])))
+            batch = contexts[pos:pos + rows]
+            pos += len(batch)
+            _score_context_batch(model, batch, [groups[c] for c in batch], fitted, max_batch_tokens, results)
+            if progress:
+                progress(sum(len(groups[c]) for c in batch))
+    return results  # type: ignore[return-value]
+
+
+def _score_context_batch(model: torch.nn.Module, contexts: list[tuple[int, ...]], members: list[list[int]],
+                         fitted: list[tuple[list[int], int]], max_batch_tokens: int,
+                         results: list[LoglikelihoodResult | None]) -> None:
+    # the common prefix leaves every context at least one token, whose logits score the first continuation token
+    common = min(_common_prefix_length(contexts), min(len(c) for c in contexts) - 1) if len(contexts) > 1 else 0
+    shared = None
+    if common > 0:
+        _, shared = _forward_rows(model, [list(contexts[0][:common])], [0], None, [0], left_pad=True, last_only=True)
+    last_logits, stored = _forward_rows(model, [list(c[common:]) for c in contexts], [common] * len(contexts),
+                                        shared, [0] * len(contexts), left_pad=True, last_only=True)
+    first_logp = F.log_softmax(last_logits[:, 0].float(), dim=-1)  # (G, V): the first continuation token
+    longer: list[tuple[int, int]] = []  # (request, context row) of continuations with more than one token
+    for g, group in enumerate(members):
+        for i in group:
+            full, n_cont = fitted[i]
+            if n_cont == 1:
+                token = full[-1]
+                chosen = first_logp[g, token]
+                results[i] = LoglikelihoodResult(float(chosen), bool(chosen >= first_logp[g].max()), 1)
+            else:
+                longer.append((i, g))
+    longer.sort(key=lambda pair: -fitted[pair[0]][1])
+    width = stored.key_positions.shape[1]
+    start = 0
+    while start < len(longer):
+        longest = fitted[longer[start][0]][1] - 1
+        # a row reads width + longest keys; the bound keeps the gathered keys and values near the plain batch's size
+        part = longer[start:start + max(1, min(max_batch_tokens // longest, 4 * max_batch_tokens // (width + longest)))]
+        start += len(part)
+        feeds = [fitted[i][0][-fitted[i][1]:-1] for i, _ in part]  # every continuation token but the last
+        logits, _ = _forward_rows(model, feeds, [len(contexts[g]) for _, g in part], stored, [g for _, g in part],
+                                  left_pad=False, last_only=False, keep=False)  # (R, T, V)
+        for r, (i, g) in enumerate(part):
+            full, n_cont = fitted[i]
+            logp = torch.cat([first_logp[g][None], F.log_softmax(logits[r, :n_cont - 1].float(), dim=-1)])  # (n, V)
+            target = torch.tensor(full[-n_cont:], device=logp.device)
+            chosen = logp.gather(1, target[:, None])[:, 0]  # (n_cont,)
+            results[i] = LoglikelihoodResult(float(chosen.sum()), bool((chosen >= logp.max(dim=-1).values).all()),
+                                             n_cont)
 
 
 def generate_plain(model: torch.nn.Module, tokenizer: Any, prompt: list[int], request: GenerationRequest,
