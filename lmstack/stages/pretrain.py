@@ -58,7 +58,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny", co
     def build(cfg: RunConfig, dist) -> StageParts:
         tcfg = cfg.train
         train_loader, val_loader = (TokenLoader(data_dir, split, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed,
-                                                rank=dist.rank, world_size=dist.world_size)
+                                                rank=dist.dp_rank, world_size=dist.dp_size)
                                     for split in ("train", "val"))
         return StageParts(model=build_model(cfg.model), train_loader=train_loader, val_loader=val_loader,
                           objective=objective_for(cfg.model, tokenizer), tokenizer=tokenizer,

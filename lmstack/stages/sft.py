@@ -167,10 +167,10 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     def build(cfg: RunConfig, dist) -> StageParts:
         tcfg = cfg.train
         train_loader = InstructLoader(instruct.train, tcfg.batch_size, seed=tcfg.seed, pad_id=tokenizer.pad_id,
-                                      rank=dist.rank, world_size=dist.world_size,
+                                      rank=dist.dp_rank, world_size=dist.dp_size,
                                       pack_len=tcfg.seq_len if cfg.sft.packing else None)
         val_loader = InstructLoader(instruct.val, tcfg.batch_size, pad_id=tokenizer.pad_id, shuffle=False,
-                                    rank=dist.rank, world_size=dist.world_size)
+                                    rank=dist.dp_rank, world_size=dist.dp_size)
         skipped = f", {stats.skipped} skipped" if stats.skipped else ""
         model = build_model(cfg.model)  # the config may change what does not touch the weights (dropout)
         load_model_state(model, source_weights, source_path)

@@ -16,7 +16,9 @@ then scales each group's own starting LR.
 
 What it takes care of so stages do not have to:
 - devices and precision (lmstack.devices): bf16 autocast on CUDA by default, fp16 + GradScaler on
-  request, fp32 on CPU; optional torch.compile; DDP under torchrun (gloo on CPU, NCCL on GPU);
+  request, fp32 on CPU; optional torch.compile; under torchrun the ``parallel.*`` layout
+  (lmstack/train/parallel/): DDP by default, FSDP2 / HSDP, tensor and sequence parallel, pipeline
+  schedules, activation checkpointing (gloo on CPU, NCCL on GPU);
 - metrics: JSONL (RUN/metrics.jsonl) and TensorBoard (RUN/tb), a progress bar with loss, tokens/s,
   MFU on GPU and ETA, periodic validation loss and bits-per-byte, a PNG loss curve at the end
   (lmstack.plots);
@@ -25,6 +27,9 @@ What it takes care of so stages do not have to:
   RUN/model. ``resume=True`` continues from the newest *intact* checkpoint (a damaged newer one is
   passed over, and the run says so) and reproduces the uninterrupted run bit for bit: same batches,
   same RNG, same optimizer state, and the same logged averages (the partial log window is saved too).
+  Sharded runs write their weights and optimizer state with torch.distributed.checkpoint (CKPT/dcp/, every
+  process its pieces, optionally in the background), which resumes in any other layout; RUN/model is
+  always one consolidated model.safetensors.
   What a killed writer left behind (staging directories) is cleaned up at the next start;
 - loss spikes and NaN/Inf: a micro-batch whose loss is not finite, or (for objectives that declare
   ``judge_spikes``, the LM losses) above ``spike_factor`` times the running mean, or whose gradient
@@ -43,6 +48,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -56,14 +62,15 @@ import torch.nn as nn
 from lmstack import checkpoint as ckpt
 from lmstack.atomic import clean_staging, write_text_atomic
 from lmstack.config import RunConfig
-from lmstack.devices import resolve_dtype, unwrap_model
+from lmstack.devices import resolve_dtype
 from lmstack.errors import CheckpointError, DataError, LmstackError, UserError
 from lmstack.plots import plot_training_curves
 from lmstack.progress import Progress
 from lmstack.train.budget import WallClockBudget
-from lmstack.train.dist import DistInfo, all_reduce_mean, any_rank, from_rank0, init_distributed
+from lmstack.train.dist import DistInfo, any_rank, dp_sum, from_rank0, init_distributed
 from lmstack.train.losses import Batch, Objective
 from lmstack.train.optim import build_optimizer, lr_multiplier
+from lmstack.train.parallel import Parallelized, parallelize, rebind_optimizer, resolve_layout
 
 # Peak dense bf16 tensor FLOP/s for MFU, by substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -285,11 +292,10 @@ def evaluate(model: nn.Module, val_loader, objective: Objective, device: torch.d
     model.train()
     if seen == 0:
         raise DataError("the validation split produced no batches; lower train.seq_len or add data")
-    world = dist.world_size if dist.enabled else 1
-    total_tokens = all_reduce_mean(float(tokens), dist) * world
+    total_tokens = dp_sum(float(tokens), dist)  # over data-parallel replicas: each batch counted once
     if total_tokens == 0:
         raise DataError("the validation batches hold no real tokens (every label is -1); check the data")
-    averaged = {key: all_reduce_mean(sums[key], dist) * world / total_tokens for key in sorted(sums)}
+    averaged = {key: dp_sum(sums[key], dist) / total_tokens for key in sorted(sums)}
     return {**averaged, "tokens": round(total_tokens)}
 
 
@@ -300,31 +306,35 @@ def train_step(run: "_Run", batches: Iterator, spike_limit: float) -> StepResult
     loss is non-finite or above ``spike_limit``, or a non-finite gradient norm (on any rank), skips the
     step before the weights change."""
     model, optimizer, scaler, accum, dist = run.model, run.optimizer, run.scaler, run.cfg.train.grad_accum, run.dist
+    pipeline = run.plan.pipeline  # under PP the schedule runs forward and backward of all micro-batches itself
     loss_sum, metrics, problem, grad_norm, tokens = 0.0, {}, None, None, 0
     for micro in range(accum):
         batch = to_device(next(batches), run.device)
-        gradient_sync = micro == accum - 1 or not dist.enabled  # DDP all-reduces on the last micro-batch only
-        with (contextlib.nullcontext() if gradient_sync else model.no_sync()), autocast_context(run.device, run.dtype):
-            loss, metrics = run.objective(model, batch)
-        tokens += _batch_tokens(metrics)
-        loss_value = float(loss.detach())
-        problem = problem or _loss_problem(loss_value, spike_limit, run.cfg.train.spike_factor)
-        if problem and not dist.enabled:
-            break  # under DDP every rank still runs its backward passes, or the gradient all-reduce would hang
-        scaler.scale(loss / accum).backward()
+        # DDP / FSDP reduce gradients on the last micro-batch only
+        with run.plan.gradient_sync(micro == accum - 1):
+            with autocast_context(run.device, run.dtype):
+                loss, metrics = pipeline.forward_backward(batch, 1 / accum) if pipeline else run.objective(model, batch)
+            tokens += _batch_tokens(metrics)
+            loss_value = float(loss.detach())
+            problem = problem or _loss_problem(loss_value, spike_limit, run.cfg.train.spike_factor)
+            if problem and not dist.enabled:
+                break  # with several processes every one still runs its backward, or the gradient reduction would hang
+            if pipeline is None:
+                scaler.scale(loss / accum).backward()
         loss_sum += loss_value / accum
     if problem is None:
         scaler.unscale_(optimizer)
         clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap_model(model).parameters(), clip))
+        grad_norm = run.plan.clip_grad_norm(clip)
         if not math.isfinite(grad_norm) and run.dtype != torch.float16:  # fp16: the scaler handles inf grads
             problem = f"non-finite gradient norm {grad_norm}"
     if any_rank(problem is not None, dist) and problem is None:
         problem = "another rank saw a bad batch"
     if problem is None:
         scaler.step(optimizer)
-        if dist.enabled:  # the sum over ranks (exact: float64 holds these counts)
-            tokens = round(all_reduce_mean(float(tokens), dist) * dist.world_size)
+        if dist.enabled:  # tokens summed and the loss averaged over data-parallel replicas (float64: exact counts)
+            tokens = round(dp_sum(float(tokens), dist))
+            loss_sum = dp_sum(loss_sum, dist) / dist.dp_size
     if grad_norm is not None:
         scaler.update()  # after any unscale_, stepped or not: the next unscale_ would refuse otherwise
     optimizer.zero_grad(set_to_none=True)
@@ -388,8 +398,8 @@ class _Run:
     dist: DistInfo
     device: torch.device
     dtype: torch.dtype
-    model: nn.Module  # possibly compiled and DDP-wrapped
-    raw_model: nn.Module
+    model: nn.Module  # possibly compiled and DDP / FSDP / TP-wrapped (the stage holder under PP)
+    raw_model: nn.Module  # this process's parameters under the model's own names
     optimizer: torch.optim.Optimizer
     base_lrs: list[float]  # each parameter group's LR before the schedule scales it
     scaler: torch.amp.GradScaler
@@ -408,6 +418,8 @@ class _Run:
     started: float  # time.time() when this session started
     log_time: float  # time.time() and state.tokens at the last logged line (for tokens/s)
     log_tokens: int
+    plan: Parallelized  # the parallel layout (lmstack/train/parallel); raw_model is its state_model
+    pending_save: Any = None  # a sharded checkpoint still being written (async): (future, staging, path, state)
 
     @property
     def ckpt_root(self) -> Path:
@@ -444,21 +456,23 @@ def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, 
     if dist.enabled:
         torch.distributed.barrier()  # no rank looks for checkpoints while rank 0 is cleaning up
     seed_everything(tcfg.seed + dist.rank)
-    model.to(device)
+    layout = resolve_layout(cfg, dist.world_size)
+    if layout.pp == 1:
+        model.to(device)  # under PP each process moves only its stages
     model.train()
     optimizer = optimizer or build_optimizer(model, cfg.optim, device.type)
+    names = {id(p): name for name, p in model.named_parameters()}
+    param_order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    plan = parallelize(model, layout, dist, cfg)
+    plan.param_order = param_order
+    if plan.sharded:  # the plan made new (DTensor) parameters or kept a part: the same optimizer over those
+        optimizer = rebind_optimizer(optimizer, names, plan.state_model)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume loads scheduled LRs
-    state, resumed_from = _resume(model, optimizer, train_loader, device, out_dir, resume, tcfg, dist)
+    state, resumed_from = _resume(plan, optimizer, train_loader, device, out_dir, resume, tcfg, dist)
     if resume is True and dist.is_main:  # resumed from the newest intact checkpoint: any newer one is damaged
         for path in ckpt.set_aside_newer(out_dir / "checkpoints", resumed_from):
             print(f"set the damaged checkpoint aside as {path}", file=sys.stderr)
-    raw_model = model
-    if tcfg.compile:
-        model = torch.compile(model)
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, raw_model = plan.model, plan.state_model
     bar = Progress(enabled=progress and dist.is_main)
     bar_task = bar.add("train", total=state.max_steps, unit="steps")
     bar.update(bar_task, completed=state.step)
@@ -470,10 +484,11 @@ def _start(model, cfg, train_loader, val_loader, objective, out_dir, tokenizer, 
                 elapsed_before=state.elapsed,
                 logger=MetricsLogger(out_dir, dist.is_main, tcfg.tensorboard,
                                      state.step if resumed_from is not None else None),
-                bar=bar, bar_task=bar_task, budget=budget, started=started, log_time=time.time(), log_tokens=state.tokens)
+                bar=bar, bar_task=bar_task, budget=budget, started=started, log_time=time.time(), log_tokens=state.tokens,
+                plan=plan)
 
 
-def _resume(model, optimizer, loader, device, out_dir: Path, resume: bool | str | Path, tcfg,
+def _resume(plan: Parallelized, optimizer, loader, device, out_dir: Path, resume: bool | str | Path, tcfg,
             dist: DistInfo) -> tuple[RunState, Path | None]:
     """The run state to start from and the checkpoint it came from: (a fresh state, None) when not resuming."""
     fresh = RunState(max_steps=tcfg.max_steps)
@@ -490,21 +505,33 @@ def _resume(model, optimizer, loader, device, out_dir: Path, resume: bool | str 
             return fresh, None
     else:
         path = Path(resume)
-    state = RunState.from_dict(_restore(path, model, optimizer, loader, device))
+    state = RunState.from_dict(_restore(path, plan, optimizer, loader, device))
     if tcfg.max_minutes <= 0:
         state.max_steps = tcfg.max_steps  # no budget: the config rules (it may have been raised to train longer)
     say(f"resumed from {path} at step {state.step}", file=sys.stderr)
     return state, path
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader, device) -> dict[str, Any]:
-    """Load weights, optimizer, RNG and (when ``loader`` is given) loader position; returns the run state."""
-    ckpt.load_model_state(model, ckpt.read_tensors(path / ckpt.WEIGHTS), path)
-    model.to(device)
+def _restore(path: Path, plan: Parallelized, optimizer: torch.optim.Optimizer, loader, device) -> dict[str, Any]:
+    """Load weights, optimizer, RNG and (when ``loader`` is given) loader position; returns the run state.
+
+    A sharded checkpoint (CKPT/dcp) loads into any layout; a one-process one into a sharded run too."""
+    from lmstack.train.parallel.checkpoint import load_full, load_sharded
+
     trainer_state = ckpt.load_trainer_state(path)
     try:
-        optimizer.load_state_dict(trainer_state["optimizer"])
+        if (path / ckpt.SHARDED).is_dir():
+            load_sharded(plan.state_model, optimizer, path / ckpt.SHARDED)
+        elif plan.sharded:
+            load_full(plan.state_model, optimizer, ckpt.read_tensors(path / ckpt.WEIGHTS), trainer_state["optimizer"],
+                      plan.param_order, plan.tied)
+        else:
+            ckpt.load_model_state(plan.state_model, ckpt.read_tensors(path / ckpt.WEIGHTS), path)
+            plan.state_model.to(device)
+            optimizer.load_state_dict(trainer_state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: the optimizer state does not fit this model and optimizer ({e}); "
                               "resume with the config the run started with") from None
     set_rng_state(trainer_state["rng"])
@@ -581,7 +608,7 @@ def _replan_budget(run: _Run) -> None:
 def _maybe_rollback(run: _Run) -> bool:
     """At log steps: if the weights turned non-finite, restore the newest checkpoint; True when it did."""
     state = run.state
-    if state.step % run.cfg.train.log_every or _weights_finite(run.raw_model):
+    if state.step % run.cfg.train.log_every or _weights_finite(run):
         return False
     state.rollbacks += 1
     restored = ckpt.latest_checkpoint(run.ckpt_root)
@@ -590,7 +617,7 @@ def _maybe_rollback(run: _Run) -> bool:
                                "lower optim.lr or set train.ckpt_every")
     # the checkpoint's state, except the rollback count and the current plan; the loader is not rewound
     # (the batches that led here are not replayed)
-    checkpoint_state = RunState.from_dict(_restore(restored, run.raw_model, run.optimizer, None, run.device))
+    checkpoint_state = RunState.from_dict(_restore(restored, run.plan, run.optimizer, None, run.device))
     run.state = replace(checkpoint_state, rollbacks=state.rollbacks, max_steps=state.max_steps)
     run.log_time, run.log_tokens = time.time(), run.state.tokens
     run.logger.log({"step": run.state.step, "event": "rollback", "from": str(restored),
@@ -598,8 +625,10 @@ def _maybe_rollback(run: _Run) -> bool:
     return True
 
 
-def _weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def _weights_finite(run: _Run) -> bool:
+    """Every process's parameters (its pieces of sharded ones) finite; the same answer on every process."""
+    local = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in run.raw_model.parameters())
+    return not any_rank(not local, run.dist)
 
 
 def _log(run: _Run, result: StepResult, lr: float) -> None:
@@ -611,7 +640,7 @@ def _log(run: _Run, result: StepResult, lr: float) -> None:
     record = {"step": state.step, "loss": state.log_loss_sum / max(state.log_loss_count, 1), "lr": lr,
               "tokens": state.tokens, "tokens_per_second": tokens_per_second, "grad_norm": result.grad_norm,
               **{k: v for k, v in result.metrics.items() if k != "tokens"}}  # "tokens" is the run's total
-    flops_per_token = getattr(run.raw_model, "flops_per_token", None)
+    flops_per_token = run.plan.flops_per_token  # the whole model's, whatever part this process holds
     peak = peak_flops(run.device)
     if flops_per_token and peak:
         record["mfu"] = tokens_per_second * flops_per_token(tcfg.seq_len) / (peak * run.dist.world_size)
@@ -630,7 +659,8 @@ def _maybe_eval(run: _Run) -> None:
     if not ((tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == state.max_steps):
         return
     began = time.time()
-    metrics = evaluate(run.model, run.val_loader, run.objective, run.device, run.dtype, tcfg.eval_batches, run.dist)
+    objective = run.plan.pipeline.eval_objective if run.plan.pipeline else run.objective  # PP: forward-only schedule
+    metrics = evaluate(run.model, run.val_loader, objective, run.device, run.dtype, tcfg.eval_batches, run.dist)
     state.val_loss = metrics.pop("loss")
     bytes_per_token = getattr(run.val_loader, "bytes_per_token", None)
     state.val_bpb = state.val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
@@ -647,7 +677,9 @@ def _maybe_save(run: _Run) -> None:
     if not ((tcfg.ckpt_every and state.step % tcfg.ckpt_every == 0) or state.step == state.max_steps):
         return
     began = time.time()
-    if run.dist.is_main:
+    if run.plan.sharded:
+        _save_sharded(run)
+    elif run.dist.is_main:
         state.elapsed = run.elapsed()
         trainer_state = {"optimizer": run.optimizer.state_dict(), "rng": rng_state(),
                          "state": {**asdict(state), "loader": run.train_loader.state_dict()}}
@@ -658,15 +690,56 @@ def _maybe_save(run: _Run) -> None:
         run.budget.record("save", time.time() - began)
 
 
-def _finish(run: _Run) -> TrainResult:
-    """The final weights (RUN/model), the loss curve, and the result."""
+def _save_sharded(run: _Run) -> None:
+    """A DCP checkpoint: every process writes its pieces into a staging directory; once all have finished
+    (at once, or with ``parallel.async_checkpoint`` at the next save or the end) rank 0 adds the config,
+    tokenizer, RNG and run state and publishes it with its manifest (:func:`_publish_sharded`)."""
+    from lmstack.train.parallel.checkpoint import save_sharded
+
+    _publish_sharded(run)  # the previous background save, if any
     state = run.state
+    staging = run.ckpt_root / f".step_{state.step:07d}.tmp-dcp"  # a staging name: cleaned up after a crash
     if run.dist.is_main:
-        ckpt.save_checkpoint(run.out_dir / "model", run.raw_model, run.config_dict, run.tokenizer)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    torch.distributed.barrier()
+    state.elapsed = run.elapsed()
+    trainer_state = {"optimizer": None, "rng": rng_state(),
+                     "state": {**asdict(state), "loader": run.train_loader.state_dict()}}
+    future = save_sharded(run.raw_model, run.optimizer, staging / ckpt.SHARDED, run.cfg.parallel.async_checkpoint)
+    run.pending_save = (future, staging, run.ckpt_root / f"step_{state.step:07d}", trainer_state)
+    if future is None:
+        _publish_sharded(run)
+
+
+def _publish_sharded(run: _Run) -> None:
+    """Wait for the pending sharded save on every process, then rank 0 publishes it and prunes old ones."""
+    if run.pending_save is None:
+        return
+    future, staging, final, trainer_state = run.pending_save
+    run.pending_save = None
+    if future is not None:
+        future.result()
+    torch.distributed.barrier()
+    if run.dist.is_main:
+        ckpt.save_checkpoint(final, None, run.config_dict, run.tokenizer, trainer_state, sharded=staging / ckpt.SHARDED)
+        shutil.rmtree(staging, ignore_errors=True)
+        ckpt.prune_checkpoints(run.ckpt_root, run.cfg.train.keep_last)
+    torch.distributed.barrier()  # no process looks for checkpoints (rollback, the end) before it exists
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The final weights (RUN/model, consolidated), the loss curve, and the result."""
+    state = run.state
+    weights = run.raw_model
+    if run.plan.sharded:
+        _publish_sharded(run)
+        weights = run.plan.full_weights()  # every process takes part; rank 0 gets the whole model
+    if run.dist.is_main:
+        ckpt.save_checkpoint(run.out_dir / "model", weights, run.config_dict, run.tokenizer)
         plot_loss_curve(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     wall = run.elapsed()
-    raw = run.raw_model
-    params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
+    params = run.plan.params
     return TrainResult(steps=state.step, tokens=state.tokens, wall_seconds=wall, final_train_loss=state.last_loss,
                        final_val_loss=state.val_loss, final_val_bpb=state.val_bpb, params=params,
                        rollbacks=state.rollbacks, tokens_per_second=state.tokens / max(wall, 1e-9),

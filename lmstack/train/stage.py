@@ -9,6 +9,10 @@ objective and the tokenizer for this process (``dist.rank`` of ``dist.world_size
 
 - the config of a resumed run is the one it started with (from its newest intact checkpoint), with the
   config file and overrides given now applied on top, so ``--resume train.max_steps=2000`` extends a run;
+  the ``parallel.*`` layout is not inherited: it belongs to this launch (a run saved at dp_shard=2 resumes
+  in one process, or at tp=2, from the same checkpoint);
+- the layout is checked against the world size and the model, and a resumed checkpoint against the model
+  config, before any process starts work (one line each, lmstack/train/parallel/mesh.py);
 - the run directory is checked before anything is written (:func:`prepare_run_dir`): a directory
   holding a previous run is refused unless the user says ``--resume`` (continue it) or ``--overwrite``
   (replace its training outputs); a directory holding files lmstack did not write for a training run
@@ -31,11 +35,13 @@ import torch.nn as nn
 
 from lmstack.atomic import write_json_atomic
 from lmstack.checkpoint import latest_checkpoint, read_config, set_aside_newer
-from lmstack.config import RunConfig, apply_overrides, build_run_config, load_config_file
-from lmstack.errors import UserError
+from lmstack.config import (ParallelConfig, RunConfig, apply_overrides, build_run_config, load_config_file,
+                            model_config_to_dict)
+from lmstack.errors import CheckpointError, UserError
 from lmstack.train.dist import DistInfo, cleanup_distributed, init_distributed
 from lmstack.train.losses import Objective
 from lmstack.train.loop import seed_everything, train
+from lmstack.train.parallel import data_parallel_rank, resolve_layout
 
 # what a training run writes into its directory (adapter: `sft --lora`); nothing else there is touched
 TRAINING_OUTPUTS = ("checkpoints", "model", "adapter", "metrics.jsonl", "summary.json", "loss.png", "tb")
@@ -82,6 +88,7 @@ def stage_config(out_dir: str | Path, preset: str, config_file: str | None, over
             _say(f"no intact checkpoint in {Path(out_dir) / 'checkpoints'} to resume from; starting from scratch")
     if checkpoint is not None and base is None:
         cfg = RunConfig.from_dict(read_config(checkpoint))
+        cfg.parallel = ParallelConfig()  # the layout is this launch's (its overrides below), not the saved run's
         if config_file:
             apply_overrides(cfg, load_config_file(config_file))
         apply_overrides(cfg, overrides or [])
@@ -147,6 +154,16 @@ def _remove_training_outputs(out_dir: Path, entries: list[Path]) -> None:
         _say(f"--overwrite: removed the previous run's {', '.join(e.name for e in removed)} from {out_dir}")
 
 
+def _check_same_model(checkpoint: Path, cfg: RunConfig) -> None:
+    """CheckpointError when the checkpoint to resume was saved for another model (shapes or family)."""
+    saved, wanted = read_config(checkpoint).get("model", {}), model_config_to_dict(cfg.model)
+    differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differing:
+        shown = ", ".join(f"model.{k}={saved.get(k)!r} (now {wanted.get(k)!r})" for k in differing[:3])
+        raise CheckpointError(f"checkpoint {checkpoint} was saved for another model: {shown}; resume without "
+                              "model overrides, or start a new run in another --out")
+
+
 def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, DistInfo], StageParts], *,
               resume: bool = False, overwrite: bool = False, resume_from: Path | None = None,
               progress: bool = True, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -157,11 +174,16 @@ def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, D
     """
     out_dir = Path(out_dir)
     cfg.validate()
+    layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if resume_from is not None:
+        _check_same_model(resume_from, cfg)
     prepare_run_dir(out_dir, resume, overwrite)
     if resume and _is_main_process():  # resume_from is the newest intact checkpoint: any newer one is damaged
         for path in set_aside_newer(out_dir / "checkpoints", resume_from):
             _say(f"set the damaged checkpoint aside as {path}")
     dist = init_distributed(cfg.train.device)
+    # loaders shard batches by data-parallel replica: the processes of one TP / PP group share a batch
+    dist.dp_rank, dist.dp_size = data_parallel_rank(layout, dist.rank), layout.dp
     try:
         seed_everything(cfg.train.seed)  # the same seed on every rank: DDP replicas start identical
         parts = build(cfg, dist)

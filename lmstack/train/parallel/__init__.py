@@ -21,19 +21,20 @@ block forwards on the instance. Which families each plan serves: mesh.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from lmstack.config import RunConfig
 from lmstack.train.dist import DistInfo
 from lmstack.train.parallel.ac import apply_activation_checkpointing
-from lmstack.train.parallel.mesh import Layout, build_mesh, resolve_layout
+from lmstack.train.parallel.mesh import Layout, build_mesh, data_parallel_rank, resolve_layout
 from lmstack.train.parallel.pp import PipelineRunner
 
-__all__ = ["Layout", "Parallelized", "parallelize", "resolve_layout", "rebind_optimizer"]
+__all__ = ["Layout", "Parallelized", "data_parallel_rank", "parallelize", "rebind_optimizer", "resolve_layout"]
 
 
 @dataclass
@@ -44,9 +45,13 @@ class Parallelized:
     state_model: nn.Module  # this process's parameters under the model's own names (optimizer, checkpoints)
     layout: Layout
     mesh: Any = None  # the DeviceMesh (None in one process)
+    dp_mesh: Any = None  # its flattened data-parallel dimension
     pipeline: PipelineRunner | None = None
-    tied_names: list[str] = field(default_factory=list)  # parameters stored once in a consolidated checkpoint
+    tied: dict[str, str] = field(default_factory=dict)  # {duplicate name: name stored} of tied parameters
     pp_group: Any = None  # the pipeline's process group (None without PP)
+    params: int = 0  # parameters of the whole model (counted before any split)
+    flops_per_token: Callable[[int], float] | None = None  # the whole model's training FLOPs per token
+    param_order: list[str] = field(default_factory=list)  # the unsplit optimizer's parameters (set by the loop)
 
     @property
     def sharded(self) -> bool:
@@ -66,10 +71,20 @@ class Parallelized:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradients of all processes' parameters together to ``max_norm``; returns the total norm."""
         params = [p for p in self.state_model.parameters() if p.grad is not None]
+        if not self.sharded:  # one process or DDP: every gradient is whole and the same everywhere
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         total = global_grad_norm(params, self.pp_group)
-        if max_norm < float("inf"):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        for group in _by_mesh(params).values():  # one foreach call cannot mix plain tensors and DTensors
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return float(total)
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """The consolidated weights of a sharded model on rank 0 (None elsewhere); every process calls it."""
+        from lmstack.train.parallel.checkpoint import full_weights
+
+        gather = self.pp_group is None or (self.dp_mesh.get_local_rank() == 0
+                                           and self.mesh["tp"].get_local_rank() == 0)
+        return full_weights(self.state_model, self.tied, self.pp_group, gather)
 
 
 def _fsdp_sync_off(model: nn.Module):
@@ -91,16 +106,19 @@ def _fsdp_sync_off(model: nn.Module):
     return off()
 
 
+def _by_mesh(params: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    """Parameters grouped by their gradient's DeviceMesh (None: plain tensors), in parameter order."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    return groups
+
+
 def global_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
     """The 2-norm of all gradients over every process: DTensor gradients are grouped by mesh (each group's
     norm is reduced by DTensor over its mesh), plain ones are replicated (DDP, or a TP-replicated norm),
     and under PP the stages' squared norms are summed over the pipeline group."""
-    from torch.distributed.tensor import DTensor
-
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for p in params:
-        key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-        groups.setdefault(key, []).append(p.grad)
+    groups = {mesh: [p.grad for p in group] for mesh, group in _by_mesh(params).items()}
     device = params[0].grad.device if params else torch.device("cpu")
     squared = torch.zeros((), dtype=torch.float32, device=device if device.type != "meta" else "cpu")
     for grads in groups.values():  # parameter order: the same on every process of a group
@@ -113,12 +131,10 @@ def global_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
     return squared.sqrt()
 
 
-def tied_parameter_names(model: nn.Module) -> list[str]:
-    """Names under which an already-listed parameter appears again (a tied output head)."""
-    first = {id(p) for p in model.parameters()}
-    unique_names = {name for name, _ in model.named_parameters()}
-    return [name for name, p in model.named_parameters(remove_duplicate=False)
-            if name not in unique_names and id(p) in first]
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for every name under which an already-listed parameter appears again (a tied head)."""
+    first = {id(p): name for name, p in model.named_parameters()}
+    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
 
 
 def parallelize(model: nn.Module, layout: Layout, info: DistInfo, cfg: RunConfig) -> Parallelized:
@@ -127,15 +143,16 @@ def parallelize(model: nn.Module, layout: Layout, info: DistInfo, cfg: RunConfig
     from lmstack.devices import resolve_dtype
 
     device, tcfg = info.device, cfg.train
-    tied = tied_parameter_names(model)
+    flops = getattr(model, "flops_per_token", None)
+    params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
+    common = dict(layout=layout, tied=tied_parameters(model), params=params, flops_per_token=flops)
     if layout.world_size == 1:
         model.to(device)
         apply_activation_checkpointing(model_blocks(model), tcfg.activation_checkpointing)
-        return Parallelized(model=torch.compile(model) if tcfg.compile else model, state_model=model,
-                            layout=layout, tied_names=tied)
-    mesh = build_mesh(layout, device)
-    dp_mesh = mesh["dp"]
+        return Parallelized(model=torch.compile(model) if tcfg.compile else model, state_model=model, **common)
+    mesh, dp_mesh = build_mesh(layout, device)
     info.dp_rank, info.dp_size, info.dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
+    assert info.dp_rank == data_parallel_rank(layout, info.rank)  # what the stage's loaders were built with
     if layout.uses_ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -143,7 +160,7 @@ def parallelize(model: nn.Module, layout: Layout, info: DistInfo, cfg: RunConfig
         apply_activation_checkpointing(model_blocks(model), tcfg.activation_checkpointing)
         compiled = torch.compile(model) if tcfg.compile else model
         wrapped = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-        return Parallelized(model=wrapped, state_model=model, layout=layout, mesh=mesh, tied_names=tied)
+        return Parallelized(model=wrapped, state_model=model, mesh=mesh, dp_mesh=dp_mesh, **common)
     pipeline, pp_group = None, None
     if layout.pp > 1:
         from lmstack.train.parallel.pp import split_gpt
@@ -174,8 +191,7 @@ def parallelize(model: nn.Module, layout: Layout, info: DistInfo, cfg: RunConfig
                        cfg.parallel.cpu_offload, reshard_after_forward=layout.pp == 1)
     if layout.pp > 1:
         pipeline = PipelineRunner(stages, stage_ids, layout, pp_group, device)
-    return Parallelized(model=holder, state_model=holder, layout=layout, mesh=mesh, pipeline=pipeline,
-                        tied_names=tied, pp_group=pp_group)
+    return Parallelized(model=holder, state_model=holder, mesh=mesh, dp_mesh=dp_mesh, pipeline=pipeline, pp_group=pp_group, **common)
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
@@ -199,5 +215,5 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], mo
     for group in optimizer.param_groups:
         params = [current[names[id(p)]] for p in group["params"] if names.get(id(p)) in current]
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
-    return type(optimizer)(groups, **optimizer.defaults)
+    return type(optimizer)(groups)  # every group carries all of its hyperparameters
 

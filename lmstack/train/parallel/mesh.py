@@ -131,8 +131,9 @@ def _check_pp(cfg: RunConfig, family: str, stages: int, microbatches: int) -> No
     if model.tie_embeddings:
         raise ConfigError(f"parallel.pp={p.pp}: the first stage holds the embedding and the last the output head, "
                           "so they cannot share one matrix; set model.tie_embeddings=false")
-    if model.position == "alibi":
-        raise ConfigError(f"parallel.pp={p.pp}: ALiBi is not supported by the pipeline plan; use model.position=rope")
+    if model.position not in ("rope", "learned", "none"):
+        raise ConfigError(f"parallel.pp={p.pp}: model.position={model.position} is not supported by the pipeline "
+                          "plan; use rope, learned or none")
     if cfg.train.batch_size % microbatches:
         raise ConfigError(f"parallel.pp_microbatches={microbatches} does not divide train.batch_size="
                           f"{cfg.train.batch_size}; pick a divisor")
@@ -141,14 +142,17 @@ def _check_pp(cfg: RunConfig, family: str, stages: int, microbatches: int) -> No
                           f"to be a multiple of parallel.pp={p.pp}")
 
 
+def data_parallel_rank(layout: Layout, rank: int) -> int:
+    """The data-parallel replica of process ``rank``: the mesh is row-major over (pp, dp_replicate, dp_shard,
+    tp), so the tp processes next to each other share a replica. Known before the mesh exists (loaders)."""
+    return (rank // layout.tp) % layout.dp
+
+
 def build_mesh(layout: Layout, device: torch.device):
-    """The 4-D DeviceMesh ("pp", "dp_replicate", "dp_shard", "tp") over every process, plus the flattened
-    "dp" dimension; None in one process."""
-    if layout.world_size == 1:
-        return None
+    """The 4-D DeviceMesh ("pp", "dp_replicate", "dp_shard", "tp") over every process, and its flattened
+    "dp" dimension (the replica index and the group that sums over replicas)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp),
                             mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")  # the replica index and the group that sums over replicas
-    return mesh
+    return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
