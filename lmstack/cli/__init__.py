@@ -22,6 +22,7 @@ from lmstack.cli.align import add_dpo, add_reward, add_reward_score
 from lmstack.cli.data import add_data
 from lmstack.cli.evals import add_eval, add_report, add_scaling
 from lmstack.cli.generate import add_chat, add_embed, add_generate
+from lmstack.cli.index import add_index
 from lmstack.cli.interop import add_export, add_import, add_models
 from lmstack.cli.serve import add_serve
 from lmstack.cli.tokenizer import add_tokenizer
@@ -50,6 +51,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export,
     add_models,
     add_embed,
+    add_index,
     add_eval,
     add_report,
     add_scaling,

@@ -8,6 +8,8 @@ generate and chat run on the :class:`~lmstack.engine.engine.Engine` through
 :func:`lmstack.engine.generate.stream_request` / :class:`~lmstack.engine.generate.ChatSession` and stream text
 as it is decoded; ``--adapter DIR`` merges a LoRA adapter into the model first (lmstack.cli.adapter). In chat, ``/reset`` starts over, ``/exit`` or end-of-input (Ctrl-D) quits, and a message
 the session refuses (too long for the context, empty) is reported in brackets without ending the chat.
+``chat --tools calculator,python,search=IDX`` lets the model call tools (lmstack.tools.loop): each reply runs
+through the tool loop, the calls and their results print in brackets, and the reply prints when complete.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def run_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input) -
     params = params_from_args(args)
     with checkpoint_with_adapter(args.model, getattr(args, "adapter", None)) as model_path:
         engine = load_engine(model_path, args.device, args.quantize, max_num_seqs=1)
+    if getattr(args, "tools", None):
+        return run_tool_chat(args, engine, params, input_fn)
     session = ChatSession(engine, params, system=args.system)
     session.prompt_ids()  # a system prompt the template refuses fails here, before the first turn
     print(f"[chatting with {args.model}; context {engine.max_model_len} tokens. /reset to start over, "
@@ -171,11 +175,50 @@ def run_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input) -
         sys.stdout.flush()
 
 
+def run_tool_chat(args: argparse.Namespace, engine: Any, params: Any, input_fn: Callable[[str], str]) -> None:
+    """Chat with tools (lmstack.tools.loop): each reply may call tools; calls and results print in brackets."""
+    from lmstack.tools import build_tools
+    from lmstack.tools.loop import run_with_tools, tools_system_prompt
+
+    tools = build_tools(args.tools, allow_unsafe_sandbox=args.unsafe_sandbox)
+    system = tools_system_prompt(tools, engine.tokenizer.chat_format)
+    start = [{"role": "system", "content": f"{args.system}\n\n{system}" if args.system else system}]
+    messages = list(start)
+    print(f"[chatting with {args.model} and tools {', '.join(t.name for t in tools)}; /reset to start over, "
+          "/exit or Ctrl-D to quit]", file=sys.stderr)
+    while True:
+        try:
+            text = input_fn("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset" or not text:
+            messages = list(start) if text else messages
+            continue
+        try:
+            result = run_with_tools(engine, engine.tokenizer, [*messages, {"role": "user", "content": text}], tools,
+                                    max_rounds=args.max_tool_rounds, params=params)
+        except LmstackError as error:  # this message is refused; the conversation goes on
+            print(f"[{error}]", file=sys.stderr)
+            continue
+        for call in result.tool_calls:
+            print(f"[tool {call['name']}({call['arguments']}) -> {call['result']}]", file=sys.stderr)
+        print(f"assistant> {result.answer}" + (f" [{result.finish_reason}]" if result.finish_reason != "stop" else ""))
+        messages = result.messages
+
+
 def add_chat(sub: argparse._SubParsersAction) -> None:
     parser = verb_parser(sub, "chat", "interactive multi-turn chat with a checkpoint")
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(parser, max_tokens=256)
+    parser.add_argument("--tools", default=None, metavar="LIST",
+                        help="tools the model may call: calculator, python, search=IDX (comma-separated)")
+    parser.add_argument("--max-tool-rounds", type=non_negative_int, default=4, help="tool rounds per reply")
+    parser.add_argument("--unsafe-sandbox", action="store_true",
+                        help="let the python tool run in the escapable sandbox when no contained one exists")
     parser.set_defaults(func=run_chat)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import random
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -130,8 +131,10 @@ def _power(base: Number, exponent: Number) -> Number:
         raise CalculatorError(f"calculator: the exponent {exponent} is too large (at most {MAX_EXPONENT})")
     if base == 0 and exponent < 0:
         raise CalculatorError("calculator: division by zero (0 to a negative power)")
-    _check_size(_bits(base) * abs(exponent))
-    return _normalise(Fraction(base) ** exponent)
+    base = Fraction(base)
+    if base != 0:  # the result's size from the base's: log2 of its larger part times the exponent
+        _check_size(math.ceil(abs(exponent) * max(math.log2(abs(base.numerator)), math.log2(base.denominator))))
+    return _normalise(base ** exponent)
 
 
 def _bits(value: Number) -> int:

@@ -26,7 +26,7 @@ tokens the model sampled) and ``tool_mask`` (1 on injected tool-result tokens), 
 from the conversation without learning to predict tool output.
 
 A conversation stops when a reply makes no tool call, when ``max_rounds`` tool rounds have run and the
-model asks for another (finish_reason ``max_rounds``; that last call is not run), or when the context is
+model asks for another (finish_reason ``max_rounds``; that last call is kept in the message but not run), or when the context is
 full (``length``). A tool that fails, times out or is unknown answers ``error: ...`` as its result
 (:class:`lmstack.tools.base.Tool`); the loop never raises for what a tool or the model did.
 """
@@ -135,8 +135,10 @@ async def converse(engine: AsyncEngine, tokenizer: Any, messages: Messages, tool
             messages.append({"role": "assistant", "content": text.strip()})
             result.finish_reason = completion.finish_reason or "stop"
             return result
-        if result.rounds >= max_rounds:
-            messages.append({"role": "assistant", "content": content})
+        if result.rounds >= max_rounds:  # the calls stay in the message, unanswered: they were not run
+            messages.append({"role": "assistant", "content": content,
+                             "tool_calls": [_message_call(call, f"call_{result.rounds}_{i}")
+                                            for i, call in enumerate(calls)]})
             result.finish_reason = "max_rounds"
             return result
         loop = asyncio.get_running_loop()

@@ -1,0 +1,60 @@
+"""Shared pieces of the tool tests: a tiny GPT that has memorised a few tool-using conversations, so the
+tool loop runs on real generation (greedy decoding reproduces what it memorised)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from lmstack.checkpoint import save_checkpoint
+from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.tokenizer import Tokenizer
+
+
+def _call(expression: str) -> dict:
+    return {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+
+
+# Each conversation starts with a distinct user message, which is what the model keys on.
+CONVERSATIONS = {
+    "add": [{"role": "user", "content": "add two and three"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("2 + 3")]},
+            {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": "the sum is 5"}],
+    "hello": [{"role": "user", "content": "say hello"},
+              {"role": "assistant", "content": "hello there, my friend, how are you today"}],
+    "again": [{"role": "user", "content": "keep going"},
+              {"role": "assistant", "content": "", "tool_calls": [_call("1 + 1")]},
+              {"role": "tool", "content": "2"},
+              {"role": "assistant", "content": "", "tool_calls": [_call("1 + 1")]},
+              {"role": "tool", "content": "2"},
+              {"role": "assistant", "content": "", "tool_calls": [_call("1 + 1")]},
+              {"role": "tool", "content": "2"},
+              {"role": "assistant", "content": "", "tool_calls": [_call("1 + 1")]}],
+}
+
+
+def build_tool_model(root: Path, steps: int = 250) -> Path:
+    """ROOT/model: a 2-layer GPT trained until greedy decoding replays CONVERSATIONS; returns the path."""
+    texts = [str(m.get("content", "")) + str(m.get("tool_calls", "")) for c in CONVERSATIONS.values() for m in c]
+    tok = Tokenizer.train(texts * 4, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=300, block_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = GPT(cfg)
+    rows = [tok.render_chat(c)[0] for c in CONVERSATIONS.values()]
+    T = max(map(len, rows))
+    idx = torch.full((len(rows), T), tok.pad_id)
+    targets = torch.full((len(rows), T), -1)
+    for r, row in enumerate(rows):
+        idx[r, :len(row)] = torch.tensor(row)
+        targets[r, :len(row) - 1] = torch.tensor(row[1:])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(root / "model", model, {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
+    return root / "model"
