@@ -36,7 +36,7 @@ CONVERSATIONS = {
 }
 
 
-def build_tool_model(root: Path, steps: int = 250) -> Path:
+def build_tool_model(root: Path, steps: int = 150) -> Path:
     """ROOT/model: a 2-layer GPT trained until greedy decoding replays CONVERSATIONS; returns the path."""
     texts = [str(m.get("content", "")) + str(m.get("tool_calls", "")) for c in CONVERSATIONS.values() for m in c]
     tok = Tokenizer.train(texts * 4, vocab_size=300)
@@ -51,10 +51,15 @@ def build_tool_model(root: Path, steps: int = 250) -> Path:
         idx[r, :len(row)] = torch.tensor(row)
         targets[r, :len(row) - 1] = torch.tensor(row[1:])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        _, loss = model(idx, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model only loses time to intra-op threads on a busy machine
+    try:
+        for _ in range(steps):
+            _, loss = model(idx, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     save_checkpoint(root / "model", model, {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
     return root / "model"

@@ -209,12 +209,23 @@ def run_tool_chat(args: argparse.Namespace, engine: Any, params: Any, input_fn: 
         messages = result.messages
 
 
+def tool_spec(value: str) -> str:
+    """--tools: checked while parsing, so a misspelt tool fails before the model loads."""
+    from lmstack.tools import check_tool_spec
+
+    try:
+        check_tool_spec(value)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def add_chat(sub: argparse._SubParsersAction) -> None:
     parser = verb_parser(sub, "chat", "interactive multi-turn chat with a checkpoint")
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(parser, max_tokens=256)
-    parser.add_argument("--tools", default=None, metavar="LIST",
+    parser.add_argument("--tools", type=tool_spec, default=None, metavar="LIST",
                         help="tools the model may call: calculator, python, search=IDX (comma-separated)")
     parser.add_argument("--max-tool-rounds", type=non_negative_int, default=4, help="tool rounds per reply")
     parser.add_argument("--unsafe-sandbox", action="store_true",

@@ -26,28 +26,33 @@ from lmstack.errors import UserError
 TOOL_NAMES = ("calculator", "python", "search")
 
 
+def check_tool_spec(spec: str) -> list[tuple[str, str]]:
+    """(name, value) pairs of a comma-separated SPEC, checked without building anything (UserError if bad)."""
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    pairs = [(name, value) for name, _, value in (item.partition("=") for item in items)]
+    for (name, value), item in zip(pairs, items):
+        if not ((name in ("calculator", "python") and not value) or (name == "search" and value)):
+            raise UserError(f"unknown tool {item!r}; choose from calculator, python, search=INDEX_DIR "
+                            "(comma-separated, e.g. calculator,search=runs/idx)")
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UserError(f"a tool is named twice in {spec!r}")
+    if not pairs:
+        raise UserError("no tools named; pass e.g. --tools calculator,python,search=IDX")
+    return pairs
+
+
 def build_tools(spec: str, allow_unsafe_sandbox: bool = False) -> list:
     """Tools from a comma-separated SPEC: ``calculator``, ``python``, ``search=INDEX_DIR``."""
     tools = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        name, _, value = item.partition("=")
-        if name == "calculator" and not value:
+    for name, value in check_tool_spec(spec):
+        if name == "calculator":
             from lmstack.tools.calculator import calculator_tool
             tools.append(calculator_tool())
-        elif name == "python" and not value:
+        elif name == "python":
             from lmstack.tools.python_tool import python_tool
             tools.append(python_tool(allow_unsafe=allow_unsafe_sandbox))
-        elif name == "search" and value:
+        else:
             from lmstack.tools.index import search_tool
             tools.append(search_tool(value))
-        else:
-            raise UserError(f"unknown tool {item!r}; choose from calculator, python, search=INDEX_DIR "
-                            "(comma-separated, e.g. calculator,search=runs/idx)")
-    names = [tool.name for tool in tools]
-    if len(set(names)) != len(names):
-        raise UserError(f"a tool is named twice in {spec!r}")
-    if not tools:
-        raise UserError("no tools named; pass e.g. --tools calculator,python,search=IDX")
     return tools
