@@ -16,6 +16,7 @@ from lmstack.train.rollout import (
     RolloutLoader,
     pad_sequences,
     render_prompt,
+    sequence_logprobs,
 )
 
 
@@ -94,6 +95,51 @@ def test_behaviour_logprobs_come_from_the_unfiltered_tempered_distribution(polic
     assert (filtered[mask] - full[mask]).max() > 0.01  # the renormalised top-k log-probs would have differed
     assert (rollout.old_logprobs[~mask] == 0).all()
 
+
+def test_behaviour_logprobs_line_up_with_what_the_engine_sampled_and_score_the_end_token(policy):
+    """At temperature 1 the engine's own log-prob of each sampled token (raw logits) is the behaviour log-prob
+    of the same column: a one-position shift, or an end token left out of the mask, breaks this."""
+    model, tokenizer = policy
+    sampler = PolicySampler(model, tokenizer, max_model_len=64)
+    prompts = prompts_of(tokenizer)
+    params = SamplingParams(n=3, max_tokens=8, temperature=1.0, logprobs=0)
+    seeds = [21, 22, 23]
+    engine_samples = [o for request in sampler._get_engine().generate(
+        prompts, [SamplingParams(n=3, max_tokens=8, temperature=1.0, logprobs=0, seed=s) for s in seeds])
+        for o in request.outputs]
+    rollout = sampler.rollout(prompts, params, seeds, tokenizer.pad_id)
+    stops = set(tokenizer.stop_token_ids or []) | {tokenizer.eot_id}
+    ended = 0
+    for row, sample in enumerate(engine_samples):
+        columns = rollout.response_mask[row].nonzero().squeeze(1)
+        assert rollout.input_ids[row, columns + 1].tolist() == sample.token_ids
+        assert torch.allclose(rollout.old_logprobs[row, columns],
+                              torch.tensor([lp["logprob"] for lp in sample.logprobs]), atol=1e-4)
+        if sample.finish_reason == "stop":
+            ended += 1
+            assert sample.token_ids[-1] in stops  # the end token is an action the loss trains on
+    assert ended > 0 or all(s.finish_reason == "length" for s in engine_samples)
+
+
+def test_sampling_and_behaviour_logprobs_use_the_same_temperature(policy):
+    """E_{x ~ sampler}[log p_T(x)] = -H(p_T) only when the sampler draws from p_T, the distribution the
+    behaviour log-probs score: a sampler at another temperature shifts the mean by many standard errors."""
+    model, tokenizer = policy
+    with torch.no_grad():
+        model.norm_f.weight.mul_(4)  # an untrained model is near uniform, where temperature barely matters
+    sampler = PolicySampler(model, tokenizer, max_model_len=64, max_num_seqs=256)
+    temperature = 0.6
+    rollout = sampler.rollout(prompts_of(tokenizer, 1) * 3, SamplingParams(n=200, max_tokens=1, temperature=temperature),
+                              [3, 4, 5], tokenizer.pad_id)  # one prompt, 600 samples
+    column = int(rollout.response_mask[0].nonzero()[0])
+    first = rollout.old_logprobs[:, column]  # (600,) log p_T of each sample's first token
+    _, entropy = sequence_logprobs(model, rollout.input_ids[:1], temperature)
+    standard_error = float(first.std()) / len(first) ** 0.5
+    assert abs(float(first.mean()) + float(entropy[0, column])) < 4 * standard_error
+    at_one, _ = sequence_logprobs(model, rollout.input_ids, 1.0)  # the same samples scored at the wrong temperature
+    _, entropy_at_one = sequence_logprobs(model, rollout.input_ids[:1], 1.0)
+    gap = abs(float(at_one[:, column].mean()) + float(entropy_at_one[0, column]))
+    assert gap > 4 * float(at_one[:, column].std()) / len(first) ** 0.5  # the check has the power to see it
 
 def test_pad_sequences_marks_the_response_in_action_space():
     input_ids, mask = pad_sequences([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], pad_id=0)

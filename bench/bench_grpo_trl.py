@@ -1,0 +1,217 @@
+"""`lmstack grpo` against TRL's GRPOTrainer: GRPO samples per second, generation included, same model and work.
+
+    python bench/bench_grpo_trl.py                      # defaults: 8 prompts x 8 samples, 32 new tokens
+    python bench/bench_grpo_trl.py --prompts 16 --group 8 --max-new-tokens 64 --steps 6
+
+TRL runs from its own virtual environment (``--trl-python``, default runs/venv-trl/bin/python; see
+bench/bench_dpo_trl.py for how it is made: ``--system-site-packages``-style, so both sides import the same torch
+and transformers and only TRL is added). Each side runs in its own subprocess with ``--threads`` torch threads.
+
+Same work on both sides:
+
+* Model: an lmstack GPT (``--layers`` x ``--width``, Llama options: RMSNorm, SwiGLU, RoPE; lmstack's chat format
+  and a byte-level BPE tokenizer trained on the prompts), randomly initialised with a fixed seed, saved as an
+  lmstack checkpoint and exported with :func:`lmstack.interop.hf_export.export_hf` to a LlamaForCausalLM
+  directory (fp32) for TRL: the same numbers on both sides. Random weights are fine for a speed test; both
+  sides sample from the same distribution, so responses have the same expected length (reported per side).
+* Prompts: 2-digit addition questions (lmstack/data/verifiable.py) as conversational prompts; both sides render
+  them with the model's chat template. Reward: the exact-answer reward (``lmstack.data.verifiable.reward``).
+* GRPO: ``--prompts`` prompts x ``--group`` samples per step at temperature 1, at most ``--max-new-tokens``
+  new tokens, one optimizer step per generation (lmstack ``grpo.minibatches=1``; TRL
+  ``per_device_train_batch_size = prompts x group``, ``steps_per_generation=1``), token-level loss (lmstack
+  ``grpo.loss_norm=token``; TRL ``loss_type=dapo``, its default), clip 0.2, no KL term (beta 0), AdamW at a
+  constant lr, grad clip 1.0, fp32.
+* Generation: lmstack's engine (continuous batching, paged KV, one prefill per prompt forked ``n`` ways) on the
+  live model; TRL: ``transformers`` ``generate`` (its default without vLLM).
+
+Measures: seconds per step over ``--steps`` steps after ``--warmup`` (lmstack: from its metrics log,
+response tokens over tokens/s at ``train.log_every=1``, which spans the rollout, the behaviour log-probs, the
+reward and the update; TRL: a TrainerCallback's wall time from step begin to step end, which spans its
+generation, log-probs, reward and update), samples per second = prompts x group / seconds per step, the ratio,
+and the mean response length on each side. Writes OUT/results.json (default bench/results/grpo/trl.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per side")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trl-python", default="runs/venv-trl/bin/python", help="python with trl")
+    ap.add_argument("--work", default="runs/bench_grpo_trl")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "grpo" / "trl.json"))
+    ap.add_argument("--side", choices=("lmstack", "trl"), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace, work: Path) -> None:
+    """The lmstack checkpoint, its HF export and the prompt file (parent process)."""
+    from lmstack.checkpoint import save_checkpoint
+    from lmstack.data.verifiable import make_conversations, make_prompts, write_records
+    from lmstack.interop.hf_export import export_hf
+    from lmstack.models.gpt import GPT, GPTConfig
+    from lmstack.tokenizer import Tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    texts = [m["content"] for c in make_conversations("arithmetic", 2000, seed=args.seed) for m in c["messages"]]
+    tokenizer = Tokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(vocab_size=300, block_size=128, n_layer=args.layers, n_head=max(1, args.width // 64),
+                    n_kv_head=max(1, args.width // 64), n_embd=args.width)
+    save_checkpoint(work / "model", GPT(cfg), {"model": dataclasses.asdict(cfg)}, tokenizer=tokenizer)
+    export_hf(work / "model", work / "hf", dtype="float32")
+    write_records(work / "prompts.jsonl", make_prompts("arithmetic", 512, seed=args.seed))
+
+
+def run_lmstack_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from lmstack.stages.grpo import grpo
+    from lmstack.train.loop import read_metrics
+
+    torch.set_num_threads(args.threads)
+    run_dir = work / "lmstack-run"
+    grpo(work / "model", [str(work / "prompts.jsonl")], "lmstack.data.verifiable:reward", run_dir, overwrite=True,
+         progress=False,
+         overrides=[f"train.max_steps={args.warmup + args.steps}", f"grpo.group_size={args.group}",
+                    f"grpo.prompts_per_rollout={args.prompts}", "grpo.minibatches=1",
+                    f"grpo.max_tokens={args.max_new_tokens}", "grpo.loss_norm=token", "grpo.clip_low=0.2",
+                    "grpo.clip_high=0.2", f"optim.lr={args.lr}", "optim.schedule=constant", "optim.weight_decay=0",
+                    "optim.grad_clip=1.0", "train.eval_every=0", "train.log_every=1", "train.ckpt_every=0",
+                    "train.dtype=fp32", f"train.seed={args.seed}", f"grpo.seed={args.seed}", "grpo.eval_prompts=1"])
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "tokens_per_second" in r]
+    timed = records[args.warmup:]
+    steps, lengths = [], []
+    previous = records[args.warmup - 1]["tokens"] if args.warmup else 0
+    for r in timed:
+        steps.append((r["tokens"] - previous) / r["tokens_per_second"])
+        previous = r["tokens"]
+        lengths.append(r["response_length"])
+    return {"step_seconds": steps, "response_length": statistics.fmean(lengths)}
+
+
+def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lmstack.data.verifiable import reward
+
+    torch.set_num_threads(args.threads)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.start = 0.0
+
+        def on_step_begin(self, *a, **k) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k) -> None:
+            self.seconds.append(time.perf_counter() - self.start)
+
+    lengths: list[float] = []
+
+    def exact_reward(prompts, completions, **kwargs) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return reward(prompts, texts)
+
+    records = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in records])
+    tokenizer = AutoTokenizer.from_pretrained(work / "hf")
+    model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32, attn_implementation="sdpa")
+    batch = args.prompts * args.group
+    config = GRPOConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=batch,
+                        num_generations=args.group, steps_per_generation=1, num_iterations=1,
+                        max_completion_length=args.max_new_tokens, temperature=1.0, beta=0.0, epsilon=0.2,
+                        loss_type="dapo", max_steps=args.warmup + args.steps, learning_rate=args.lr,
+                        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, logging_steps=1, save_strategy="no",
+                        report_to=[], use_cpu=True, bf16=False, seed=args.seed, dataloader_num_workers=0)
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=exact_reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    for r in trainer.state.log_history:
+        for key in ("completions/mean_length", "completion_length"):
+            if key in r:
+                lengths.append(r[key])
+                break
+    return {"step_seconds": timer.seconds[args.warmup:],
+            "response_length": statistics.fmean(lengths[args.warmup:]) if lengths[args.warmup:] else None}
+
+
+def run_side(side: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    python = sys.executable if side == "lmstack" else args.trl_python
+    cmd = [python, __file__, "--side", side, "--work", str(work), "--prompts", str(args.prompts), "--group",
+           str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup",
+           str(args.warmup), "--lr", str(args.lr), "--threads", str(args.threads), "--seed", str(args.seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    print(f"$ {side} side", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    return json.loads((work / f"{side}.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = Path(args.work)
+    if args.side:
+        result = run_lmstack_side(args, work) if args.side == "lmstack" else run_trl_side(args, work)
+        (work / f"{args.side}.json").write_text(json.dumps(result))
+        return
+    if not Path(args.trl_python).is_file():
+        sys.exit(f"--trl-python {args.trl_python}: not found; make a venv with trl (see the module docstring)")
+    prepare(args, work)
+    samples = args.prompts * args.group
+    sides = {side: run_side(side, args, work) for side in ("lmstack", "trl")}
+    summary: dict[str, Any] = {}
+    for side, r in sides.items():
+        seconds = statistics.median(r["step_seconds"])
+        summary[side] = {"median_step_seconds": round(seconds, 3), "samples_per_second": round(samples / seconds, 2),
+                         "step_seconds": [round(s, 3) for s in r["step_seconds"]],
+                         "mean_response_tokens": r["response_length"]}
+    ratio = summary["lmstack"]["samples_per_second"] / summary["trl"]["samples_per_second"]
+    command = (f"python bench/bench_grpo_trl.py --prompts {args.prompts} --group {args.group} --max-new-tokens "
+               f"{args.max_new_tokens} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} "
+               f"--width {args.width} --threads {args.threads}")
+    results = {"command": command, "cpu_count": os.cpu_count(), "threads_per_side": args.threads,
+               "model": f"lmstack GPT {args.layers} layers x {args.width} wide, vocab 300, random init (seed "
+                        f"{args.seed}), exported to LlamaForCausalLM for TRL", "samples_per_step": samples,
+               "sides": summary, "speedup_lmstack_over_trl": round(ratio, 2)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"\n| side | s/step (median) | samples/s | mean response tokens |\n|---|---|---|---|")
+    for side, s in summary.items():
+        print(f"| {side} | {s['median_step_seconds']:.3f} | {s['samples_per_second']:.1f} | "
+              f"{s['mean_response_tokens']} |")
+    print(f"\nlmstack / TRL samples per second: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
