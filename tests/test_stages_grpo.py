@@ -184,3 +184,32 @@ def test_a_bad_reward_spec_is_one_clear_error(base, tmp_path):
 
     with pytest.raises(UserError, match="cannot import no_such_module"):
         grpo(base / "model", [str(base / "prompts.jsonl")], "no_such_module:f", tmp_path / "x", progress=False)
+
+
+def test_one_update_per_rollout_skips_the_behaviour_pass_with_the_same_loss_and_gradient(base):
+    """minibatches x inner_steps = 1: the batch carries no behaviour log-probs and the loss uses its own,
+    detached; that must equal the loss and gradient against a separate behaviour pass over the same weights."""
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.config import GRPOConfig
+    from lmstack.stages.grpo import grpo_objective
+    from lmstack.train.rollout import pad_sequences, sequence_logprobs
+
+    model = load_checkpoint(base / "model").model.train()
+    torch.manual_seed(0)
+    prompts = [torch.randint(5, 100, (n,)).tolist() for n in (4, 6, 5, 3)]
+    responses = [torch.randint(5, 100, (n,)).tolist() for n in (3, 1, 4, 2)]
+    input_ids, mask = pad_sequences(prompts, responses, pad_id=0)
+    old, _ = sequence_logprobs(model, input_ids, temperature=0.8)
+    batch = {"input_ids": input_ids, "response_mask": mask, "advantages": torch.tensor([1.0, -0.5, 0.3, -0.8])}
+    objective = grpo_objective(GRPOConfig(temperature=0.8, loss_norm="token"))
+    results = []
+    for with_behaviour in (True, False):
+        model.zero_grad()
+        loss, metrics = objective.fn(model, {**batch, "old_logprobs": old * mask} if with_behaviour else batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], metrics))
+    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and loss_a.abs() > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+    assert metrics_a["ratio"] == pytest.approx(1.0, abs=1e-5) and metrics_b["ratio"] == 1.0
+    assert metrics_b["kl_old"] == 0.0

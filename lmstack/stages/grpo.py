@@ -10,7 +10,8 @@ What one RL step is: ``grpo.prompts_per_rollout`` prompts, ``grpo.group_size`` s
 request with ``n`` samples: one prefill, forked KV), sampled from the *current* weights of the model being
 trained (lmstack/train/rollout.py); each sample is scored by the reward; advantages are group-normalised
 (``(r - mean) / std`` per prompt; ``grpo.scale_std=false`` keeps only ``r - mean``); then ``grpo.inner_steps``
-passes of ``grpo.minibatches`` updates each. Every update is one step of the one training loop
+passes of ``grpo.minibatches`` updates each (with one update per rollout the behaviour log-prob pass is skipped:
+the loss's own log-probs, detached, are the same numbers). Every update is one step of the one training loop
 (train/loop.py), so ``train.max_steps`` counts minibatch updates and ``train.batch_size`` is not used.
 
 The loss per response token (lmstack/train/rl_losses.py): the clipped ratio ``-min(r A, clip(r, 1-clip_low,
@@ -379,14 +380,16 @@ class GRPOCollector:
         cfg = self.cfg
         records = self.prompts.block(index, cfg.prompts_per_rollout)
         seeds = [rollout_seed(cfg.seed, index, i) + self.prompts.rank * 7919 for i in range(len(records))]
+        on_policy = cfg.minibatches * cfg.inner_steps == 1  # one update: the loss's detached log-probs serve
         rollout = self.sampler.rollout(self._encode(records), sampling_params(cfg, cfg.group_size), seeds,
-                                       self.tokenizer.pad_id)
+                                       self.tokenizer.pad_id, behaviour_logprobs=not on_policy)
         rewards = score_samples(self.reward, [records[i] for i in rollout.prompt_index.tolist()], rollout.completions)
         reinforce = cfg.algorithm == "reinforce"
         advantages = group_advantages(rewards, cfg.group_size, scale_std=cfg.scale_std and not reinforce)
-        batch = {"input_ids": rollout.input_ids, "response_mask": rollout.response_mask,
-                 "old_logprobs": rollout.old_logprobs, "advantages": advantages,
+        batch = {"input_ids": rollout.input_ids, "response_mask": rollout.response_mask, "advantages": advantages,
                  **rollout_stats(rewards, rollout.response_lengths, rollout.truncated)}
+        if rollout.old_logprobs is not None:
+            batch["old_logprobs"] = rollout.old_logprobs
         if self.reference is not None:
             self.reference.to(scorer_device(self.sampler.model))
             ref, _ = sequence_logprobs(self.reference, rollout.input_ids, cfg.temperature)
@@ -427,20 +430,22 @@ def grpo_objective(cfg: GRPOConfig):
         input_ids, mask = batch["input_ids"], batch["response_mask"]
         logprobs, entropy = token_logprobs(model(input_ids)[0], input_ids, cfg.temperature)  # (N, T-1) each
         advantages = batch["advantages"][:, None]  # (N, 1): one advantage for every token of a sequence
+        # no behaviour log-probs in the batch: one update per rollout, so the weights that sampled are these
+        old_logprobs = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
         kl_ref = kl_estimate(logprobs, batch["ref_logprobs"], "k3") if cfg.beta > 0 else None
         extra = cfg.beta * kl_ref if kl_ref is not None else None
         if cfg.algorithm == "reinforce":
             loss = reinforce_loss(logprobs, advantages, mask, cfg.loss_norm, cfg.max_tokens, extra)
             clip_fraction, ratio = 0.0, 1.0
         else:
-            loss, stats = clipped_policy_loss(logprobs, batch["old_logprobs"], advantages, mask, cfg.clip_low,
+            loss, stats = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_low,
                                               cfg.clip_high, cfg.loss_norm, cfg.max_tokens, extra)
             clip_fraction, ratio = stats.clip_fraction, stats.ratio_mean
         tokens = float(mask.sum())
         with torch.no_grad():
             metrics = {"tokens": tokens, "entropy": float((entropy * mask).sum()) / max(tokens, 1),
                        "clip_fraction": clip_fraction, "ratio": ratio,
-                       "kl_old": float((kl_estimate(logprobs, batch["old_logprobs"], "k3") * mask).sum()) / max(tokens, 1),
+                       "kl_old": float((kl_estimate(logprobs, old_logprobs, "k3") * mask).sum()) / max(tokens, 1),
                        **carried_stats(batch)}
             if kl_ref is not None:
                 metrics["kl_ref"] = float((kl_ref * mask).sum()) / max(tokens, 1)

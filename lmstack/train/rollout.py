@@ -28,7 +28,10 @@ How it works:
   the ratio in the loss must be exactly 1 on the first pass. They are log-probs of the *unfiltered*
   distribution at the sampling temperature (``softmax(logits / T)``), even when top-k or top-p filtered
   what the sampler drew from: the filtered distribution gives zero mass to tokens a later policy may
-  sample, and an importance ratio against it is undefined there.
+  sample, and an importance ratio against it is undefined there. A caller that makes exactly one update
+  per rollout can skip this pass (``behaviour_logprobs=False``): its loss then uses its own log-probs,
+  detached, as the behaviour ones, which is the same number (the weights have not moved since sampling) and
+  the same gradient, for one forward fewer per rollout.
 * **The loader** (:class:`RolloutLoader`) turns one rollout into ``epochs x minibatches`` batches (a
   seeded shuffle per epoch), then asks its collector for the next rollout from the *current* weights. So
   one loop step is one minibatch update, and an RL step (a rollout plus its inner updates) is
@@ -73,7 +76,8 @@ class Rollout:
 
     input_ids: torch.Tensor  # (N, T) long, prompt + response, right-padded with pad_id
     response_mask: torch.Tensor  # (N, T-1) float, action space: 1 where token t+1 is a response token
-    old_logprobs: torch.Tensor  # (N, T-1) float32, behaviour log-probs (0 outside the response)
+    old_logprobs: torch.Tensor | None  # (N, T-1) float32, behaviour log-probs (0 outside the response); None
+    # when the caller asked for none (one update per rollout: the loss uses its own detached log-probs)
     prompt_index: torch.Tensor  # (N,) long, which prompt of the call each row answers
     completions: list[str]  # (N,) the response texts (stop strings and end tokens left out)
     response_lengths: list[int]  # (N,) response tokens, end token included
@@ -149,8 +153,9 @@ class PolicySampler:
         return samples
 
     def rollout(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
-                pad_id: int) -> Rollout:
-        """Sample ``params.n`` responses per prompt and compute their behaviour log-probs."""
+                pad_id: int, behaviour_logprobs: bool = True) -> Rollout:
+        """Sample ``params.n`` responses per prompt and compute their behaviour log-probs (skipped when
+        ``behaviour_logprobs`` is false: ``old_logprobs`` is then None)."""
         samples = self.generate(prompts, params, seeds)
         rows_prompt, rows_response, index, texts, truncated = [], [], [], [], []
         for i, (prompt, group) in enumerate(zip(prompts, samples)):
@@ -163,9 +168,12 @@ class PolicySampler:
                 texts.append(text)
                 truncated.append(finish_reason == "length")
         input_ids, response_mask = pad_sequences(rows_prompt, rows_response, pad_id)
-        old_logprobs, _ = sequence_logprobs(self.model, input_ids, params.temperature or 1.0,
-                                            self.logprob_micro_batch)
-        return Rollout(input_ids=input_ids, response_mask=response_mask, old_logprobs=old_logprobs * response_mask,
+        old_logprobs = None
+        if behaviour_logprobs:
+            old_logprobs, _ = sequence_logprobs(self.model, input_ids, params.temperature or 1.0,
+                                                self.logprob_micro_batch)
+            old_logprobs = old_logprobs * response_mask
+        return Rollout(input_ids=input_ids, response_mask=response_mask, old_logprobs=old_logprobs,
                        prompt_index=torch.tensor(index), completions=texts,
                        response_lengths=[len(r) for r in rows_response], truncated=truncated)
 
