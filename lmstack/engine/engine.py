@@ -59,6 +59,7 @@ import torch.nn as nn
 from lmstack.devices import resolve_device, resolve_dtype
 from lmstack.engine.detok import TextStream
 from lmstack.engine.kv_cache import SlotKVCache
+from lmstack.engine.multi_lora import LoRAWeights, MultiLoRA
 from lmstack.engine.sampling import SamplingParams, SamplingRow, logprob_entries, make_generator, sample
 from lmstack.engine.scheduler import Request, Scheduler, Sequence, Status
 from lmstack.errors import UserError
@@ -107,14 +108,15 @@ class Engine:
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  device: str | torch.device | None = None, max_num_batched_tokens: int = 512,
                  prefix_reuse: bool = True, cuda_graphs: bool | None = None, compile_decode: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, adapters: Seq[LoRAWeights] = ()):
         """model: a decoder speaking the KV-cache protocol; tokenizer: optional (text, stop strings, EOS).
 
         max_model_len defaults to the model's context (block_size); kv_cache_tokens caps the KV pool
         (slots = min(max_num_seqs, kv_cache_tokens // max_model_len)); cuda_graphs defaults to on
         for CUDA devices (on CPU, True runs the same padded static-shape decode without capture);
         compile_decode adds torch.compile inside the graphs; seed seeds the generators of requests
-        that do not bring their own.
+        that do not bring their own. adapters: LoRA adapters served over this base in the same batches
+        (lmstack.engine.multi_lora; a request picks one with ``SamplingParams.adapter``).
         """
         cfg = model.config
         if not is_decoder(cfg):
@@ -138,6 +140,7 @@ class Engine:
                 raise UserError(f"kv_cache_tokens={kv_cache_tokens} holds no sequence of max_model_len="
                                 f"{self.max_model_len}; raise it or lower max_model_len")
         self.device = next(model.parameters()).device
+        self.lora = MultiLoRA(self.model, adapters) if adapters else None
         _check_kv_memory(model, num_slots, self.max_model_len, self.device)
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_model_len)
         self.scheduler = Scheduler(self.cache, max(max_num_batched_tokens, num_slots), prefix_reuse)
@@ -177,7 +180,7 @@ class Engine:
         request_id = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise UserError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, prompt, params)
+        request = Request(request_id, prompt, params, adapter=self.adapter_slot(params))
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         for i in range(params.n):
             generator = None if params.greedy else make_generator(base_seed + i, self.device)
@@ -209,7 +212,16 @@ class Engine:
                             f"max_model_len={self.max_model_len}; shorten it")
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        self.adapter_slot(params)
         return prompt
+
+    def adapter_slot(self, params: SamplingParams) -> int:
+        """The LoRA slot a request decodes with (0 = the base); UserError for an adapter this engine lacks."""
+        if self.lora is None:
+            if params.adapter not in (None, 0):
+                raise UserError(f"adapter {params.adapter!r} requested but this engine serves no adapters")
+            return 0
+        return self.lora.index(params.adapter)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV slots; the next step() reports it with finish_reason "abort"."""
@@ -329,6 +341,8 @@ class Engine:
             positions[i, T - (end - start):] = torch.arange(start, end)
         slots = [r.prefill_seq.slot for r, _, _ in chunks]
         want_all = any(r.params.prompt_logprobs is not None for r, _, _ in chunks)
+        if self.lora is not None:
+            self.lora.set_rows([r.adapter for r, _, _ in chunks], self.device)
         logits = self._forward(idx, positions, slots, max(end for _, _, end in chunks),
                                logits_to_keep=0 if want_all else 1)  # (B, T or 1, V)
         prompt_entries = [self._prompt_logprobs(request, logits[i, T - (end - start):], start, end)
@@ -361,6 +375,8 @@ class Engine:
         positions = torch.tensor([[s.num_computed] for s in seqs])  # (B, 1)
         kv_len = int(positions.max()) + 1
         slots = [s.slot for s in seqs]
+        if self.lora is not None:
+            self.lora.set_rows([s.request.adapter for s in seqs], self.device)
         if self.graphs is not None:
             logits = self.graphs.decode(idx, positions, slots, kv_len)
         else:
@@ -523,6 +539,7 @@ class CudaGraphDecoder:
         self.idx = torch.zeros(self.max_batch, 1, dtype=torch.long, device=device)
         self.positions = torch.full((self.max_batch, 1), -1, dtype=torch.long, device=device)
         self.slot_ids = torch.full((self.max_batch,), cache.scratch_slot, dtype=torch.long, device=device)
+        self.adapter_slots = torch.zeros(self.max_batch, dtype=torch.long, device=device)  # LoRA slot per row
         self.model = torch.compile(engine.model, dynamic=False) if compile else engine.model
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -540,6 +557,10 @@ class CudaGraphDecoder:
         self.idx[:batch].copy_(torch.cat([idx, idx.new_zeros(pad, 1)]), non_blocking=True)
         self.positions[:batch].copy_(torch.cat([positions, positions.new_full((pad, 1), -1)]), non_blocking=True)
         self.slot_ids[:batch].copy_(torch.tensor(slots + [scratch] * pad), non_blocking=True)
+        lora = self.engine.lora
+        if lora is not None:  # graphs always run the LoRA path, reading the slots from the persistent buffer
+            self.adapter_slots[:batch].copy_(torch.tensor(lora.row_slots + [0] * pad), non_blocking=True)
+            lora.use_rows(self.adapter_slots[:batch])
         if not self.capture:
             return self._run(batch, kv_bucket)[:B]
         key = (batch, kv_bucket)

@@ -69,6 +69,7 @@ class SamplingParams:
     n: int = 1  # samples from one prefill; sample i uses seed + i
     logprobs: int | None = None  # per generated token: its logprob + this many top alternatives
     prompt_logprobs: int | None = None  # logprobs of the prompt tokens (+ top alternatives); None = off
+    adapter: str | int | None = None  # LoRA adapter of Engine(adapters=...) by name or slot; None / 0 = the base
 
     def validate(self) -> None:
         """Raise :class:`~lmstack.errors.UserError` naming the first field the sampler cannot honour."""
@@ -103,6 +104,9 @@ class SamplingParams:
              f"prompt_logprobs={self.prompt_logprobs} must be >= 0 or None")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0")
+        need(self.adapter is None or (isinstance(self.adapter, str) and self.adapter != "")
+             or (is_int(self.adapter) and self.adapter >= 0),
+             f"adapter={self.adapter!r} must be an adapter name, a slot >= 0, or None (the base model)")
 
     @property
     def greedy(self) -> bool:

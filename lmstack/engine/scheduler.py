@@ -13,6 +13,8 @@ at admission so a request never stalls half-forked), first come first served. Fi
 aborted sequences return their slot at once, so a waiting request can start in the very next step.
 At admission the prompt's longest already-computed prefix is looked up (a free slot's retained
 tokens, or a running sequence's, whose keys/values are then copied) and only the rest is prefilled.
+Keys and values depend on the LoRA adapter a request decodes with, so reuse happens only between
+requests of the same adapter (:func:`reuse_key`).
 
 Requests and sequences are plain objects shared with the engine, which fills in tokens, text and
 logprobs; the scheduler only moves them between its queues and owns slot bookkeeping.
@@ -81,6 +83,7 @@ class Request:
     prompt_logprobs: list | None = None
     reserved_slots: list[int] = field(default_factory=list)  # slots for samples 1..n-1 until the fork
     error: str | None = None  # why the engine stopped it, when a step failed for it alone
+    adapter: int = 0  # LoRA slot it decodes with (lmstack.engine.multi_lora); 0 = the base model
 
     @property
     def prefill_seq(self) -> Sequence:
@@ -158,9 +161,10 @@ class Scheduler:
     def _admit(self, request: Request) -> None:
         seq = request.prefill_seq
         reuse = self.prefix_reuse and request.params.prompt_logprobs is None
-        seq.slot, reused = self.cache.allocate(request.prompt_ids if reuse else None)
+        seq.slot, reused = self.cache.allocate(reuse_key(request, request.prompt_ids) if reuse else None)
+        reused = max(reused - (request.adapter != 0), 0)  # the adapter's marker is not a token
         if reuse:  # a running sequence may share a longer prefix: copy its keys/values instead of recomputing
-            source, shared = self._running_prefix(request.prompt_ids)
+            source, shared = self._running_prefix(request)
             if shared > reused:
                 self.cache.copy_prefix(source, seq.slot, shared)
                 reused = shared
@@ -171,11 +175,12 @@ class Scheduler:
         request.status = Status.PREFILLING
         self.prefilling.append(request)
 
-    def _running_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(slot, length) of the longest computed prefix of ``prompt`` held by a running sequence."""
-        best_slot, best = -1, 0
+    def _running_prefix(self, request: Request) -> tuple[int, int]:
+        """(slot, length) of the longest computed prefix of the prompt held by a running sequence of its adapter."""
+        best_slot, best, prompt = -1, 0, request.prompt_ids
         for seq in itertools.chain(self.decoding, (r.prefill_seq for r in self.prefilling)):
-            if seq.num_computed > best and seq.slot >= 0 and seq.request.prompt_ids[0] == prompt[0]:
+            if seq.num_computed > best and seq.slot >= 0 and seq.request.prompt_ids[0] == prompt[0] \
+                    and seq.request.adapter == request.adapter:
                 n = common_prefix(seq.cached_tokens(), prompt)
                 if n > best:
                     best_slot, best = seq.slot, n
@@ -194,7 +199,7 @@ class Scheduler:
             return
         seq.finish_reason = reason
         if seq.slot >= 0:
-            self.cache.free(seq.slot, seq.cached_tokens())
+            self.cache.free(seq.slot, reuse_key(seq.request, seq.cached_tokens()))
             seq.slot = -1
         if seq in self.decoding:
             self.decoding.remove(seq)
@@ -218,3 +223,9 @@ class Scheduler:
 
     def kv_tokens_used(self) -> int:
         return sum(s.num_computed for s in self.decoding) + sum(r.prefill_seq.num_computed for r in self.prefilling)
+
+
+def reuse_key(request: Request, tokens: list[int]) -> list[int]:
+    """Tokens as prefix reuse compares them: an adapter's are preceded by the marker -slot, which no token id
+    equals, so keys and values computed with one adapter never serve another adapter or the base."""
+    return tokens if request.adapter == 0 else [-request.adapter, *tokens]
