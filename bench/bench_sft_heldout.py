@@ -96,8 +96,9 @@ def build_base(work: Path, a: argparse.Namespace, families: list[str]) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, tests: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """Per family: exact match, format compliance and turn-end rate of greedy replies (see the docstring)."""
+def evaluate(model_dir: Path, tests: dict[str, list[dict]], end_token: str = "<|end|>") -> dict[str, dict[str, Any]]:
+    """Per family: exact match, format compliance and turn-end rate of greedy replies (see the docstring),
+    and the first two replies; END_TOKEN is the chat format's end of turn."""
     from lmstack.checkpoint import load_checkpoint
     from lmstack.data.instruct import answer_shape
     from lmstack.engine.engine import Engine
@@ -105,13 +106,14 @@ def evaluate(model_dir: Path, tests: dict[str, list[dict]]) -> dict[str, dict[st
 
     ckpt = load_checkpoint(model_dir)
     tok = ckpt.tokenizer
-    end_id = tok.special_tokens["<|end|>"]
+    end_id = tok.token_to_id(end_token)
     engine = Engine(ckpt.model.eval(), tok, max_num_seqs=64, device="cpu")
     scores = {}
     for family, test in tests.items():
         prompts = [tok.render_chat(c["messages"][:1], add_generation_prompt=True)[0] for c in test]
         outputs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[end_id]))
         exact = shaped = ended = 0
+        replies = []
         for conv, out in zip(test, outputs):
             sample = out.outputs[0]
             answer, text = conv["messages"][1]["content"], sample.text.strip()
@@ -119,8 +121,9 @@ def evaluate(model_dir: Path, tests: dict[str, list[dict]]) -> dict[str, dict[st
             ended += turn_ended
             exact += turn_ended and text == answer
             shaped += turn_ended and answer_shape(text) == answer_shape(answer)
+            replies.append({"prompt": conv["messages"][0]["content"], "answer": answer, "reply": sample.text})
         scores[family] = {"exact_match": exact / len(test), "format_compliance": shaped / len(test),
-                          "ended_turn": ended / len(test)}
+                          "ended_turn": ended / len(test), "examples": replies[:2]}
     return scores
 
 
@@ -146,7 +149,7 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]
         for condition in CONDITIONS:
             per_seed = [s[condition][family] for s in results["seeds"].values()]
             table[family][condition] = {metric: statistics.fmean(p[metric] for p in per_seed)
-                                        for metric in per_seed[0]}
+                                        for metric in ("exact_match", "format_compliance", "ended_turn")}
     return table
 
 
