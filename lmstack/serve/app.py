@@ -9,8 +9,14 @@
         openai.OpenAI(base_url=url + "/v1", api_key="sk-local").models.list()
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /v1/embeddings``, ``GET /health`` (engine statistics, no key needed), ``GET /`` (the chat page
+``POST /v1/embeddings``, ``GET|POST /v1/feedback`` (human judgements, feedback.py; 404 unless the server
+was given a feedback file), ``GET /health`` (engine statistics, no key needed), ``GET /`` (the chat page
 from static/; no key needed to load it, the page asks for one when the server wants it).
+
+LoRA adapters (``adapters=[(name, dir), ...]``, adapters.py) are served over the one base model: each is a
+model of its own in /v1/models (with ``parent`` = the base), a request whose ``model`` names one is decoded
+with it, and requests for different adapters and for the base share the engine's batches
+(lmstack.engine.multi_lora). Embeddings always come from the base model.
 
 How a request flows, and where each step lives:
 
@@ -27,7 +33,7 @@ Embeddings (embeddings.py) are mean-pooled final hidden states: of a decoder, or
 (BERT, T5), which is then served for /v1/embeddings only (generation routes answer 404, as OpenAI does
 for a model that does not support an endpoint).
 
-Caveats: one model per server; embeddings run in a worker thread next to the engine's stepping thread
+Caveats: one base model per server; embeddings run in a worker thread next to the engine's stepping thread
 (same weights, read-only), one batch at a time.
 """
 
@@ -38,7 +44,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import torch.nn as nn
 from fastapi import FastAPI, Request
@@ -48,22 +54,24 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.checkpoint import load_checkpoint, read_config
-from lmstack.devices import resolve_device
+from lmstack.devices import resolve_device, resolve_dtype
 from lmstack.engine.async_engine import AsyncEngine
 from lmstack.engine.embed import special_frame
 from lmstack.engine.engine import Engine
 from lmstack.errors import UserError
 from lmstack.models import is_decoder
 from lmstack.serve import openai_format
+from lmstack.serve.adapters import read_lora_weights
 from lmstack.serve.embeddings import embed_queued, encode_vector
+from lmstack.serve.feedback import KINDS, FeedbackLog, FeedbackRequest, feedback_record
 from lmstack.serve.generation import Generation, respond
 from lmstack.serve.protocol import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
                                     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard,
                                     ModelList, new_id, validation_error)
 from lmstack.serve.state import ServerLimits, ServerState
 from lmstack.serve.transport import GatekeeperMiddleware, error_response, until_disconnect
-from lmstack.serve.validation import (check_lengths, check_model, check_ready, check_sequences, check_token_ids,
-                                      deadline, sampling_params)
+from lmstack.serve.validation import (check_feedback, check_lengths, check_model, check_ready, check_sequences,
+                                      check_token_ids, deadline, sampling_params)
 from lmstack.tokenizer import Tokenizer
 
 log = logging.getLogger("lmstack.serve")
@@ -81,6 +89,7 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
                api_keys: list[str] | tuple[str, ...] | None = None, max_request_bytes: int = 1 << 20,
                max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096, max_waiting: int = 256,
                request_timeout_s: float = 600.0, model_name: str | None = None, device: str = "auto",
+               adapters: Sequence[tuple[str, str | os.PathLike]] = (), feedback: str | os.PathLike | None = None,
                **engine_kwargs: Any) -> FastAPI:
     """The FastAPI app serving one model.
 
@@ -88,8 +97,12 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
     (then ``max_waiting`` is the engine's own). ``engine_kwargs`` (max_num_seqs, kv_cache_tokens, ...)
     go to ``Engine.from_checkpoint`` when a path is given. A checkpoint of an encoder family (BERT,
     T5) is served for /v1/embeddings only. ``api_keys``: accepted Bearer keys; empty or None = no
-    authentication.
+    authentication. ``adapters``: (name, peft adapter directory) pairs served over a checkpoint (an Engine
+    brings its own, ``Engine(adapters=...)``). ``feedback``: the JSONL file /v1/feedback appends to.
     """
+    if adapters and not isinstance(engine_or_checkpoint, (str, os.PathLike)):
+        raise UserError("adapters are read together with a checkpoint path; an Engine brings its own "
+                        "(Engine(model, tokenizer, adapters=[LoRAWeights...]))")
     given_async, engine = None, None
     if isinstance(engine_or_checkpoint, AsyncEngine):
         given_async = engine_or_checkpoint
@@ -99,8 +112,12 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
         engine = engine_or_checkpoint
         model, tokenizer = engine.model, engine.tokenizer
     elif isinstance(engine_or_checkpoint, (str, os.PathLike)):
-        engine, model, tokenizer = _load(str(engine_or_checkpoint), device, engine_kwargs)
         model_name = model_name or default_model_name(engine_or_checkpoint)
+        clash = [name for name, _ in adapters if name == model_name]
+        if clash:
+            raise UserError(f"--adapter {clash[0]}=... has the base model's name; name the adapter differently "
+                            "(--adapter NAME=DIR)")
+        engine, model, tokenizer = _load(str(engine_or_checkpoint), device, engine_kwargs, adapters)
     else:
         raise TypeError(f"create_app needs a checkpoint path, an Engine or an AsyncEngine, "
                         f"not {type(engine_or_checkpoint).__name__}")
@@ -120,9 +137,12 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
     limits = ServerLimits(max_request_bytes=max_request_bytes, max_prompt_tokens=max_prompt_tokens,
                           max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
                           request_timeout_s=request_timeout_s)
+    lora = getattr(engine, "lora", None)
     state = ServerState(engine=engine, model=model, tokenizer=tokenizer, model_name=model_name or "lmstack",
                         max_model_len=max_model_len, limits=limits,
                         api_keys=tuple(k for k in (api_keys or ()) if k), embed_frame=special_frame(tokenizer),
+                        adapter_names=tuple(lora.names) if lora is not None else (),
+                        feedback=FeedbackLog(feedback) if feedback is not None else None,
                         async_engine=given_async, owns_async_engine=given_async is None)
 
     @contextlib.asynccontextmanager
@@ -150,9 +170,19 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
     return app
 
 
-def _load(path: str, device: str, engine_kwargs: dict[str, Any]) -> tuple[Engine | None, nn.Module, Tokenizer]:
+def _load(path: str, device: str, engine_kwargs: dict[str, Any], adapters: Sequence[tuple[str, str | os.PathLike]]
+          ) -> tuple[Engine | None, nn.Module, Tokenizer]:
     """(engine or None, model, tokenizer): an Engine for decoder families, the bare model for encoders."""
     family = read_config(path)["model"].get("family", "gpt")
+    if adapters and not is_decoder(family):
+        raise UserError(f"--adapter needs a decoder to generate with; model family {family!r} is served for "
+                        "embeddings only")
+    if adapters:  # the adapters are checked against the loaded base before the engine wraps its layers
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, device=dev, dtype=resolve_dtype("auto", dev))
+        weights = [read_lora_weights(ckpt.model, name, adapter_dir) for name, adapter_dir in adapters]
+        engine = Engine(ckpt.model, ckpt.tokenizer, adapters=weights, **engine_kwargs)
+        return engine, engine.model, engine.tokenizer
     if is_decoder(family):
         engine = Engine.from_checkpoint(path, device=device, **engine_kwargs)
         return engine, engine.model, engine.tokenizer
@@ -219,22 +249,44 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         status = "shutting_down" if state.shutting_down else "ok"
         return JSONResponse({"status": status, "model": state.model_name, "engine": stats,
                              "counters": dict(state.counters),
+                             "adapters": list(state.adapter_names), "feedback": state.feedback is not None,
                              "auth": bool(state.api_keys)}, status_code=200 if status == "ok" else 503)
+
+    def card(adapter: str | None) -> ModelCard:
+        return ModelCard(id=adapter or state.model_name, max_model_len=state.max_model_len,
+                         parent=state.model_name if adapter else None)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+        return ModelList(data=[card(None), *[card(name) for name in state.adapter_names]])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str):
-        check_model(state, model_id)
-        return ModelCard(id=state.model_name, max_model_len=state.max_model_len)
+        return card(check_model(state, model_id))
+
+    # ---------------------------------------------------------------- /v1/feedback
+    @app.get("/v1/feedback")
+    async def feedback_info():
+        check_feedback(state)
+        return {"object": "feedback", "enabled": True, "kinds": list(KINDS)}
+
+    @app.post("/v1/feedback")
+    async def save_feedback(req: FeedbackRequest):
+        check_feedback(state)
+        check_model(state, req.model)
+        try:  # fsync in a worker thread: the event loop keeps streaming meanwhile
+            await asyncio.to_thread(state.feedback.append, feedback_record(req))
+        except OSError as e:
+            log.error("could not append to the feedback file %s: %s", state.feedback.path, e)
+            raise APIError(500, f"The server could not save the feedback ({e.strerror}); nothing was written.",
+                           type="server_error", code="feedback_not_saved") from None
+        return {"object": "feedback", "saved": True, "kind": req.kind}
 
     # ---------------------------------------------------------------- /v1/completions
     @app.post("/v1/completions", response_model=Completion)
     async def completions(req: CompletionRequest, request: Request):
         check_ready(state)
-        check_model(state, req.model)
+        adapter = check_model(state, req.model)
         req.check_supported()
         state.counters["requests"] += 1
         # an empty text prompt starts a fresh document, as OpenAI's default prompt "<|endoftext|>" does
@@ -245,7 +297,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         check_sequences(state, len(prompts), req.n)
         params = sampling_params(req, max_tokens, logprobs=req.logprobs,
                                   prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else
-                                  (0 if req.max_tokens == 0 else None))
+                                  (0 if req.max_tokens == 0 else None), adapter=adapter)
         gen = Generation(state, prompts, params, new_id("cmpl"), deadline(state))
         return await respond(request, gen, req.stream,
                               lambda: openai_format.completion_stream(state, req, gen, prompts),
@@ -255,7 +307,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_ready(state)
-        check_model(state, req.model)
+        adapter = check_model(state, req.model)
         req.check_supported()
         state.counters["requests"] += 1
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -270,7 +322,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         # the end-of-turn tokens (tokenizer.stop_token_ids) end the answer through the engine's EOS set,
         # so the ignore_eos extension can switch them off
-        params = sampling_params(req, max_tokens, logprobs=logprobs)
+        params = sampling_params(req, max_tokens, logprobs=logprobs, adapter=adapter)
         gen = Generation(state, [list(prompt_ids)], params, new_id("chatcmpl"), deadline(state))
         return await respond(request, gen, req.stream,
                               lambda: openai_format.chat_stream(state, req, gen, len(prompt_ids)),
@@ -280,7 +332,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(req: EmbeddingRequest, request: Request):
         check_ready(state, generate=False)
-        check_model(state, req.model)
+        if check_model(state, req.model) is not None:
+            raise APIError(404, f"The model '{req.model}' is a LoRA adapter; embeddings come from the base model "
+                                f"'{state.model_name}'.", param="model", code="model_not_supported")
         req.check_supported()
         state.counters["requests"] += 1
         inputs = req.inputs()

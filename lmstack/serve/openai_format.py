@@ -54,7 +54,7 @@ async def completion_result(state: ServerState, req: CompletionRequest, gen: Gen
             choices.append(CompletionChoice(index=p_index * req.n + c.index, text=prompt_text + c.text,
                                             logprobs=logprobs, finish_reason=c.finish_reason))
     prompt_tokens = sum(len(p) for p in prompts)
-    return Completion(id=gen.request_id, model=state.model_name, choices=choices,
+    return Completion(id=gen.request_id, model=req.model, choices=choices,
                       usage=Usage.of(prompt_tokens, completion_tokens))
 
 
@@ -65,7 +65,7 @@ async def completion_stream(state: ServerState, req: CompletionRequest, gen: Gen
     echoed: set[int] = set()
     finished: set[int] = set()
     text_len: dict[int, int] = {}
-    base = {"id": gen.request_id, "object": "text_completion", "created": created, "model": state.model_name}
+    base = {"id": gen.request_id, "object": "text_completion", "created": created, "model": req.model}
     try:
         async for p_index, out in gen.events():
             for c in out.outputs:
@@ -115,7 +115,7 @@ async def chat_result(state: ServerState, req: ChatCompletionRequest, gen: Gener
         logprobs = _chat_logprobs(state.tokenizer, list(c.logprobs or [])) if req.logprobs else None
         choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
                                   finish_reason=c.finish_reason))
-    return ChatCompletion(id=gen.request_id, model=state.model_name, choices=choices,
+    return ChatCompletion(id=gen.request_id, model=req.model, choices=choices,
                           usage=Usage.of(prompt_tokens, completion_tokens))
 
 
@@ -125,7 +125,7 @@ async def chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Gener
     include_usage = req.include_usage()
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        body = ChatCompletionChunk(id=gen.request_id, created=created, model=state.model_name, choices=choices,
+        body = ChatCompletionChunk(id=gen.request_id, created=created, model=req.model, choices=choices,
                                    usage=usage)
         return sse(body.model_dump(exclude=None if include_usage else {"usage"}))
 

@@ -366,6 +366,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "lmstack"
     max_model_len: int | None = None
+    parent: str | None = None  # for a LoRA adapter: the base model it runs on
 
 
 class ModelList(BaseModel):

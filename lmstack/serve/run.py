@@ -89,6 +89,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_keys: list[
     print(f"lmstack serve: model '{state.model_name}' ({state.max_model_len}-token context) on {url}", flush=True)
     print(f"  web chat page:  {url}/", flush=True)
     print(f"  OpenAI API:     {url}/v1  (API key {'required' if state.api_keys else 'not required'})", flush=True)
+    if state.adapter_names:
+        print(f"  LoRA adapters:  {', '.join(state.adapter_names)} (request them by model name)", flush=True)
+    if state.feedback is not None:
+        print(f"  feedback:       appended to {state.feedback.path} (the chat page's Feedback mode)", flush=True)
     server = _uvicorn_server(app, log_level)
     try:
         server.run(sockets=[sock])

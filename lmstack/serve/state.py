@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from lmstack.engine.async_engine import AsyncEngine
 from lmstack.engine.engine import Engine
+from lmstack.serve.feedback import FeedbackLog
 from lmstack.tokenizer import Tokenizer
 
 
@@ -40,6 +41,8 @@ class ServerState:
     limits: ServerLimits
     api_keys: tuple[str, ...]
     embed_frame: tuple[list[int], list[int]]  # ids the tokenizer wraps around one text ([CLS] ... [SEP] for BERT)
+    adapter_names: tuple[str, ...] = ()  # LoRA adapters served over the base, each under its own model name
+    feedback: FeedbackLog | None = None  # where POST /v1/feedback appends judgements (None = not collected)
     async_engine: AsyncEngine | None = None  # created at startup inside the event loop
     owns_async_engine: bool = True
     shutting_down: bool = False

@@ -1,7 +1,8 @@
 """What the app checks beyond the request schema, and the SamplingParams a request becomes.
 
 protocol.py checks what depends only on the request (types, ranges, combinations); this module checks
-what depends on the server: whether it is up and generates at all, the model name, token ids against the
+what depends on the server: whether it is up and generates at all, the model name (the base or one of its
+LoRA adapters), whether feedback is collected, token ids against the
 vocabulary, prompt and completion lengths against the context and the server's limits, and the number
 of sequences (prompts x ``n``) against the waiting bound. Every failure is an
 :class:`~lmstack.serve.protocol.APIError` with OpenAI's status, param and code.
@@ -27,10 +28,22 @@ def check_ready(state: ServerState, generate: bool = True) -> None:
         raise APIError(503, "The engine is not running.", type="server_error", code="engine_unavailable")
 
 
-def check_model(state: ServerState, model: str) -> None:
-    if model != state.model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{state.model_name}' "
-                            "(see GET /v1/models).", type="not_found_error", param="model", code="model_not_found")
+def check_model(state: ServerState, model: str) -> str | None:
+    """The adapter a model name selects (None for the base model); 404 for a name this server does not serve."""
+    if model == state.model_name:
+        return None
+    if model in state.adapter_names:
+        return model
+    served = ", ".join(f"'{name}'" for name in (state.model_name, *state.adapter_names))
+    raise APIError(404, f"The model '{model}' does not exist; this server serves {served} (see GET /v1/models).",
+                   type="not_found_error", param="model", code="model_not_found")
+
+
+def check_feedback(state: ServerState) -> None:
+    if state.feedback is None:
+        raise APIError(404, "This server does not collect feedback; start it with `lmstack serve --feedback FILE` "
+                            "to enable /v1/feedback and the chat page's feedback mode.", type="not_found_error",
+                       code="feedback_disabled")
 
 
 def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
@@ -67,13 +80,15 @@ def check_lengths(state: ServerState, prompt_len: int, max_tokens: int | None, p
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None, adapter: str | None = None
+                    ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=max(req.top_k, 0), top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, stop=req.stop_list(),
-        ignore_eos=req.ignore_eos, seed=req.seed, n=req.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        ignore_eos=req.ignore_eos, seed=req.seed, n=req.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        adapter=adapter)
 
 
 def check_sequences(state: ServerState, num_prompts: int, n: int) -> None:
