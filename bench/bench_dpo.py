@@ -1,0 +1,259 @@
+"""What DPO and a reward model learn from rule-labelled preference pairs, on a tiny SFT'd model: seeded before/after.
+
+    python bench/bench_dpo.py                         # ~3 min on an idle 2-core CPU (reuses bench_sft's base)
+    python bench/bench_dpo.py --seeds 0,1,2 --dpo-steps 300 --sft-steps 400
+
+Pipeline, through the real command line:
+
+1. Base: the pretrained 2-layer x 128 GPT of bench/bench_sft.py (built by its ``build_base``, reused from
+   runs/bench_sft when it exists with the same settings).
+2. SFT (``lmstack sft``): exact-answer task conversations plus, for a disjoint set of rule-labelled pairs
+   (seed 100), *both* completions of every pair as a conversation. The SFT model therefore imitates good and bad
+   behaviour alike (right and wrong sums, bare and rambling answers, refusals and compliance with made-up
+   harmful requests): there is something for preferences to fix.
+3. DPO (``lmstack dpo``) from the SFT model on ``--n-train`` pairs (``python -m lmstack.data.preference
+   --make-pairs``, seed 0), one run per seed; a reward model (``lmstack reward``) from the SFT model on the same
+   pairs, first seed only.
+4. Held-out pairs: ``--n-test`` pairs of seed 1. The rule space is small (16 words, 8 unsafe requests, sums
+   below 100), so many held-out prompts also occur in the training pairs; the unsafe requests always do.
+
+Measures, the SFT model measured in the same run:
+
+* preference accuracy on the held-out pairs: for the SFT and DPO models, how often the chosen completion has the
+  higher summed log-probability; for DPO also the implicit-reward accuracy (chosen gains more log-probability
+  over the SFT reference than rejected); for the reward model, how often it scores chosen higher;
+* rule-following of greedy samples (:class:`lmstack.engine.Engine`, at most 40 tokens) on the held-out prompts,
+  per rule (lmstack.data.preference.follows_rule): the exact answer (``arithmetic``), the bare answer with
+  nothing else (``concise``), a reply starting with the refusal (``refusal``).
+
+Outputs: OUT/results.json and OUT/dpo_effects.png (default OUT: bench/results/dpo); the Markdown table to stdout.
+Caveats: a ~1M-parameter model; synthetic rules; few seeds; the numbers say what DPO changes, not how a large
+model behaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sft import build_base, lmstack  # noqa: E402  (the same base as the SFT benchmark)
+
+from lmstack.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+
+RULES = ("arithmetic", "concise", "refusal")
+
+
+def _reusable(run: Path, settings: dict) -> bool:
+    """A finished run of this bench with the same settings (its model is kept, not retrained)."""
+    marker = run / "bench_settings.json"
+    return (run / "model").is_dir() and marker.is_file() and json.loads(marker.read_text()) == settings
+
+
+def sft_data(path: Path, n_tasks: int, n_pairs: int) -> None:
+    """Task conversations plus both completions of rule-labelled pairs (seed 100) as conversations."""
+    from lmstack.data.instruct import make_task_conversations
+    from lmstack.data.preference import make_preference_pairs
+
+    conversations = make_task_conversations(n_tasks, seed=0)
+    for pair in make_preference_pairs(n_pairs, seed=100):
+        for completion in (pair["chosen"], pair["rejected"]):
+            conversations.append({"messages": [{"role": "user", "content": pair["prompt"]},
+                                               {"role": "assistant", "content": completion}]})
+    write_text_atomic(path, "".join(json.dumps(c) + "\n" for c in conversations))
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None) -> dict[str, Any]:
+    """Likelihood preference accuracy, implicit-reward accuracy against ``reference_dir``, greedy rule-following."""
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.data.preference import PreferenceLoader, follows_rule, render_pair, record_pair
+    from lmstack.engine.engine import Engine
+    from lmstack.engine.sampling import SamplingParams
+    from lmstack.train.preference_losses import completion_logps
+
+    ckpt = load_checkpoint(model_dir)
+    model, tok = ckpt.model.eval(), ckpt.tokenizer
+    pairs = [render_pair(tok, *record_pair(p)) for p in test]
+    reference = load_checkpoint(reference_dir).model.eval() if reference_dir else None
+    right, implicit = [], []
+    for batch in PreferenceLoader(pairs, 32, pad_id=tok.pad_id, shuffle=False):
+        logps = completion_logps(model, batch)
+        half = logps.shape[0] // 2
+        right += (logps[:half] > logps[half:]).tolist()
+        if reference is not None:
+            ratios = logps - completion_logps(reference, batch)
+            implicit += (ratios[:half] > ratios[half:]).tolist()
+    end_id = tok.special_tokens["<|end|>"]
+    engine = Engine(model, tok, max_num_seqs=64, device="cpu")
+    prompts = [tok.render_chat([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)[0] for p in test]
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[end_id]))
+    follows: dict[str, list[bool]] = {rule: [] for rule in RULES}
+    for pair, out in zip(test, outputs):
+        follows[pair["rule"]].append(follows_rule(pair, out.outputs[0].text))
+    examples = [{"prompt": p["prompt"], "output": o.outputs[0].text} for p, o in list(zip(test, outputs))[:6]]
+    return {"likelihood_accuracy": sum(right) / len(right),
+            "implicit_accuracy": sum(implicit) / len(implicit) if implicit else None,
+            "rule_following": {rule: sum(v) / len(v) for rule, v in follows.items()},
+            "rule_following_all": sum(sum(v) for v in follows.values()) / len(test), "examples": examples}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.6))
+    sft, dpo = results["sft"], results["dpo"]
+    x = range(len(RULES) + 1)
+    labels = [*RULES, "all"]
+    before = [sft["rule_following"][r] for r in RULES] + [sft["rule_following_all"]]
+    after = [statistics.fmean(s["rule_following"][r] for s in dpo.values()) for r in RULES] + \
+        [statistics.fmean(s["rule_following_all"] for s in dpo.values())]
+    left.bar([i - 0.2 for i in x], before, 0.4, label="SFT (before)", color="tab:gray")
+    left.bar([i + 0.2 for i in x], after, 0.4, label=f"DPO (after, mean of {len(dpo)} seeds)", color="tab:blue")
+    for i, seed_values in enumerate(zip(*[[s["rule_following"][r] for r in RULES] + [s["rule_following_all"]]
+                                          for s in dpo.values()])):
+        left.scatter([i + 0.2] * len(seed_values), seed_values, color="black", s=10, zorder=3)
+    left.set_xticks(list(x), labels)
+    left.set_ylabel("greedy samples that follow the rule")
+    left.set_title(f"rule-following on {results['n_test']} held-out prompts")
+    left.legend(fontsize=8)
+    names = ["SFT likelihood", "DPO likelihood", "DPO implicit reward", "reward model"]
+    values = [sft["likelihood_accuracy"], statistics.fmean(s["likelihood_accuracy"] for s in dpo.values()),
+              statistics.fmean(s["implicit_accuracy"] for s in dpo.values()), results["reward_model"]["accuracy"]]
+    middle.bar(names, values, color=["tab:gray", "tab:blue", "tab:cyan", "tab:orange"])
+    for i, v in enumerate(values):
+        middle.text(i, v, f"{v:.1%}", ha="center", va="bottom", fontsize=9)
+    middle.axhline(0.5, color="black", lw=0.8, ls=":")
+    middle.set_ylim(0, 1.05)
+    middle.set_ylabel("held-out pairs ranked right")
+    middle.set_title("preference accuracy (dotted: chance)")
+    middle.tick_params(axis="x", labelsize=8)
+    for seed, curve in results["dpo_curves"].items():
+        steps = [r["step"] for r in curve]
+        right.plot(steps, [r["reward_accuracy"] for r in curve], label=f"reward accuracy, seed {seed}")
+        right.plot(steps, [r["reward_margin"] for r in curve], "--", label=f"reward margin, seed {seed}")
+    right.set_xlabel("DPO step")
+    right.set_title("DPO training batches (implicit rewards)")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def markdown(results: dict) -> str:
+    sft, dpo = results["sft"], results["dpo"]
+    lines = [f"Command: `{results['command']}` ({results['wall_minutes']:.1f} min, {results['cpu_count']} CPUs)", "",
+             "| model | likelihood pref. acc. | implicit-reward acc. | " + " | ".join(RULES) + " | all rules |",
+             "|---|---|---|" + "---|" * len(RULES) + "---|"]
+
+    def row(name: str, e: dict) -> str:
+        implicit = "-" if e["implicit_accuracy"] is None else f"{e['implicit_accuracy']:.1%}"
+        return (f"| {name} | {e['likelihood_accuracy']:.1%} | {implicit} | "
+                + " | ".join(f"{e['rule_following'][r]:.0%}" for r in RULES) + f" | {e['rule_following_all']:.1%} |")
+
+    lines.append(row("SFT (before)", sft))
+    for seed, e in dpo.items():
+        lines.append(row(f"DPO seed {seed}", e))
+    rm = results["reward_model"]
+    lines += ["", f"Reward model (`lmstack reward`, {rm['steps']} steps, seed {rm['seed']}): held-out pair accuracy "
+              f"{rm['accuracy']:.1%} on {results['n_test']} pairs."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/dpo", help="results.json and dpo_effects.png (default: %(default)s)")
+    ap.add_argument("--work", default="runs/bench_dpo", help="runs and data (default: %(default)s)")
+    ap.add_argument("--base-work", default="runs/bench_sft", help="bench_sft's work directory, for the base model "
+                                                                  "(default: %(default)s)")
+    ap.add_argument("--seeds", default="0,1", help="comma-separated DPO seeds (default: %(default)s)")
+    ap.add_argument("--sft-steps", type=int, default=200, help="SFT steps (default: %(default)s)")
+    ap.add_argument("--dpo-steps", type=int, default=120, help="DPO steps per seed (default: %(default)s)")
+    ap.add_argument("--reward-steps", type=int, default=120, help="reward-model steps (default: %(default)s)")
+    ap.add_argument("--n-train", type=int, default=2000, help="training pairs (default: %(default)s)")
+    ap.add_argument("--n-test", type=int, default=200, help="held-out pairs (default: %(default)s)")
+    ap.add_argument("--beta", type=float, default=0.1, help="dpo.beta (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="DPO learning rate (default: %(default)s)")
+    ap.add_argument("--reward-lr", type=float, default=5e-4, help="reward-model learning rate (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default: %(default)s)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from lmstack.data.preference import make_preference_pairs, write_pairs
+    from lmstack.train.loop import read_metrics
+
+    t0 = time.time()
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    base_settings = SimpleNamespace(pretrain_steps=1000, classics_bytes=1_500_000, task_docs=1500, vocab_size=1024,
+                                    threads=a.threads)  # bench_sft's defaults
+    base = build_base(Path(a.base_work), base_settings)
+    common = ["train.seq_len=128", "train.tensorboard=false", "train.max_minutes=0", "train.eval_batches=4",
+              "optim.schedule=cosine"]
+    if not _reusable(work / "sft", {"base": str(base), "sft_steps": a.sft_steps}):
+        sft_data(work / "sft.jsonl", 1500, 600)
+        lmstack("sft", "--model", str(base), "--data", str(work / "sft.jsonl"), "--out", str(work / "sft"),
+                "--overwrite", f"train.max_steps={a.sft_steps}", "train.batch_size=32", "optim.lr=1e-3",
+                f"optim.warmup_steps={a.sft_steps // 10}", f"train.eval_every={a.sft_steps}",
+                f"train.ckpt_every={a.sft_steps}", *common, threads=a.threads)
+        write_json_atomic(work / "sft" / "bench_settings.json", {"base": str(base), "sft_steps": a.sft_steps})
+    sft_model = work / "sft" / "model"
+    write_pairs(work / "pairs_train.jsonl", a.n_train, seed=0)
+    test = make_preference_pairs(a.n_test, seed=1)
+    results: dict[str, Any] = {"command": "python bench/bench_dpo.py " + " ".join(sys.argv[1:]),
+                               "cpu_count": os.cpu_count(), "settings": vars(a), "n_test": a.n_test}
+    print("evaluating the SFT model", file=sys.stderr, flush=True)
+    results["sft"] = evaluate(sft_model, test, None)
+    results["dpo"], results["dpo_curves"] = {}, {}
+    for seed in seeds:
+        run = work / f"dpo-seed{seed}"
+        lmstack("dpo", "--model", str(sft_model), "--data", str(work / "pairs_train.jsonl"), "--out", str(run),
+                "--overwrite", f"train.max_steps={a.dpo_steps}", "train.batch_size=16", f"optim.lr={a.lr}",
+                f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
+                f"train.ckpt_every={a.dpo_steps}", "train.log_every=10", f"train.seed={seed}", f"dpo.beta={a.beta}",
+                *common, threads=a.threads)
+        results["dpo"][str(seed)] = evaluate(run / "model", test, sft_model)
+        results["dpo_curves"][str(seed)] = [r for r in read_metrics(run / "metrics.jsonl") if "reward_accuracy" in r
+                                            and "val_loss" not in r]
+        print(f"dpo seed {seed}: {results['dpo'][str(seed)]['rule_following']}", file=sys.stderr, flush=True)
+    rm_settings = {"sft_steps": a.sft_steps, "reward_steps": a.reward_steps, "lr": a.reward_lr, "seed": seeds[0],
+                   "n_train": a.n_train}
+    if not _reusable(work / "rm", rm_settings):
+        lmstack("reward", "--model", str(sft_model), "--data", str(work / "pairs_train.jsonl"), "--out",
+                str(work / "rm"), "--overwrite", f"train.max_steps={a.reward_steps}", "train.batch_size=16",
+                f"optim.lr={a.reward_lr}", f"optim.warmup_steps={a.reward_steps // 10}",
+                f"train.eval_every={a.reward_steps}", f"train.ckpt_every={a.reward_steps}",
+                f"train.seed={seeds[0]}", *common, threads=a.threads)
+        write_json_atomic(work / "rm" / "bench_settings.json", rm_settings)
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.data.preference import record_pair, render_pair
+    from lmstack.stages.reward import pair_accuracy
+
+    rm = load_checkpoint(work / "rm" / "model")
+    held_out = [render_pair(rm.tokenizer, *record_pair(p)) for p in test]
+    results["reward_model"] = {"accuracy": pair_accuracy(rm.model, held_out, rm.tokenizer.pad_id, 32),
+                               "steps": a.reward_steps, "seed": seeds[0]}
+    results["wall_minutes"] = (time.time() - t0) / 60
+    write_json_atomic(out / "results.json", results, indent=1)
+    plot(results, out / "dpo_effects.png")
+    print(markdown(results))
+    print(f"bench wall time {results['wall_minutes']:.1f} min; plot {out / 'dpo_effects.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
