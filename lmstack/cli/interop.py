@@ -31,6 +31,12 @@ def add_import(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    if args.format == "gguf":
+        from lmstack.interop.gguf_export import export_gguf
+
+        out = export_gguf(args.checkpoint, args.out, dtype=args.dtype, progress=not args.no_progress)
+        print(f"exported {args.checkpoint} -> {out} (GGUF llama, {args.dtype}); serve it: llama-server -m {out}")
+        return
     from lmstack.interop.hf_export import export_hf
 
     out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
@@ -38,15 +44,18 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    parser = verb_parser(sub, "export", "write an lmstack checkpoint as a Hugging Face (Llama) model directory",
+    parser = verb_parser(sub, "export", "write an lmstack checkpoint as a Hugging Face (Llama) directory or a GGUF file",
                          "Export a GPT-family checkpoint whose options Llama can express (RMSNorm, SwiGLU, RoPE, no\n"
-                         "bias) as a LlamaForCausalLM directory: config.json, model.safetensors, generation_config.json,\n"
-                         "tokenizer.json + tokenizer_config.json (chat template). transformers, vLLM and llama.cpp's\n"
-                         "converter load it.")
+                         "bias) as a LlamaForCausalLM directory (--format hf: config.json, model.safetensors,\n"
+                         "generation_config.json, tokenizer.json + tokenizer_config.json with the chat template;\n"
+                         "transformers and vLLM load it) or as one GGUF file (--format gguf: llama architecture,\n"
+                         "tokenizer and chat template inside; llama.cpp's llama-server -m FILE serves it).")
     parser.add_argument("checkpoint", help="lmstack checkpoint or run directory")
-    parser.add_argument("--format", default="hf", choices=["hf"], help="output format")
-    parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="weight dtype")
+    parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="output format")
+    parser.add_argument("--out", required=True, help="directory to write (hf) or .gguf file to write (gguf)")
+    parser.add_argument("--dtype", default="float32", choices=[*_DTYPES, "q8_0"],
+                        help="weight dtype; q8_0 (8-bit blocks of 32) is for --format gguf only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (gguf)")
     parser.set_defaults(func=run_export)
 
 

@@ -183,6 +183,13 @@ def _pre_tokenizer(pre: str):
         return byte_level
     if pre == "smollm":  # llama.cpp splits every digit on its own, then applies the GPT-2 regex
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre == "llama-bpe":  # the GPT-4 split regex (Llama 3; lmstack's trained tokenizers), then bytes
+        from tokenizers import Regex
+
+        from lmstack.tokenizer import SPLIT_PATTERN
+
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise ConversionError(f"GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; supported: "
                           f"{', '.join(GGUF_PRE_TOKENIZERS)}")
 

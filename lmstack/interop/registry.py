@@ -37,7 +37,7 @@ class Architecture:
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", "gpt", ("llama",), "llama", ("hf",),
+    Architecture("llama", "gpt", ("llama",), "llama", ("hf", "gguf"),
                  "Llama / SmolLM / TinyLlama-style decoders: RMSNorm, SwiGLU, RoPE, GQA, no rope scaling"),
     Architecture("gpt2", "gpt", ("gpt2",), None, (),
                  "GPT-2: LayerNorm, GELU (tanh), learned positions, biases, Conv1D weights"),
@@ -50,7 +50,7 @@ GGUF_TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_
                                       "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # GGUF tokenizers: tokenizer.ggml.model values and the byte-level pre-tokenizers we reproduce
 GGUF_TOKENIZER_MODELS: tuple[str, ...] = ("gpt2",)
-GGUF_PRE_TOKENIZERS: tuple[str, ...] = ("default", "gpt-2", "smollm")  # tokenizer.ggml.pre values
+GGUF_PRE_TOKENIZERS: tuple[str, ...] = ("default", "gpt-2", "smollm", "llama-bpe")  # tokenizer.ggml.pre values
 
 
 def architecture_for_hf(model_type: str | None, architectures: list[str] | None = None) -> Architecture:
