@@ -15,7 +15,8 @@ Same work on both sides:
   directory (fp32) for TRL: the same numbers on both sides. Random weights are fine for a speed test; both
   sides sample from the same distribution, so responses have the same expected length (reported per side).
 * Prompts: 2-digit addition questions (lmstack/data/verifiable.py) as conversational prompts; both sides render
-  them with the model's chat template. Reward: the exact-answer reward (``lmstack.data.verifiable.reward``).
+  them with the model's chat template. Reward: the share of digits in the completion (:func:`digit_share`, the
+  same function on both sides; graded, so the random model's groups have spread and every update is real).
 * GRPO: ``--prompts`` prompts x ``--group`` samples per step at temperature 1, at most ``--max-new-tokens``
   new tokens, one optimizer step per generation (lmstack ``grpo.minibatches=1``; TRL
   ``per_device_train_batch_size = prompts x group``, ``steps_per_generation=1``), token-level loss (lmstack
@@ -28,7 +29,9 @@ Measures: seconds per step over ``--steps`` steps after ``--warmup`` (lmstack: f
 response tokens over tokens/s at ``train.log_every=1``, which spans the rollout, the behaviour log-probs, the
 reward and the update; TRL: a TrainerCallback's wall time from step begin to step end, which spans its
 generation, log-probs, reward and update), samples per second = prompts x group / seconds per step, the ratio,
-and the mean response length on each side. Writes OUT/results.json (default bench/results/grpo/trl.json).
+and the mean response length on each side; the sides alternate ``--rounds`` times (a shared machine's load
+changes). Then the generation part alone, in one process: the engine against ``transformers`` ``generate`` on
+the same weights, prompts, group and length. Writes OUT (default bench/results/grpo/trl.json).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per side")
+    ap.add_argument("--rounds", type=int, default=2, help="times each side runs, alternating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-python", default="runs/venv-trl/bin/python", help="python with trl")
     ap.add_argument("--work", default="runs/bench_grpo_trl")
@@ -88,13 +92,19 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     write_records(work / "prompts.jsonl", make_prompts("arithmetic", 512, seed=args.seed))
 
 
+def digit_share(prompts: list, completions: list[str]) -> list[float]:
+    """The reward of both sides: the share of a completion's characters that are digits. Graded, so a random
+    model's groups have spread and the update is a real one (an exact-answer reward is 0 everywhere there)."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
 def run_lmstack_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lmstack.stages.grpo import grpo
     from lmstack.train.loop import read_metrics
 
     torch.set_num_threads(args.threads)
     run_dir = work / "lmstack-run"
-    grpo(work / "model", [str(work / "prompts.jsonl")], "lmstack.data.verifiable:reward", run_dir, overwrite=True,
+    grpo(work / "model", [str(work / "prompts.jsonl")], "bench_grpo_trl:digit_share", run_dir, overwrite=True,
          progress=False,
          overrides=[f"train.max_steps={args.warmup + args.steps}", f"grpo.group_size={args.group}",
                     f"grpo.prompts_per_rollout={args.prompts}", "grpo.minibatches=1",
@@ -118,8 +128,6 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lmstack.data.verifiable import reward
-
     torch.set_num_threads(args.threads)
 
     class StepTimer(TrainerCallback):
@@ -135,9 +143,8 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     lengths: list[float] = []
 
-    def exact_reward(prompts, completions, **kwargs) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return reward(prompts, texts)
+    def digit_reward(prompts, completions, **kwargs) -> list[float]:
+        return digit_share(prompts, [c[-1]["content"] if isinstance(c, list) else c for c in completions])
 
     records = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in records])
@@ -152,7 +159,7 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, logging_steps=1, save_strategy="no",
                         report_to=[], use_cpu=True, bf16=False, seed=args.seed, dataloader_num_workers=0)
     timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=exact_reward, args=config, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     for r in trainer.state.log_history:
@@ -162,6 +169,57 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 break
     return {"step_seconds": timer.seconds[args.warmup:],
             "response_length": statistics.fmean(lengths[args.warmup:]) if lengths[args.warmup:] else None}
+
+
+def generation_only(args: argparse.Namespace, work: Path, repeats: int = 3) -> dict[str, Any]:
+    """The generation part alone, in this process: lmstack's engine (``n`` samples per prompt from one prefill)
+    against ``transformers`` ``generate`` (``num_return_sequences``, left-padded batch, no top-k / top-p), same
+    weights, prompts, group and length; median seconds over ``repeats`` after one warm-up each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.engine import Engine, SamplingParams
+    from lmstack.train.rollout import render_prompt
+
+    torch.set_num_threads(args.threads)
+    records = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()][:args.prompts]
+    loaded = load_checkpoint(work / "model")
+    engine = Engine(loaded.model, loaded.tokenizer, max_num_seqs=args.prompts * args.group, max_model_len=128)
+    prompts = [render_prompt(loaded.tokenizer, r["prompt"]) for r in records]
+    hf_tok = AutoTokenizer.from_pretrained(work / "hf")
+    hf_tok.padding_side = "left"
+    hf = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32, attn_implementation="sdpa").eval()
+    texts = [hf_tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in records]
+    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    timings: dict[str, list[float]] = {"lmstack": [], "transformers": []}
+    tokens: dict[str, list[int]] = {"lmstack": [], "transformers": []}
+    for repeat in range(repeats + 1):
+        started = time.perf_counter()
+        outputs = engine.generate(prompts, [SamplingParams(n=args.group, max_tokens=args.max_new_tokens,
+                                                           temperature=1.0, seed=repeat * 1000 + i)
+                                            for i in range(len(prompts))])
+        seconds = time.perf_counter() - started
+        if repeat:
+            timings["lmstack"].append(seconds)
+            tokens["lmstack"].append(sum(len(o.token_ids) for r in outputs for o in r.outputs))
+        torch.manual_seed(repeat)
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.group,
+                              pad_token_id=hf_tok.pad_token_id)
+        seconds = time.perf_counter() - started
+        if repeat:
+            timings["transformers"].append(seconds)
+            new = out[:, batch["input_ids"].shape[1]:]
+            ends = set(hf.generation_config.eos_token_id if isinstance(hf.generation_config.eos_token_id, list)
+                       else [hf.generation_config.eos_token_id])
+            lengths = [next((i + 1 for i, t in enumerate(row.tolist()) if t in ends), len(row)) for row in new]
+            tokens["transformers"].append(sum(lengths))
+    return {side: {"median_seconds": round(statistics.median(t), 3),
+                   "samples_per_second": round(args.prompts * args.group / statistics.median(t), 1),
+                   "mean_response_tokens": statistics.fmean(tokens[side]) / (args.prompts * args.group)}
+            for side, t in timings.items()}
 
 
 def run_side(side: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -187,7 +245,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--trl-python {args.trl_python}: not found; make a venv with trl (see the module docstring)")
     prepare(args, work)
     samples = args.prompts * args.group
-    sides = {side: run_side(side, args, work) for side in ("lmstack", "trl")}
+    sides: dict[str, dict[str, Any]] = {}
+    for _ in range(args.rounds):  # the sides alternate, so a slow spell of a shared machine hits both
+        for side in ("lmstack", "trl"):
+            r = run_side(side, args, work)
+            previous = sides.setdefault(side, {"step_seconds": [], "lengths": []})
+            previous["step_seconds"] += r["step_seconds"]
+            previous["lengths"].append(r["response_length"])
+    for r in sides.values():
+        r["response_length"] = statistics.fmean(x for x in r["lengths"] if x is not None)
+    generation = generation_only(args, work)
     summary: dict[str, Any] = {}
     for side, r in sides.items():
         seconds = statistics.median(r["step_seconds"])
@@ -197,20 +264,25 @@ def main(argv: list[str] | None = None) -> None:
     ratio = summary["lmstack"]["samples_per_second"] / summary["trl"]["samples_per_second"]
     command = (f"python bench/bench_grpo_trl.py --prompts {args.prompts} --group {args.group} --max-new-tokens "
                f"{args.max_new_tokens} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} "
-               f"--width {args.width} --threads {args.threads}")
+               f"--width {args.width} --threads {args.threads} --rounds {args.rounds}")
     results = {"command": command, "cpu_count": os.cpu_count(), "threads_per_side": args.threads,
                "model": f"lmstack GPT {args.layers} layers x {args.width} wide, vocab 300, random init (seed "
                         f"{args.seed}), exported to LlamaForCausalLM for TRL", "samples_per_step": samples,
-               "sides": summary, "speedup_lmstack_over_trl": round(ratio, 2)}
+               "sides": summary, "speedup_lmstack_over_trl": round(ratio, 2), "generation_only": generation,
+               "generation_speedup_lmstack_over_transformers": round(
+                   generation["lmstack"]["samples_per_second"] / generation["transformers"]["samples_per_second"], 2)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    print(f"\n| side | s/step (median) | samples/s | mean response tokens |\n|---|---|---|---|")
+    print("\n| side | s/step (median) | samples/s | mean response tokens |\n|---|---|---|---|")
     for side, s in summary.items():
         print(f"| {side} | {s['median_step_seconds']:.3f} | {s['samples_per_second']:.1f} | "
               f"{s['mean_response_tokens']} |")
     print(f"\nlmstack / TRL samples per second: {ratio:.2f}x")
+    for side, g in generation.items():
+        print(f"generation only, {side}: {g['median_seconds']:.3f} s, {g['samples_per_second']:.1f} samples/s, "
+              f"{g['mean_response_tokens']:.1f} tokens per sample")
 
 
 if __name__ == "__main__":
