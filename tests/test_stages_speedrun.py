@@ -63,7 +63,7 @@ def test_speedrun_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
     assert chat["held_out_loss"]["tasks"]["after"] < 0.5 * chat["held_out_loss"]["tasks"]["before"]
     assert chat["ended_turn_before"] < 0.2 and chat["ended_turn_after"] >= 0.9
     assert "## Chat model (SFT)" in md and f"{chat['held_out_loss']['tasks']['after']:.3f}" in md
-    engine = Engine.from_checkpoint(out / "chat" / "model", device="cpu")
+    engine = Engine.from_checkpoint(out / "chat", device="cpu")  # the run directory, as `lmstack chat --model OUT/chat`
     tok = engine.tokenizer
     prompt, _ = tok.render_chat([{"role": "user", "content": "Reverse the word: candle"}], add_generation_prompt=True)
     reply = engine.generate([prompt], [SamplingParams(max_tokens=40, temperature=0.0)])[0].outputs[0]

@@ -121,7 +121,7 @@ def add_speedrun(sub: argparse._SubParsersAction) -> None:
     chat = ChatSettings()
     parser = verb_parser(sub, "speedrun", "the main job: corpus -> tokenizer -> shards -> pretrain -> chat SFT -> report",
                          "Download the default corpus, clean it, train a tokenizer, tokenize, pretrain, sample, fine-tune\n"
-                         "the model into a chat model (OUT/chat/model, for `lmstack chat --model OUT/chat/model`), and\n"
+                         "the model into a chat model (OUT/chat/model, for `lmstack chat --model OUT/chat`), and\n"
                          "write OUT/report.md, OUT/report.json and OUT/loss.png.")
     parser.add_argument("--out", default="runs/speedrun", help="output directory")
     parser.add_argument("--corpus", default="classics",

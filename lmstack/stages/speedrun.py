@@ -1,7 +1,7 @@
 """`lmstack speedrun`: the main job, end to end on the default corpus, ending in a chat model.
 
     lmstack speedrun --preset tiny --out runs/speedrun
-    lmstack chat --model runs/speedrun/chat          # talk to the result
+    lmstack chat --model runs/speedrun/chat          # talk to the result (OUT/chat/model)
     lmstack speedrun --out runs/base-only --skip-chat
 
 download corpus → clean (data pipeline) → train tokenizer → tokenize into shards → pretrain
@@ -342,7 +342,7 @@ def chat_report_lines(chat: dict[str, Any]) -> list[str]:
     lines = ["## Chat model (SFT)", "",
              f"`{chat['model_dir']}`: the pretrained model fine-tuned for {chat['steps']} steps "
              f"({chat['tokens']:,} trained tokens) on {' + '.join(chat['sources'])} conversations. "
-             f"Talk to it with `lmstack chat --model {chat['model_dir']}`.", "",
+             f"Talk to it with `lmstack chat --model {Path(chat['model_dir']).parent}`.", "",
              "| held-out conversations | loss before SFT | loss after SFT |", "|---|---:|---:|"]
     for name, loss in chat["held_out_loss"].items():
         lines.append(f"| {name} | {loss['before']:.3f} | {loss['after']:.3f} |")
