@@ -49,7 +49,7 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # x (M, K) -> (M, N)
         ctx.layer = layer
-        return layer._quantized_forward(x)
+        return layer._quantized_forward(x).to(x.dtype)  # so grad_y arrives in x's dtype, not the kernel's bf16
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
