@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "config": 2, "checkpoint": 2,
     "data": 3, "engine": 3,
     "train": 4, "interop": 4, "evals": 4,
-    "serve": 5, "stages": 5, "tools": 5,
+    "serve": 5, "stages": 5, "prompting": 5, "tools": 5,
     "cli": 6,
 }
 

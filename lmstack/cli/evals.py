@@ -15,7 +15,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                          "LAMBADA, generative tasks with exact match / F1, code run in a sandbox (pass@k), perplexity\n"
                          "over your own files (ppl:PATH). Prints a table; --out writes metrics and per-item records.\n"
                          "Tasks: hellaswag arc_easy arc_challenge mmlu piqa winogrande boolq openbookqa lambada\n"
-                         "triviaqa gsm8k humaneval mbpp hhh_alignment ppl:PATH")
+                         "triviaqa gsm8k humaneval mbpp hhh_alignment arithmetic sst2 ppl:PATH\n"
+                         "--strategy: few-shot selection (random / knn / mmr), chain-of-thought, zero-shot CoT,\n"
+                         "self-consistency, least-to-most, Auto-CoT (lmstack.prompting)")
     parser.add_argument("--model", required=True, help="checkpoint directory (or run directory)")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a LoRA adapter (peft layout, e.g. RUN/adapter of `sft --lora`) merged into --model")
@@ -27,8 +29,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and sampled generation")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward / engine slots")
     parser.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--backend", default="auto", choices=["auto", "engine", "plain"],
-                        help="engine (batched, KV cache) or the plain reference scorer")
+    parser.add_argument("--backend", default="auto", choices=["auto", "engine", "plain", "shared"],
+                        help="engine (batched, KV cache), the plain reference scorer, or shared (each context "
+                             "computed once, then only the choices; generation on the engine)")
     parser.add_argument("--num-samples", type=positive_int, default=1,
                         help="code tasks: samples per problem for pass@k")
     parser.add_argument("--temperature", type=non_negative_float, default=0.0,
@@ -39,12 +42,53 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                         help="code tasks: when no contained sandbox (namespaces, Landlock) is available, run "
                              "model-written code in the escapable fallback (resource limits, seccomp, audit hook) "
                              "instead of refusing (also LMSTACK_SANDBOX=unsafe-fallback)")
+    strategy = parser.add_argument_group("prompting strategies (lmstack.prompting)")
+    strategy.add_argument("--strategy", default=None,
+                          choices=["fewshot", "cot", "zero-shot-cot", "self-consistency", "least-to-most", "auto-cot"],
+                          help="prompt with a strategy instead of the task's seeded demonstrations (the reasoning "
+                               "strategies need a generative task: gsm8k, arithmetic, triviaqa)")
+    strategy.add_argument("--demo-select", default="random", choices=["random", "knn", "mmr"],
+                          help="fewshot: random (seeded), k-nearest by embedding, or diverse (MMR)")
+    strategy.add_argument("--demo-order", default="as-selected", choices=["as-selected", "similar-last", "random"],
+                          help="fewshot: order of the chosen demonstrations")
+    strategy.add_argument("--fixed-demos", action="store_true",
+                          help="fewshot: one random demonstration set for every item (scored once per batch with "
+                               "--backend shared)")
+    strategy.add_argument("--demos", default=None, metavar="FILE",
+                          help='demonstrations from a JSONL file ({"context"|"question", "target"|"answer", '
+                               '"rationale"?}) instead of the task\'s pool')
+    strategy.add_argument("--embedder", default="self", metavar="DIR",
+                          help="knn / mmr / auto-cot embeddings: 'self' (the evaluated model) or a checkpoint "
+                               "directory (e.g. an imported all-minilm-l6-v2)")
+    strategy.add_argument("--mmr-lambda", type=non_negative_float, default=0.5,
+                          help="mmr: relevance weight in [0, 1] (1 = knn)")
+    strategy.add_argument("--sc-samples", type=positive_int, default=8, help="self-consistency: samples per item")
+    strategy.add_argument("--sc-round", type=positive_int, default=4,
+                          help="self-consistency: samples forked from one prefill per round (early stop between)")
+    strategy.add_argument("--no-early-stop", action="store_true",
+                          help="self-consistency: draw every sample even when the vote is decided")
+    strategy.add_argument("--max-reasoning-tokens", type=positive_int, default=128,
+                          help="reasoning strategies: new tokens per generation")
 
     def run(args: argparse.Namespace) -> None:
         from lmstack.cli.adapter import checkpoint_with_adapter
         from lmstack.evals.run import evaluate_checkpoint
 
         tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        if args.strategy is not None:
+            from lmstack.prompting.run import StrategyOptions, evaluate_checkpoint_strategy
+
+            options = StrategyOptions(
+                strategy=args.strategy, k=4 if args.num_fewshot is None else args.num_fewshot,
+                select=args.demo_select, order=args.demo_order, fixed=args.fixed_demos, demos=args.demos,
+                embedder=args.embedder, mmr_lambda=args.mmr_lambda, samples=args.sc_samples,
+                round_size=args.sc_round, temperature=args.temperature or 0.7, early_stop=not args.no_early_stop,
+                max_tokens=args.max_reasoning_tokens)
+            with checkpoint_with_adapter(args.model, args.adapter) as model_path:
+                evaluate_checkpoint_strategy(model_path, tasks, options, limit=args.limit, out=args.out,
+                                             seed=args.seed, batch_size=args.batch_size, device=args.device,
+                                             backend=args.backend)
+            return
         with checkpoint_with_adapter(args.model, args.adapter) as model_path:
             evaluate_checkpoint(model_path, tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
                                 seed=args.seed, batch_size=args.batch_size, device=args.device, backend=args.backend,

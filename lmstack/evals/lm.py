@@ -171,7 +171,8 @@ class EvalLM:
             if self.backend in ("engine", "shared"):
                 texts = self._generate_engine(part, prompts, seed + start)
             else:
-                texts = [generate_plain(self.model, self.tokenizer, p, r, seed + start + i)
+                texts = [generate_plain(self.model, self.tokenizer, p, r,
+                                        seed + start + i if r.seed is None else r.seed)
                          for i, (p, r) in enumerate(zip(prompts, part))]
             outputs.extend([_cut_at_stop(t, r.stop) for t in ts] for ts, r in zip(texts, part))
             if progress:
@@ -183,7 +184,7 @@ class EvalLM:
         limit = max(1, self.max_length // 2)
         if r.max_tokens <= limit:
             return r
-        return GenerationRequest(r.prompt, list(r.stop), limit, r.n, r.temperature)
+        return GenerationRequest(r.prompt, list(r.stop), limit, r.n, r.temperature, r.seed)
 
     def _prompt_ids(self, r: GenerationRequest) -> list[int]:
         ids = self.tokenizer.encode(r.prompt) or [self.tokenizer.bos_id]
@@ -194,7 +195,7 @@ class EvalLM:
     def _generate_engine(self, part: Sequence[GenerationRequest], prompts: list[list[int]], seed: int
                          ) -> list[list[str]]:
         params = [SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, stop=list(r.stop), n=r.n,
-                                 seed=seed + i) for i, r in enumerate(part)]
+                                 seed=seed + i if r.seed is None else r.seed) for i, r in enumerate(part)]
         results = self.engine.generate(prompts, params)
         return [[o.text for o in sorted(res.outputs, key=lambda o: o.index)] for res in results]
 

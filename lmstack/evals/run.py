@@ -58,9 +58,11 @@ def _clean_item_scores(scores: dict[str, Any]) -> dict[str, Any]:
 
 def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: int | None = None,
              seed: int = 1234, num_samples: int = 1, temperature: float = 0.0, workers: int = 2,
-             unsafe_sandbox: bool = False, progress: Progress | None = None
-             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+             unsafe_sandbox: bool = False, progress: Progress | None = None,
+             prefix_fn: Callable[[Example], str] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate one task; returns (task metrics, per-item records).
+
+    ``prefix_fn(example)`` replaces the task's seeded demonstrations (the prompting strategies choose their own).
 
     ``unsafe_sandbox``: code tasks may run in the escapable sandbox mode when no contained one is available
     (see evals/sandbox.py); without it they are refused there."""
@@ -73,7 +75,7 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
     k = DEFAULT_FEWSHOT.get(task.name, 0) if num_fewshot is None else num_fewshot
     if k < 0:
         raise UserError(f"--num-fewshot {k} must be >= 0")
-    prefixes = [task.fewshot_prefix(ex, k, seed) for ex in examples]
+    prefixes = [prefix_fn(ex) if prefix_fn else task.fewshot_prefix(ex, k, seed) for ex in examples]
     truncated_before = getattr(lm, "truncated_requests", 0)
     records: list[dict[str, Any]] = []
     item_scores: list[dict[str, Any]] = []
@@ -140,8 +142,11 @@ def run_task(lm: EvalLM, task: Task, *, limit: int | None = None, num_fewshot: i
 
 def evaluate(lm: EvalLM, tasks: Sequence[str | Task], *, limit: int | None = None, num_fewshot: int | None = None,
              seed: int = 1234, num_samples: int = 1, temperature: float = 0.0, workers: int = 2,
-             unsafe_sandbox: bool = False, show_progress: bool = True, keep_records: bool = True) -> dict[str, Any]:
-    """Evaluate ``lm`` on each task; returns the results dictionary described in the module docstring."""
+             unsafe_sandbox: bool = False, show_progress: bool = True, keep_records: bool = True,
+             prefix_fn: Callable[[Task, Example], str] | None = None) -> dict[str, Any]:
+    """Evaluate ``lm`` on each task; returns the results dictionary described in the module docstring.
+
+    ``prefix_fn(task, example)``: each item's demonstrations, instead of the task's seeded ones."""
     task_objs = [get_task(t) if isinstance(t, str) else t for t in tasks]
     if not task_objs:
         raise UserError("no tasks given; pass e.g. --tasks hellaswag,arc_easy")
@@ -155,7 +160,8 @@ def evaluate(lm: EvalLM, tasks: Sequence[str | Task], *, limit: int | None = Non
             start = time.monotonic()
             metrics, items = run_task(lm, task, limit=limit, num_fewshot=num_fewshot, seed=seed,
                                       num_samples=num_samples, temperature=temperature, workers=workers,
-                                      unsafe_sandbox=unsafe_sandbox, progress=progress)
+                                      unsafe_sandbox=unsafe_sandbox, progress=progress,
+                                      prefix_fn=(lambda ex, t=task: prefix_fn(t, ex)) if prefix_fn else None)
             timings[task.name] = time.monotonic() - start
             results[task.name] = metrics
             records[task.name] = items

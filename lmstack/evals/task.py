@@ -79,6 +79,7 @@ class GenerationRequest:
     max_tokens: int
     n: int = 1
     temperature: float = 0.0
+    seed: int | None = None   # sample i is seeded seed + i; None: the runner's seed + the request's index
 
 
 # ----------------------------------------------------------------------------- text helpers (shared by tasks)

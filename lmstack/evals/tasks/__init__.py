@@ -29,6 +29,8 @@ TASKS: dict[str, str] = {
     "humaneval": "humaneval:HumanEval",
     "mbpp": "mbpp:MBPP",
     "hhh_alignment": "hhh_alignment:HHHAlignment",
+    "arithmetic": "arithmetic:Arithmetic",
+    "sst2": "sst2:SST2",
 }
 
 # the multiple-choice suite that the CORE-style aggregate is usually reported over
