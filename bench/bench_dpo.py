@@ -176,7 +176,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results/dpo", help="results.json and dpo_effects.png (default: %(default)s)")
+    ap.add_argument("--out", default="bench/results/dpo", help="results directory (default: %(default)s)")
     ap.add_argument("--work", default="runs/bench_dpo", help="runs and data (default: %(default)s)")
     ap.add_argument("--base-work", default="runs/bench_sft", help="bench_sft's work directory, for the base model "
                                                                   "(default: %(default)s)")

@@ -38,7 +38,8 @@ RULES = ("arithmetic", "concise", "refusal")
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_tokens: int) -> dict[str, Any]:
+def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_tokens: int,
+             hhh_limit: int | None) -> dict[str, Any]:
     from lmstack.checkpoint import load_checkpoint
     from lmstack.data.preference import PreferenceLoader, follows_rule, record_pair, render_pair
     from lmstack.engine.engine import Engine
@@ -65,7 +66,7 @@ def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_
     for pair, out in zip(test, outputs):
         follows[pair["rule"]].append(follows_rule(pair, out.outputs[0].text))
     del engine, reference
-    hhh = evaluate_checkpoint(str(model_dir), ["hhh_alignment"], device="cpu", show_progress=False,
+    hhh = evaluate_checkpoint(str(model_dir), ["hhh_alignment"], limit=hhh_limit, device="cpu", show_progress=False,
                               keep_records=False)
     return {"likelihood_accuracy": sum(right) / len(right),
             "implicit_accuracy": sum(implicit) / len(implicit) if implicit else None,
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (default: %(default)s)")
     ap.add_argument("--beta", type=float, default=0.1, help="dpo.beta (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: %(default)s)")
+    ap.add_argument("--hhh-limit", type=int, default=None, help="hhh_alignment items (default: all 221)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -147,7 +149,7 @@ def main() -> None:
     results: dict[str, Any] = {"command": "python bench/bench_dpo_smollm.py " + " ".join(sys.argv[1:]),
                                "cpu_count": os.cpu_count(), "settings": vars(a), "n_test": a.n_test}
     print("evaluating the base model", file=sys.stderr, flush=True)
-    results["base"] = evaluate(Path(a.model), test, None, a.max_tokens)
+    results["base"] = evaluate(Path(a.model), test, None, a.max_tokens, a.hhh_limit)
     run = work / "dpo-lora"
     cmd = [sys.executable, "-m", "lmstack.cli", "dpo", "--model", a.model, "--data", str(work / "pairs_train.jsonl"),
            "--out", str(run), "--overwrite", "--lora", "dpo.reference=copy", f"dpo.beta={a.beta}",
@@ -158,7 +160,7 @@ def main() -> None:
            "train.tensorboard=false", "train.max_minutes=0", "train.seed=0", "train.device=cpu"]
     print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
-    results["dpo"] = evaluate(run / "model", test, Path(a.model), a.max_tokens)
+    results["dpo"] = evaluate(run / "model", test, Path(a.model), a.max_tokens, a.hhh_limit)
     results["dpo"]["train_summary"] = json.loads((run / "summary.json").read_text())["heldout"]
     results["wall_minutes"] = (time.time() - t0) / 60
     write_json_atomic(out / "smollm_results.json", results, indent=1)
