@@ -134,6 +134,11 @@ def add_data_clean(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set dedup.threshold=0.7 (repeatable; after --config)")
     parser.add_argument("--workers", type=positive_int, default=1, help="worker processes")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="run the tasks in local processes or on Ray (pip install 'lmstack[ray]'); same output")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="with --executor ray: join this cluster (shared storage needed); "
+                             "unset = start a local one with --workers CPUs")
     parser.add_argument("--format", choices=["jsonl", "parquet"], default=None,
                         help="output shard format (unset = the config's output.format)")
     parser.add_argument("--text-field", default=None,
@@ -158,7 +163,7 @@ def add_data_clean(sub: argparse._SubParsersAction) -> None:
         if not args.inputs or not args.out:
             raise UserError("give at least one INPUT and --out DIR (or --print-config)")
         report = clean_corpus(args.inputs, args.out, config, workers=args.workers, progress=not args.quiet,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, executor=args.executor, ray_address=args.ray_address)
         print(format_clean_summary(report, args.out))
 
     parser.set_defaults(func=run)

@@ -3,6 +3,7 @@
     lmstack data clean classics --out runs/clean --workers 2
     lmstack data clean crawl/ more.jsonl.zst --out runs/clean --config clean.yaml --set dedup.threshold=0.7
     lmstack data clean --print-config > clean.yaml      # every knob with its default
+    lmstack data clean crawl/ --out runs/clean --executor ray --workers 8   # the same stages on Ray
 
     from lmstack.data.pipeline import clean_corpus
     from lmstack.data.pipeline_config import CleanConfig
@@ -12,7 +13,8 @@ Stages, in order (each a pure function over a batch of documents, see lmstack.da
 
     read -> normalize -> heuristics -> language -> quality (classifier) -> decontam -> pii
          -> [perplexity score] -> dedup map (hashes, MinHash signatures)          ... per shard, in workers
-    -> dedup reduce (exact, near, line decisions) -> perplexity cut            ... once, in the main process
+    -> dedup shuffle (exact, near, line decisions)                          ... rank of world_size tasks
+    -> perplexity cut                                                        ... once, in the main process
     -> dedup_exact -> dedup_near -> perplexity -> dedup_lines -> write shard   ... per shard, in workers
 
 Three phases, because two decisions need the whole dataset (keep-first dedup, perplexity quantiles);
@@ -23,8 +25,10 @@ Three phases, because two decisions need the whole dataset (keep-first dedup, pe
    the per-document stages and writes ``DIR/.work/shard_NNNNN.jsonl`` (survivors), ``.keys.npz`` (dedup
    keys, perplexities) and, last, ``.done.json`` (its statistics). At most 2 x workers shards are in
    flight, so memory does not grow with the corpus.
-2. **reduce** (:func:`_reduce_phase`) -- the main process walks the keys of all shards in input order
-   (lmstack.data.dedup) and fixes the perplexity cut-offs.
+2. **reduce** (:func:`_reduce_phase`) -- the keep-first dedup decisions as a shuffle of task functions that
+   each run rank r of world_size and exchange files partitioned by hash range or LSH bucket
+   (lmstack.data.dedup_stages; equal to walking the keys in input order with lmstack.data.dedup.DedupIndex);
+   the main process fixes the perplexity cut-offs.
 3. **finalize** (:func:`_finalize_phase`) -- workers apply the decisions and write
    ``DIR/shard_NNNNN.jsonl`` (or ``.parquet``); then the report is published (lmstack.data.pipeline_report).
 
@@ -42,10 +46,11 @@ errors, timing), ``summary.md`` (the same, readable, with examples of removed do
 duplicate with its cluster id). The non-shard outputs are types that ``iter_documents`` ignores, so
 ``lmstack data tokenize DIR`` reads only the cleaned text.
 
-Scale: phases 1 and 3 are maps over shards with no shared state (a worker only needs the config), so
-they map one-to-one onto tasks of a distributed engine (Ray, Spark, Beam, Slurm arrays) reading and
-writing the same shard files on shared storage. Phase 2 is the only reduce; see lmstack.data.dedup for
-how its near-duplicate part is bucketed by LSH band when one process no longer holds the keys.
+Executors (lmstack.data.executors): every task -- a shard of phase 1 or 3, a rank of phase 2 -- is a
+function of its arguments and the files in ``DIR/.work``, run by ``LocalExecutor`` (worker processes) or
+``RayExecutor`` (``--executor ray``; ``--ray-address`` for an existing cluster on shared storage). The
+output does not depend on the executor or on the number of workers. Phases 1 and 3 are embarrassingly
+parallel; phase 2 moves the dedup keys once (hash-partitioned) and its clustering step is one task.
 """
 
 from __future__ import annotations
@@ -65,8 +70,9 @@ from lmstack.atomic import write_atomic, write_json_atomic, write_text_atomic
 from lmstack.data.clean import CleanDoc, HeuristicFilter, LanguageFilter, Normalize, Stage, StageStats
 from lmstack.data.corpora import resolve_inputs
 from lmstack.data.decontam import Decontaminate, EvalIndex, load_eval_index
-from lmstack.data.dedup import EXACT, KEEP, NEAR, DedupIndex, DedupKeys, MinHasher, cut_spans, dedup_keys, \
-    stable_hash
+from lmstack.data.dedup import EXACT, KEEP, NEAR, MinHasher, cut_spans, dedup_keys, stable_hash
+from lmstack.data.dedup_stages import DedupSummary, sharded_dedup
+from lmstack.data.executors import Executor, make_executor
 from lmstack.data.outputs import claim_output_dir, mark_complete, mark_incomplete, record_outputs, recorded_outputs
 from lmstack.data.pii import ScrubPII
 from lmstack.data.pipeline_config import CleanConfig
@@ -328,43 +334,6 @@ def _batches(docs: Iterator, max_docs: int, max_bytes: int) -> Iterator[list[tup
         yield batch
 
 
-class _Runner:
-    """Runs tasks inline (workers=1) or in a process pool with a bounded number in flight."""
-
-    def __init__(self, workers: int, initializer, initargs):
-        self.workers = workers
-        self.pool = None
-        if workers > 1:
-            import multiprocessing as mp
-
-            self.pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
-        else:
-            initializer(*initargs)
-
-    def imap(self, fn, tasks: Iterable, on_result) -> None:
-        if self.pool is None:
-            for t in tasks:
-                on_result(fn(t))
-            return
-        pending = []
-        for t in tasks:
-            pending.append(self.pool.apply_async(fn, (t,)))
-            while len(pending) >= 2 * self.workers:  # bounded memory: wait for the oldest
-                on_result(pending.pop(0).get())
-        for p in pending:
-            on_result(p.get())
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
-
-    def terminate(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-
 def _merge(stats_by_name: dict[str, StageStats], order: list[str], stage_dicts: list[dict], examples: int) -> None:
     for d in stage_dicts:
         s = StageStats.from_dict(d)
@@ -380,13 +349,16 @@ def _merge(stats_by_name: dict[str, StageStats], order: list[str], stage_dicts: 
 
 
 def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: CleanConfig | None = None,
-                 workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
+                 workers: int = 1, progress: bool = True, overwrite: bool = False, executor: str = "local",
+                 ray_address: str | None = None) -> dict:
     """Clean ``inputs`` (files, directories or corpus names) into ``out_dir``; returns the report dict.
 
     Writes DIR/shard_NNNNN.{jsonl,parquet}, DIR/report.json, DIR/summary.md, DIR/funnel.png and
     DIR/duplicates.tsv (see the module docstring). Safe to re-run: finished shards are skipped.
     overwrite: write into a DIR that holds files an earlier ``data clean`` did not write (``--overwrite``);
         stale ``shard_*`` files there are replaced. A DIR overlapping an input is refused regardless.
+    executor: ``local`` (worker processes) or ``ray`` (lmstack.data.executors; ``ray_address`` joins an
+        existing cluster, else a local one with ``workers`` CPUs is started). The output is the same.
     """
     t_start = time.perf_counter()
     cfg = (config or CleanConfig()).validate()
@@ -394,6 +366,7 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
         raise ConfigError(f"--workers={workers} must be >= 1")
     out = Path(out_dir)
     paths = resolve_inputs(inputs, progress=progress)
+    runner = make_executor(executor, workers, ray_address)  # a missing Ray or a dead address fails here
     _open_output_dir(out, paths, overwrite)  # refuses the user's files; DIR is _INCOMPLETE from here on
     work = out / WORK_DIR
     fingerprint = _prepare_work_dir(work, cfg, paths)
@@ -401,13 +374,13 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
     decontam_info, eval_index_path = _build_eval_index(cfg, work, timing)
 
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
-    runner = _Runner(workers, _init_worker, (cfg.to_dict(), str(work), eval_index_path, torch_threads))
     try:
+        runner.start(_init_worker, (cfg.to_dict(), str(work), eval_index_path, torch_threads))
         with Progress(enabled=progress, bytes_mode=True) as bar:
             with _timed(timing, "map_s"):
                 mapped = _map_phase(paths, cfg, work, runner, bar)
             with _timed(timing, "reduce_s"):
-                decisions = _reduce_phase(work, mapped.n_shards, cfg)
+                decisions = _reduce_phase(work, mapped.n_shards, cfg, runner)
             with _timed(timing, "finalize_s"):
                 outputs = _planned_outputs(out, mapped.n_shards, cfg)
                 finals = _finalize_phase(decisions, cfg, work, outputs, fingerprint, runner, bar)
@@ -492,7 +465,7 @@ class _Mapped:
     read_stats: ReadStats = field(default_factory=ReadStats)
 
 
-def _map_phase(paths: Sequence[Path], cfg: CleanConfig, work: Path, runner: "_Runner", bar: Progress) -> _Mapped:
+def _map_phase(paths: Sequence[Path], cfg: CleanConfig, work: Path, runner: Executor, bar: Progress) -> _Mapped:
     """Stream the inputs into shards and run the per-document stages on each (in the workers)."""
     mapped = _Mapped()
     total_bytes = sum(p.stat().st_size for p, _ in list_input_files(paths))
@@ -529,23 +502,23 @@ def _map_tasks(paths: Sequence[Path], cfg: CleanConfig, work: Path, mapped: _Map
 class _Decisions:
     """The global decisions of phase 2, per shard in input order."""
 
-    index: DedupIndex
+    index: DedupSummary
     shards: list  # per shard: the DedupIndex.add_batch decisions (status, representative, similarity, drop_spans)
     ids: list[str]  # every surviving document id of phase 1, in order (cluster ids are looked up here)
     perplexity_cut: tuple[float, float] | None
 
 
-def _reduce_phase(work: Path, n_shards: int, cfg: CleanConfig) -> _Decisions:
-    """Walk every shard's dedup keys in input order (keep-first) and fix the perplexity cut-offs."""
-    index = DedupIndex(cfg.dedup)
-    shards, ids = [], []
+def _reduce_phase(work: Path, n_shards: int, cfg: CleanConfig, runner: Executor) -> _Decisions:
+    """The keep-first dedup decisions (a shuffle over the executor, lmstack.data.dedup_stages) and the
+    perplexity cut-offs (here: one quantile over all scores)."""
+    key_files = [work / f"{_shard_name(k)}.keys.npz" for k in range(n_shards)]
+    shards, index = sharded_dedup(runner.run_ranks, work, key_files, cfg.dedup, runner.parallelism)
+    ids: list[str] = []
     perplexities: list[np.ndarray] = []
-    for k in range(n_shards):
-        with np.load(work / f"{_shard_name(k)}.keys.npz", allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-        shards.append(index.add_batch(DedupKeys.from_arrays(arrays)))
-        ids.extend(arrays["ids"].tolist())
-        perplexities.append(arrays["perplexity"])
+    for path in key_files:
+        with np.load(path, allow_pickle=False) as z:
+            ids.extend(z["ids"].tolist())
+            perplexities.append(z["perplexity"])
     cut = None
     if cfg.quality.perplexity_model:
         scores = np.concatenate(perplexities) if perplexities else np.zeros(0)
@@ -557,7 +530,7 @@ def _reduce_phase(work: Path, n_shards: int, cfg: CleanConfig) -> _Decisions:
 
 
 def _finalize_phase(decisions: _Decisions, cfg: CleanConfig, work: Path, outputs: list[Path], fingerprint: str,
-                    runner: "_Runner", bar: Progress) -> dict[int, dict]:
+                    runner: Executor, bar: Progress) -> dict[int, dict]:
     """Apply the decisions to every shard and write the output shards (in the workers); shard -> statistics."""
     task = bar.add("clean: write shards", total=len(outputs), unit="shards")
     finals: dict[int, dict] = {}
