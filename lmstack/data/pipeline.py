@@ -349,7 +349,7 @@ def _merge(stats_by_name: dict[str, StageStats], order: list[str], stage_dicts: 
 
 
 def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: CleanConfig | None = None,
-                 workers: int = 1, progress: bool = True, overwrite: bool = False, executor: str = "local",
+                 workers: int = 1, progress: bool = True, overwrite: bool = False, executor: str | Executor = "local",
                  ray_address: str | None = None) -> dict:
     """Clean ``inputs`` (files, directories or corpus names) into ``out_dir``; returns the report dict.
 
@@ -358,7 +358,8 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
     overwrite: write into a DIR that holds files an earlier ``data clean`` did not write (``--overwrite``);
         stale ``shard_*`` files there are replaced. A DIR overlapping an input is refused regardless.
     executor: ``local`` (worker processes) or ``ray`` (lmstack.data.executors; ``ray_address`` joins an
-        existing cluster, else a local one with ``workers`` CPUs is started). The output is the same.
+        existing cluster, else a local one with ``workers`` CPUs is started), or an Executor object.
+        The output is the same.
     """
     t_start = time.perf_counter()
     cfg = (config or CleanConfig()).validate()
@@ -366,7 +367,8 @@ def clean_corpus(inputs: Sequence[str | Path], out_dir: str | Path, config: Clea
         raise ConfigError(f"--workers={workers} must be >= 1")
     out = Path(out_dir)
     paths = resolve_inputs(inputs, progress=progress)
-    runner = make_executor(executor, workers, ray_address)  # a missing Ray or a dead address fails here
+    # a missing Ray or a dead address fails here, before any output exists
+    runner = make_executor(executor, workers, ray_address) if isinstance(executor, str) else executor
     _open_output_dir(out, paths, overwrite)  # refuses the user's files; DIR is _INCOMPLETE from here on
     work = out / WORK_DIR
     fingerprint = _prepare_work_dir(work, cfg, paths)
