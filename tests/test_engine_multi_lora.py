@@ -16,7 +16,7 @@ import torch
 
 from engine_helpers import tiny_model
 from lmstack.engine.engine import Engine
-from lmstack.engine.multi_lora import LoRAWeights, MultiLoRA
+from lmstack.engine.multi_lora import GROUPED_MAX_ADAPTERS, LoRAWeights, MultiLoRA
 from lmstack.engine.sampling import SamplingParams
 from lmstack.errors import UserError
 from lmstack.models.peft import LoRAConfig, apply_lora, load_lora_state_dict, merge_lora
@@ -113,9 +113,14 @@ def test_logits_of_a_mixed_forward_equal_the_merged_models(setup):
         for row, name in enumerate([None, *[a.name for a in adapters]]):
             alone, _ = references[name](idx[row:row + 1])
             torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=1e-5)
+        lora.use_rows(torch.tensor([3, 2, 1, 0]))  # the gathered form (CUDA graphs) gives the same logits
+        gathered, _ = model(idx.flip(0))
+        torch.testing.assert_close(gathered.flip(0), mixed, atol=1e-5, rtol=1e-5)
         lora.set_rows([0, 0, 0, 0], torch.device("cpu"))  # base rows only: the LoRA path is skipped
-        assert lora.rows is None
+        assert lora.groups is None and lora.rows is None
         torch.testing.assert_close(model(idx)[0], base(idx)[0], atol=0, rtol=0)
+        lora.set_rows([2, 2, 2, 2], torch.device("cpu"))  # one adapter for the whole batch: no index ops
+        torch.testing.assert_close(model(idx)[0], references["chatty"](idx)[0], atol=1e-5, rtol=1e-5)
     # the wrapped layers' stacks are padded to the largest rank, one zero slot for the base
     layer = model.get_submodule("blocks.0.attn.q_proj")
     assert layer.lora_A.shape == (4, 8, 64) and layer.lora_B.shape == (4, 64, 8)
@@ -174,3 +179,19 @@ def test_bad_adapters_and_requests_are_one_line(setup):
         greedy(-1).validate()
     assert engine.generate([[1, 2]], greedy(2))[0].outputs[0].token_ids == \
         engine.generate([[1, 2]], greedy("chatty"))[0].outputs[0].token_ids
+
+
+def test_many_adapters_in_one_eager_batch_take_the_gathered_form_and_agree(setup):
+    base, _, _ = setup
+    specs = [(f"a{i}", 2 + i % 3, 4.0, ["q_proj", "down_proj"]) for i in range(GROUPED_MAX_ADAPTERS + 2)]
+    made = [random_adapter(base, *spec, seed=50 + i) for i, spec in enumerate(specs)]
+    model = copy.deepcopy(base)
+    lora = MultiLoRA(model, [weights for weights, _, _ in made])
+    idx = torch.randint(0, 101, (len(made), 7), generator=torch.Generator().manual_seed(1))
+    lora.set_rows(list(range(1, len(made) + 1)), torch.device("cpu"))
+    assert lora.rows is not None and lora.groups is None
+    with torch.no_grad():
+        mixed, _ = model(idx)
+        for row, (_, cfg, state) in enumerate(made):
+            alone, _ = merged_model(base, cfg, state)(idx[row:row + 1])
+            torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=1e-5)
