@@ -22,9 +22,10 @@ the band layout sets recall and the threshold sets precision.
 
 Scale: the reduce step keeps one 64-bit hash per distinct document and line, plus the signatures of
 kept documents (4 bytes x bands x rows each) -- about 0.5 KB per document with the defaults, i.e.
-a few GB for ten million documents. Beyond one machine the same map output is bucketed by band
-(each band's hash picks a reducer, as datatrove and dolma do) and the per-band candidate pairs are
-joined with a union-find; the map step does not change.
+a few GB for ten million documents. ``data clean`` runs the same decisions as a shuffle of rank/world_size
+tasks instead (lmstack.data.dedup_stages: keys partitioned by hash range and LSH bucket, candidate pairs,
+one clustering task that replays this keep-first rule), so they run on worker processes or a Ray cluster;
+a test pins them to :class:`DedupIndex`. The map step is the same for both.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class DedupConfig:
     rows: int = 5  # values per band
     threshold: float = 0.8  # estimated Jaccard similarity needed to confirm a candidate pair
     seed: int = 1
-    lsh: str = "fast"  # fast (numpy band keys + dicts) | datasketch (its MinHashLSH; same candidates, slower)
+    lsh: str = "fast"  # DedupIndex only: fast (numpy band keys) | datasketch (MinHashLSH; same candidates)
     lines: bool = True  # drop lines/sentences already seen in an earlier kept document
     line_unit: str = "line"  # line | sentence
     line_min_chars: int = 64  # shorter units are never dropped ("Exeunt.", "And God said,")

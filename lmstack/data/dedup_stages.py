@@ -43,9 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from lmstack.atomic import write_atomic
-from lmstack.data.dedup import EXACT, NEAR, BandIndex, BatchDecisions, DedupConfig, _NGRAM_MULT
+from lmstack.data.dedup import EXACT, NEAR, BandIndex, BatchDecisions, DedupConfig
 
 SHUFFLE_DIR = "dedup"
+_BAND_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: spreads (band, key) over one bucket space
 RunRanks = Callable[[Callable[[int, int, dict, str], dict], int, dict, str], list]
 
 
@@ -115,7 +116,7 @@ def partition_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> d
         if cfg.near and len(exact):
             keys = bands.band_keys(signatures)  # (N, bands) uint64
             band = np.broadcast_to(np.arange(cfg.bands, dtype=np.int32), keys.shape)  # (N, bands)
-            bucket = keys + band.astype(np.uint64) * _NGRAM_MULT  # mixes the band in: one bucket space
+            bucket = keys + band.astype(np.uint64) * _BAND_MIX  # (N, bands)
             add("bands", _hash_range(bucket.ravel(), world_size), ordinal=np.repeat(ordinals, cfg.bands),
                 band=band.ravel(), key=keys.ravel())
         if cfg.lines and len(line_hash):
