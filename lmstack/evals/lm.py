@@ -4,7 +4,7 @@
     lm.loglikelihood([("The capital of France is", " Paris")])       # -> [LoglikelihoodResult(logprob, ...)]
     lm.generate([GenerationRequest("Q: 2+2?\\nA:", stop=["\\n"], max_tokens=8)])
 
-Two interchangeable scorers compute the same numbers:
+Three interchangeable scorers compute the same numbers:
 
 * ``plain`` (the reference): right-padded batches through ``model(x)``; the log-prob of a continuation is the
   sum of ``log_softmax(logits)`` at its tokens. Right padding is harmless under a causal mask: padding only
