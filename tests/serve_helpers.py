@@ -21,6 +21,8 @@ from lmstack.models import build_model
 from lmstack.tokenizer import Tokenizer
 
 API_KEY = "sk-test-key-123456"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright's own browser download is not used
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 WORDS = ("the model reads a token and writes the next one while the server streams every piece "
          "of text to the client who asked a question about cats dogs rivers code numbers and time").split()

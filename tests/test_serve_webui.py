@@ -16,10 +16,7 @@ import pytest
 
 from lmstack.serve.app import create_app
 from lmstack.serve.run import serve_in_thread
-from serve_helpers import API_KEY, ARTIFACTS, health, wait_idle
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+from serve_helpers import API_KEY, ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, health, wait_idle
 
 # records every distinct text of the newest assistant message, to see the answer grow
 OBSERVE_JS = """() => {

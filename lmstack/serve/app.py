@@ -49,6 +49,7 @@ from typing import Any, AsyncIterator, Sequence
 import torch.nn as nn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -270,9 +271,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         check_feedback(state)
         return {"object": "feedback", "enabled": True, "kinds": list(KINDS)}
 
-    @app.post("/v1/feedback")
-    async def save_feedback(req: FeedbackRequest):
-        check_feedback(state)
+    @app.post("/v1/feedback", openapi_extra={"requestBody": {"content": {"application/json": {
+        "schema": FeedbackRequest.model_json_schema()}}}})
+    async def save_feedback(request: Request):
+        check_feedback(state)  # before the body is read: without --feedback every call is the same clear 404
+        try:
+            req = FeedbackRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise validation_error(e.errors()) from None
         check_model(state, req.model)
         try:  # fsync in a worker thread: the event loop keeps streaming meanwhile
             await asyncio.to_thread(state.feedback.append, feedback_record(req))

@@ -13,6 +13,13 @@
  * - Markdown subset: fenced code blocks (also while still open during streaming), inline code,
  *   headings, bullet / numbered lists, block quotes, horizontal rules, **bold**, *italic*, [links](url).
  * - Settings (system prompt, temperature, top-p, max tokens, seed, API key) persist in localStorage.
+ * - Models: GET /v1/models lists the base and any LoRA adapters the server has; a selector picks one.
+ * - Feedback (only when the server was started with --feedback FILE, as /health says): the Feedback
+ *   button switches to pair mode, where each message asks for n=2 samples shown side by side and the
+ *   person picks the better one (a preference pair; the pick continues the conversation). In either mode
+ *   a finished reply can be rated (thumbs up / down) or edited (the edit becomes "chosen", the original
+ *   "rejected"). Each judgement is POSTed to /v1/feedback with the prompt the reply answered, the model
+ *   and the sampling settings; the server appends it to its feedback file.
  */
 "use strict";
 
@@ -20,9 +27,12 @@ const $ = (id) => document.getElementById(id);
 const SETTINGS = ["system-prompt", "temperature", "top-p", "max-tokens", "seed", "api-key"];
 
 const chat = {
-  model: null,        // id from GET /v1/models
+  model: null,        // id from GET /v1/models (the base or an adapter)
   history: [],        // [{role, content}] sent with every request (system prompt added at send time)
   controller: null,   // AbortController of the request in flight
+  feedback: false,    // whether the server collects feedback (/health)
+  pairMode: false,    // feedback mode: two replies per message, pick one
+  pendingPair: false, // two replies wait for the person's pick before the conversation goes on
 };
 
 // ------------------------------------------------------------------ safe markdown -> DOM
@@ -204,11 +214,35 @@ async function loadModel() {
       return;
     }
     const body = await response.json();
-    chat.model = body.data[0].id;
+    const ids = body.data.map((m) => m.id);
+    const saved = localStorage.getItem("lmstack.model");
+    chat.model = ids.includes(chat.model) ? chat.model : (ids.includes(saved) ? saved : ids[0]);
+    const select = $("model-select");
+    select.replaceChildren(...ids.map((id) => { const option = el("option", "", id); option.value = id; return option; }));
+    select.value = chat.model;
+    select.hidden = ids.length < 2;
     $("model-name").textContent = chat.model;
+    await loadFeedback();
   } catch (err) {
     $("model-name").textContent = `server unreachable: ${err.message}`;
   }
+}
+
+async function loadFeedback() {
+  let enabled = false;
+  try {
+    const response = await fetch("/health");
+    enabled = response.ok && (await response.json()).feedback === true;
+  } catch (_) { /* no health: no feedback */ }
+  chat.feedback = enabled;
+  $("toggle-feedback").hidden = !enabled;
+  if (!enabled) setPairMode(false);
+}
+
+function setPairMode(on) {
+  chat.pairMode = on;
+  $("toggle-feedback").setAttribute("aria-pressed", String(on));
+  document.body.dataset.mode = on ? "pair" : "chat";
 }
 
 function requestBody() {
@@ -254,18 +288,44 @@ async function* readEvents(response) {
 async function send(text) {
   if (!chat.model) await loadModel();
   if (!chat.model) { setStatus("No model: check the server and the API key in Settings."); return; }
+  if (chat.pendingPair) { setStatus("Pick the better of the two replies first (or start a new chat)."); return; }
   chat.history.push({ role: "user", content: text });
   addMessage("user", text);
-  const node = addMessage("assistant", "");
-  node.classList.add("streaming");
-  let answer = "";
-  let finish = null;
+  const body = requestBody();
+  const pair = chat.pairMode;
+  if (pair) body.n = 2;
+  // what a judgement of these replies records: the conversation they answer, the model, the sampling
+  const context = {
+    model: body.model,
+    prompt: body.messages.map((m) => ({ role: m.role, content: m.content })),
+    sampling: { temperature: body.temperature, top_p: body.top_p, max_tokens: body.max_tokens,
+                seed: body.seed === undefined ? null : body.seed },
+  };
+  let nodes;
+  if (pair) {
+    const box = el("div", "pair");
+    nodes = [0, 1].map(() => {
+      const option = el("div", "pair-option");
+      const node = el("div", "message assistant");
+      node.dataset.role = "assistant";
+      option.append(node);
+      box.append(option);
+      return node;
+    });
+    $("transcript").append(box);
+  } else {
+    nodes = [addMessage("assistant", "")];
+  }
+  nodes.forEach((node) => node.classList.add("streaming"));
+  const answers = nodes.map(() => "");
+  const finishes = nodes.map(() => null);
+  let finish = null;  // "stopped" | "error" for the whole request
   let usage = null;
   let frame = 0;  // pending animation frame, 0 = none
   const started = performance.now();
   const render = () => {
     frame = 0;
-    node.replaceChildren(renderMarkdown(answer));
+    nodes.forEach((node, i) => node.replaceChildren(renderMarkdown(answers[i])));
     scrollToEnd();
   };
 
@@ -274,26 +334,29 @@ async function send(text) {
   setStatus("generating…");
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: chat.controller.signal,
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: chat.controller.signal,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     for await (const event of readEvents(response)) {
       if (event.done) break;
       if (event.error) throw new Error(event.error.message || "the server reported an error");
       if (event.usage) usage = event.usage;
-      const choice = event.choices && event.choices[0];
-      if (!choice) continue;
-      if (choice.delta && choice.delta.content) {
-        answer += choice.delta.content;
-        if (!frame) frame = requestAnimationFrame(render);
+      for (const choice of event.choices || []) {
+        const i = choice.index || 0;
+        if (i >= nodes.length) continue;
+        if (choice.delta && choice.delta.content) {
+          answers[i] += choice.delta.content;
+          if (!frame) frame = requestAnimationFrame(render);
+        }
+        if (choice.finish_reason) finishes[i] = choice.finish_reason;
       }
-      if (choice.finish_reason) finish = choice.finish_reason;
     }
     const seconds = (performance.now() - started) / 1000;
     const tokens = usage ? usage.completion_tokens : null;
+    const reasons = finishes.join(", ");
     setStatus(tokens !== null
-      ? `${tokens} tokens in ${seconds.toFixed(1)} s (${(tokens / seconds).toFixed(1)} tokens/s), finish: ${finish}`
-      : `done in ${seconds.toFixed(1)} s, finish: ${finish}`);
+      ? `${tokens} tokens in ${seconds.toFixed(1)} s (${(tokens / seconds).toFixed(1)} tokens/s), finish: ${reasons}`
+      : `done in ${seconds.toFixed(1)} s, finish: ${reasons}`);
   } catch (err) {
     if (err.name === "AbortError") {
       finish = "stopped";
@@ -306,15 +369,125 @@ async function send(text) {
   } finally {
     cancelAnimationFrame(frame);
     render();
-    node.classList.remove("streaming");
-    node.dataset.finishReason = finish || "";
-    if (finish === "stopped") node.append(el("span", "meta", "(stopped)"));
-    if (answer || finish !== "error") chat.history.push({ role: "assistant", content: answer });
-    else chat.history.pop(); // the request failed outright: forget the unanswered user turn
+    nodes.forEach((node, i) => {
+      node.classList.remove("streaming");
+      node.dataset.finishReason = finish || finishes[i] || "";
+      if (finish === "stopped") node.append(el("span", "meta", "(stopped)"));
+    });
+    const answered = answers.some((a) => a) || finish !== "error";
+    if (!answered) {
+      chat.history.pop(); // the request failed outright: forget the unanswered user turn
+    } else if (pair) {
+      offerPair(nodes, answers, context);
+    } else {
+      chat.history.push({ role: "assistant", content: answers[0] });
+      if (chat.feedback && answers[0].trim()) addReplyFeedback(nodes[0], context, chat.history.length - 1);
+    }
     chat.controller = null;
     setBusy(false);
     $("prompt").focus();
   }
+}
+
+// ------------------------------------------------------------------ feedback
+
+async function postFeedback(judgement) {
+  try {
+    const response = await fetch("/v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(judgement) });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    setStatus(`feedback saved (${judgement.kind})`);
+    return true;
+  } catch (err) {
+    setStatus(`feedback not saved: ${err.message}`);
+    return false;
+  }
+}
+
+// Two replies side by side: the pick is saved as a pair and continues the conversation.
+function offerPair(nodes, answers, context) {
+  if (answers[0] === answers[1] || !answers[0].trim() || !answers[1].trim()) {
+    // nothing to compare (identical or empty): the first reply goes on, no judgement is recorded
+    chat.history.push({ role: "assistant", content: answers[0] });
+    nodes[1].classList.add("rejected");
+    setStatus("the two replies are identical or one is empty: nothing to compare (raise the temperature)");
+    return;
+  }
+  chat.pendingPair = true;
+  const buttons = nodes.map((node, i) => {
+    const button = el("button", "choose", "This one is better");
+    button.type = "button";
+    button.addEventListener("click", async () => {
+      buttons.forEach((b) => { b.disabled = true; });
+      const saved = await postFeedback({ kind: "pair", model: context.model, prompt: context.prompt,
+                                         chosen: answers[i], rejected: answers[1 - i], sampling: context.sampling });
+      if (!saved) { buttons.forEach((b) => { b.disabled = false; }); return; }
+      buttons.forEach((b) => b.remove());
+      node.classList.add("chosen");
+      nodes[1 - i].classList.add("rejected");
+      chat.history.push({ role: "assistant", content: answers[i] });
+      chat.pendingPair = false;
+      $("prompt").focus();
+    });
+    node.parentElement.append(button);
+    return button;
+  });
+}
+
+// Thumbs up / down and Edit under one finished reply.
+function addReplyFeedback(node, context, historyIndex) {
+  const bar = el("div", "feedback-bar");
+  const up = el("button", "rate-up", "👍");
+  const down = el("button", "rate-down", "👎");
+  const edit = el("button", "edit", "Edit");
+  up.title = "A good reply";
+  down.title = "A bad reply";
+  edit.title = "Rewrite this reply into a better one (saved as chosen over the original)";
+  for (const [button, label] of [[up, true], [down, false]]) {
+    button.type = "button";
+    button.addEventListener("click", async () => {
+      up.disabled = down.disabled = true;
+      const saved = await postFeedback({ kind: "rating", model: context.model, prompt: context.prompt,
+                                         completion: chat.history[historyIndex].content, label,
+                                         sampling: context.sampling });
+      if (saved) bar.dataset.rated = label ? "up" : "down";
+      else up.disabled = down.disabled = false;
+    });
+  }
+  edit.type = "button";
+  edit.addEventListener("click", () => editReply(node, bar, context, historyIndex));
+  bar.append(up, down, edit);
+  node.after(bar);
+}
+
+function editReply(node, bar, context, historyIndex) {
+  const original = chat.history[historyIndex].content;
+  const box = el("textarea", "edit-box");
+  box.value = original;
+  box.rows = Math.min(12, Math.max(3, original.split("\n").length + 1));
+  const save = el("button", "save-edit", "Save edit");
+  const cancel = el("button", "cancel-edit", "Cancel");
+  save.type = cancel.type = "button";
+  const close = (text) => {
+    node.replaceChildren(renderMarkdown(text));
+    bar.hidden = false;
+  };
+  cancel.addEventListener("click", () => close(chat.history[historyIndex].content));
+  save.addEventListener("click", async () => {
+    const edited = box.value.trim();
+    if (!edited || edited === original.trim()) { setStatus("the edit changes nothing: not saved"); return; }
+    save.disabled = true;
+    const saved = await postFeedback({ kind: "edit", model: context.model, prompt: context.prompt,
+                                       chosen: edited, rejected: original, sampling: context.sampling });
+    save.disabled = false;
+    if (!saved) return;
+    chat.history[historyIndex].content = edited;  // the conversation goes on from the better reply
+    node.dataset.edited = "true";
+    close(edited);
+  });
+  bar.hidden = true;
+  node.replaceChildren(box, el("div", "edit-actions"));
+  node.lastChild.append(save, cancel);
+  box.focus();
 }
 
 // ------------------------------------------------------------------ settings and wiring
@@ -357,10 +530,18 @@ function init() {
   $("new-chat").addEventListener("click", () => {
     if (chat.controller) chat.controller.abort();
     chat.history = [];
+    chat.pendingPair = false;
     $("transcript").replaceChildren();
     setStatus("");
   });
   $("toggle-settings").addEventListener("click", () => showSettings($("settings").hidden));
+  $("toggle-feedback").addEventListener("click", () => setPairMode(!chat.pairMode));
+  $("model-select").addEventListener("change", () => {
+    chat.model = $("model-select").value;
+    $("model-name").textContent = chat.model;
+    localStorage.setItem("lmstack.model", chat.model);
+  });
+  setPairMode(false);
   loadModel();
 }
 
