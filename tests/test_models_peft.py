@@ -200,7 +200,7 @@ def test_incomplete_or_unsupported_adapter_configs_are_refused(tmp_path):
     config_path = out / "adapter_config.json"
     written = json.loads(config_path.read_text())
     for change, message in (({"use_dora": True}, "use_dora=True is not supported"),
-                            ({"r": None}, "'r' .* required"), ({"peft_type": "IA3"}, "only LORA")):
+                            ({"r": None}, "'r' .* required"), ({"peft_type": "IA3"}, "supported adapters are LORA")):
         config_path.write_text(json.dumps({**written, **change}))
         with pytest.raises(ConversionError, match=message):
             load_adapter(tiny_gpt(), out)
