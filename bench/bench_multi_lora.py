@@ -196,7 +196,7 @@ def main() -> None:
               f"{r['mixed_bytes'] / 2 ** 20:.0f} MiB, separate {r['separate_bytes'] / 2 ** 20:.0f} MiB", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python bench/bench_multi_lora.py " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                                      for k, v in vars(args).items() if k != "out"),
+                                                                      for k, v in vars(args).items() if k != "out" and v is not None),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
             "params": sum(p.numel() for p in model.parameters())}
     (args.out / "results.json").write_text(json.dumps({**meta, "results": results}, indent=2))

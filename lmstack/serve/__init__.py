@@ -3,5 +3,6 @@
 app.py (factory and routes) · protocol.py (request/response schemas, error mapping) · validation.py
 (server-side checks, SamplingParams) · generation.py (runs a request on the engine) · openai_format.py
 (response bodies, SSE events, logprobs) · transport.py (gatekeeper, disconnects, SSE) · embeddings.py ·
-state.py (ServerState, ServerLimits) · run.py (sockets, serve_in_thread, the `lmstack serve` verb).
+state.py (ServerState, ServerLimits) · run.py (sockets, serve_in_thread, the `lmstack serve` verb) ·
+adapters.py (LoRA adapters served over the base, `--adapter`) · feedback.py (/v1/feedback, `--feedback`).
 """
