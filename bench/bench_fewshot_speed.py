@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmstack.atomic import write_json_atomic  # noqa: E402
-from lmstack.evals.lm import EvalLM  # noqa: E402
-from lmstack.evals.tasks import get_task  # noqa: E402
+from lmstack.atomic import write_json_atomic
+from lmstack.evals.lm import EvalLM
+from lmstack.evals.tasks import get_task
 
 
 def build_requests(lm: EvalLM, task_name: str, limit: int, shots: int, fixed: bool, seed: int

@@ -30,11 +30,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmstack.atomic import write_json_atomic  # noqa: E402
-from lmstack.evals.lm import EvalLM  # noqa: E402
-from lmstack.evals.tasks import get_task  # noqa: E402
-from lmstack.prompting import reasoning  # noqa: E402
-from lmstack.prompting.run import StrategyOptions, evaluate_strategy, question_text, run_reasoning  # noqa: E402
+from lmstack.atomic import write_json_atomic
+from lmstack.evals.lm import EvalLM
+from lmstack.evals.tasks import get_task
+from lmstack.prompting import reasoning
+from lmstack.prompting.run import (
+    StrategyOptions,
+    evaluate_strategy,
+    question_text,
+    run_reasoning,
+)
 
 OUT = Path("bench/results/prompting")
 

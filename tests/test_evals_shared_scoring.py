@@ -9,11 +9,8 @@ with the context boundary; and that it really does less work than the plain path
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-
 from eval_helpers import make_tiny_checkpoint
 
 from lmstack.evals.lm import EvalLM, score_plain, score_shared

@@ -51,14 +51,7 @@ class StrategyOptions:
 
 
 def question_text(task: Task, ex: Example) -> str:
-    if "question" in ex.meta:
-        return str(ex.meta["question"])
-    text = task.doc_to_text(ex).strip()
-    if text.startswith("Question:"):
-        text = text[len("Question:"):]
-    if text.endswith("Answer:"):
-        text = text[:-len("Answer:")]
-    return text.strip()
+    return str(ex.meta["question"]) if "question" in ex.meta else _strip_frame(task.doc_to_text(ex))
 
 
 def _embedder(lm: Any, spec: str) -> Embedder:
@@ -97,8 +90,8 @@ def _cot_prefix(task: Task, options: StrategyOptions, seed: int, direct_fallback
 
 def _strip_frame(text: str) -> str:
     text = text.strip()
-    text = text[len("Question:"):] if text.startswith("Question:") else text
-    return (text[:-len("Answer:")] if text.endswith("Answer:") else text).strip()
+    text = text.removeprefix("Question:")
+    return (text.removesuffix("Answer:")).strip()
 
 
 def run_reasoning(lm: Any, task: Task, examples: Sequence[Example], options: StrategyOptions, seed: int
@@ -131,7 +124,7 @@ def run_reasoning(lm: Any, task: Task, examples: Sequence[Example], options: Str
             prefix = _cot_prefix(task, options, seed, direct_fallback=options.strategy == "self-consistency")
             prompts = [prefix + reasoning.qa_prompt(q) for q in questions]
         if options.strategy == "self-consistency":
-            extract = lambda text: task.extract_answer(text)  # noqa: E731
+            extract = lambda text: task.extract_answer(text)
             votes, texts = reasoning.self_consistency(lm, prompts, extract, samples=options.samples,
                                                       round_size=options.round_size, temperature=options.temperature,
                                                       max_tokens=options.max_tokens, seed=seed,
