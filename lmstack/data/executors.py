@@ -26,6 +26,7 @@ local cluster with ``workers`` CPUs is started and shut down again.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any, Callable, Iterable, Protocol
 
@@ -152,11 +153,12 @@ class RayExecutor:
         self.ray = ray
         self.started_here = False
         if not ray.is_initialized():
+            quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
             if address:
                 _check_reachable(address)
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                ray.init(address=address, **quiet)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=workers, **quiet)
             self.started_here = True
         cpus = int(ray.cluster_resources().get("CPU", workers))
         self.parallelism = max(1, cpus if address else min(workers, cpus))
