@@ -333,8 +333,9 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path):
     ckpt = build_llama_style(tmp_path / "ck")
     tok = load_checkpoint(ckpt).tokenizer
     prompts = [tok.encode(p) for p in PROMPTS] + [tok.render_chat(CHAT[:2], add_generation_prompt=True)[0]]
+    texts = [*PROMPTS, "It's the MODEL'S code:\tdon't   stop... 2024-01-31?!"]
     path = export_gguf(ckpt, tmp_path / "tiny.gguf", progress=False)
-    assert_llama_cpp_agrees(ckpt, path, prompts, PROMPTS, 16, tmp_path)
+    assert_llama_cpp_agrees(ckpt, path, prompts, texts, 16, tmp_path)
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lmstack.errors import DataError
 from lmstack.interop.common import ConversionError
 from lmstack.interop.hf_export import check_llama_compatible
 from lmstack.models.gpt import GPTConfig
@@ -175,7 +176,7 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
     ids: dict[str, int] = {}
     try:
         ids["bos"] = tokenizer.bos_id
-    except Exception:  # no BOS and no document boundary: llama.cpp then has none either
+    except DataError:  # no BOS and no document boundary: the file then names none either
         pass
     stops = list(tokenizer.stop_token_ids)
     if stops:
@@ -184,7 +185,7 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
         ids["eot"] = stops[1]
     try:
         ids["pad"] = tokenizer.pad_id
-    except Exception:
+    except DataError:
         pass
     return ids
 
