@@ -16,8 +16,10 @@ import pytest
 from lmstack.cli import main
 from lmstack.data.dedup import DedupConfig, DedupIndex, MinHasher, dedup_keys, synthetic_near_duplicates
 from lmstack.data.dedup_stages import run_ranks_inline, sharded_dedup
+from lmstack.data.executors import make_executor
 from lmstack.data.pipeline import clean_corpus
 from lmstack.data.pipeline_config import CleanConfig
+from lmstack.errors import DataError
 
 SHARED_LINE = "All rights reserved by the harbour authority; reprinted with the keeper's kind permission."
 WORDS = ("sea wind ship light keeper harbour storm rope lamp tide coast rock gull wave night morning boat "
@@ -132,8 +134,16 @@ def test_ray_executor_gives_the_local_bytes(tmp_path):
     corpus = _corpus(tmp_path / "corpus.jsonl")
     clean_corpus([corpus], tmp_path / "local", _config(), progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    def bad_rank(rank: int, world_size: int, inputs: dict, work_dir: str) -> dict:
+        if rank == 1:
+            raise DataError(f"shard {rank} is unreadable")
+        return {"rank": rank}
+
     try:
         report = clean_corpus([corpus], tmp_path / "ray", _config(), workers=2, progress=False, executor="ray")
+        with pytest.raises(DataError, match="^shard 1 is unreadable$"):  # itself, not Ray's wrapped traceback
+            make_executor("ray", 2).run_ranks(bad_rank, 2, {}, str(tmp_path))
     finally:
         ray.shutdown()
     assert report["documents_out"] > 0

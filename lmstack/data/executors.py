@@ -20,7 +20,9 @@ Choices: a Ray worker process keeps the state that ``start`` built (the stages, 
 classifier) in a module global keyed by the setup arguments, as the local pool's initializer does, so a
 model loads once per process, not once per shard. With ``--ray-address`` the address is checked with a
 short TCP connect before Ray is asked, so an unreachable cluster is one line, not a long hang; without it a
-local cluster with ``workers`` CPUs is started and shut down again.
+local cluster with ``workers`` CPUs is started and shut down again; on an existing cluster every CPU it
+offers is used (``--workers`` then only sets the local torch threads). An lmstack error raised inside a Ray
+task is re-raised as itself, so the CLI still prints one line.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import socket
 from typing import Any, Callable, Iterable, Protocol
 
-from lmstack.errors import UserError
+from lmstack.errors import LmstackError, UserError
 
 EXECUTORS = ("local", "ray")
 CONNECT_TIMEOUT_S = 3.0
@@ -175,14 +177,24 @@ class RayExecutor:
             pending.append(self.remote.remote(self.setup, self.setup_args, fn, t))
             while len(pending) >= 2 * self.parallelism:  # bounded memory, as the local pool
                 done, pending = self.ray.wait(pending, num_returns=1)
-                on_result(self.ray.get(done[0]))
+                on_result(self._get(done[0]))
         for ref in pending:
-            on_result(self.ray.get(ref))
+            on_result(self._get(ref))
 
     def run_ranks(self, fn: Callable[[int, int, dict, str], dict], world_size: int, inputs: dict,
                   work_dir: str) -> list:
         refs = [self.remote.remote(None, (), fn, rank, world_size, inputs, work_dir) for rank in range(world_size)]
-        return self.ray.get(refs)
+        return self._get(refs)
+
+    def _get(self, refs: Any) -> Any:
+        """ray.get, except that an lmstack error raised in a task comes back as itself (one line in the CLI),
+        not wrapped in Ray's traceback."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, LmstackError):
+                raise e.cause from None
+            raise
 
     def close(self) -> None:
         if self.started_here:
