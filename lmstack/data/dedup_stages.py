@@ -97,13 +97,13 @@ def partition_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> d
     work = Path(work_dir) / SHUFFLE_DIR
     cfg = DedupConfig(**inputs["dedup"])
     bands = BandIndex(cfg.bands, cfg.rows)
-    out: dict[str, dict[str, list[np.ndarray]]] = {"exact": {}, "bands": {}, "lines": {}}
+    out: dict[tuple[str, int], dict[str, list[np.ndarray]]] = {}  # (kind, destination rank) -> columns
 
     def add(kind: str, dest: np.ndarray, **columns: np.ndarray) -> None:
         for p in np.unique(dest).tolist():
             rows = dest == p
             for name, col in columns.items():
-                out[kind].setdefault(f"{p}:{name}", []).append(col[rows])
+                out.setdefault((kind, p), {}).setdefault(name, []).append(col[rows])
 
     for k in range(rank, len(inputs["key_files"]), world_size):
         with np.load(inputs["key_files"][k], allow_pickle=False) as z:
@@ -122,13 +122,9 @@ def partition_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> d
         if cfg.lines and len(line_hash):
             add("lines", _hash_range(line_hash, world_size), ordinal=ordinals[line_doc], start=line_start,
                 end=line_end, hash=line_hash)
-    for kind, columns in out.items():
-        by_dest: dict[int, dict[str, np.ndarray]] = {}
-        for name, pieces in columns.items():
-            p, col = name.split(":")
-            by_dest.setdefault(int(p), {})[col] = np.concatenate(pieces)
-        for p, arrays in by_dest.items():
-            _save(work / "part" / kind / f"to{p:04d}_from{rank:04d}.npz", **arrays)
+    for (kind, p), columns in out.items():
+        arrays = {name: np.concatenate(pieces) for name, pieces in columns.items()}
+        _save(work / "part" / kind / f"to{p:04d}_from{rank:04d}.npz", **arrays)
     return {"rank": rank}
 
 
