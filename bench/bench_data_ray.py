@@ -57,7 +57,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 
 def _shuffle_bytes(out: Path) -> int:
-    return sum(p.stat().st_size for p in (out / ".work" / "dedup").rglob("*.npz"))
+    return sum(p.stat().st_size for p in (out / ".work" / "dedup" / "part").rglob("*") if p.is_file())
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ them: the local process pool and Ray (lmstack.data.executors), or one Slurm arra
 storage. The stages, in order (the way datatrove splits its MinHash dedup):
 
 1. **partition** -- rank r reads the dedup keys of shards r, r+W, r+2W, ... (written by the map phase) and
-   writes, for each destination rank p, the exact keys and the document-line hashes whose hash falls in p's
-   range of the 64-bit space, and the LSH band keys whose (band, key) bucket falls in p's range:
-   ``part/{exact,bands,lines}/to{p}_from{r}.npz``.
+   appends, for each destination rank p, the exact keys and the document-line hashes whose hash falls in p's
+   range of the 64-bit space, and the LSH band keys whose (band, key) bucket falls in p's range, as packed
+   records (:data:`PART_RECORDS`) to ``part/{exact,bands,lines}/to{p}_from{r}.bin``.
 2. **exact** -- rank p groups its exact keys: in every group the lowest ordinal (input order) is kept and
    the rest point to it.
 3. **buckets** -- rank p groups its band keys by (band, key) bucket, leaves out exact duplicates, and
@@ -46,6 +46,12 @@ from lmstack.atomic import write_atomic
 from lmstack.data.dedup import EXACT, NEAR, BandIndex, BatchDecisions, DedupConfig
 
 SHUFFLE_DIR = "dedup"
+# The records one partition task appends to the file of each destination rank (little-endian, packed).
+PART_RECORDS = {
+    "exact": np.dtype([("ordinal", "<i8"), ("key", "<u8")]),  # 16 B per document
+    "bands": np.dtype([("ordinal", "<i8"), ("band", "<i4"), ("key", "<u8")]),  # 20 B per document and band
+    "lines": np.dtype([("ordinal", "<i8"), ("start", "<i4"), ("end", "<i4"), ("hash", "<u8")]),  # 24 B per unit
+}
 _BAND_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: spreads (band, key) over one bucket space
 RunRanks = Callable[[Callable[[int, int, dict, str], dict], int, dict, str], list]
 
@@ -84,6 +90,13 @@ def _load_all(pattern_dir: Path, pattern: str, names: Sequence[str], dtypes: Seq
     return {n: np.concatenate(parts[n]).astype(dt) if parts[n] else np.zeros(0, dt) for n, dt in zip(names, dtypes)}
 
 
+def _load_part(work: Path, kind: str, rank: int) -> np.ndarray:
+    """Every record sent to ``rank`` by every partition task, as one structured array."""
+    parts = [np.fromfile(path, dtype=PART_RECORDS[kind])
+             for path in sorted((work / "part" / kind).glob(f"to{rank:04d}_from*.bin"))]
+    return np.concatenate(parts) if parts else np.zeros(0, PART_RECORDS[kind])
+
+
 def _removed_ordinals(work: Path, kinds: Sequence[str]) -> np.ndarray:
     found = [_load_all(work / kind, "r*.npz", ["ordinal"], [np.int64])["ordinal"] for kind in kinds]
     return np.concatenate(found) if found else np.zeros(0, np.int64)
@@ -93,18 +106,39 @@ def _removed_ordinals(work: Path, kinds: Sequence[str]) -> np.ndarray:
 
 
 def partition_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> dict:
-    """Stage 1: split the keys of shards rank, rank+W, ... into per-destination files by hash range."""
+    """Stage 1: split the keys of shards rank, rank+W, ... into per-destination files by hash range.
+
+    Records are appended shard by shard (memory holds one shard) to temporary files that are renamed when
+    the task is done, so a destination never reads a half-written partition."""
     work = Path(work_dir) / SHUFFLE_DIR
     cfg = DedupConfig(**inputs["dedup"])
     bands = BandIndex(cfg.bands, cfg.rows)
-    out: dict[tuple[str, int], dict[str, list[np.ndarray]]] = {}  # (kind, destination rank) -> columns
+    files: dict[tuple[str, int], Any] = {}  # (kind, destination rank) -> open temporary file
 
     def add(kind: str, dest: np.ndarray, **columns: np.ndarray) -> None:
+        records = np.empty(len(dest), dtype=PART_RECORDS[kind])
+        for name, col in columns.items():
+            records[name] = col
         for p in np.unique(dest).tolist():
-            rows = dest == p
-            for name, col in columns.items():
-                out.setdefault((kind, p), {}).setdefault(name, []).append(col[rows])
+            if (kind, p) not in files:
+                path = work / "part" / kind / f"to{p:04d}_from{rank:04d}.bin.tmp"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                files[kind, p] = open(path, "wb")
+            records[dest == p].tofile(files[kind, p])
 
+    try:
+        _partition_shards(rank, world_size, inputs, cfg, bands, add)
+    finally:
+        for f in files.values():
+            f.close()
+    for f in files.values():
+        Path(f.name).rename(f.name[:-len(".tmp")])
+    return {"rank": rank}
+
+
+def _partition_shards(rank: int, world_size: int, inputs: dict, cfg: DedupConfig, bands: BandIndex,
+                      add: Callable[..., None]) -> None:
+    """Hand each of rank's shards' keys to ``add`` with their destination ranks, one shard at a time."""
     for k in range(rank, len(inputs["key_files"]), world_size):
         with np.load(inputs["key_files"][k], allow_pickle=False) as z:
             exact, signatures = z["dedup_exact"], z["dedup_signatures"]
@@ -122,16 +156,12 @@ def partition_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> d
         if cfg.lines and len(line_hash):
             add("lines", _hash_range(line_hash, world_size), ordinal=ordinals[line_doc], start=line_start,
                 end=line_end, hash=line_hash)
-    for (kind, p), columns in out.items():
-        arrays = {name: np.concatenate(pieces) for name, pieces in columns.items()}
-        _save(work / "part" / kind / f"to{p:04d}_from{rank:04d}.npz", **arrays)
-    return {"rank": rank}
 
 
 def exact_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> dict:
     """Stage 2: in rank's hash range, every document after the first with the same exact key is removed."""
     work = Path(work_dir) / SHUFFLE_DIR
-    a = _load_all(work / "part" / "exact", f"to{rank:04d}_from*.npz", ["ordinal", "key"], [np.int64, np.uint64])
+    a = _load_part(work, "exact", rank)
     order = np.lexsort((a["ordinal"], a["key"]))  # by key, then input order
     ordinal, key = a["ordinal"][order], a["key"][order]
     first_of_group = np.ones(len(key), dtype=bool)
@@ -145,8 +175,7 @@ def exact_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> dict:
 def buckets_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> dict:
     """Stage 3: every pair (earlier, later) of non-exact-duplicate documents sharing a band bucket."""
     work = Path(work_dir) / SHUFFLE_DIR
-    a = _load_all(work / "part" / "bands", f"to{rank:04d}_from*.npz", ["ordinal", "band", "key"],
-                  [np.int64, np.int32, np.uint64])
+    a = _load_part(work, "bands", rank)
     keep = ~np.isin(a["ordinal"], _removed_ordinals(work, ["exact"]))
     ordinal, band, key = a["ordinal"][keep], a["band"][keep], a["key"][keep]
     order = np.lexsort((ordinal, key, band))
@@ -219,8 +248,7 @@ def _pair_similarity(pairs: np.ndarray, key_files: Sequence[str], offsets: Seque
 def lines_task(rank: int, world_size: int, inputs: dict, work_dir: str) -> dict:
     """Stage 5: in rank's hash range, a unit is cut from every kept document after the first holding it."""
     work = Path(work_dir) / SHUFFLE_DIR
-    a = _load_all(work / "part" / "lines", f"to{rank:04d}_from*.npz", ["ordinal", "start", "end", "hash"],
-                  [np.int64, np.int64, np.int64, np.uint64])
+    a = _load_part(work, "lines", rank)
     kept = ~np.isin(a["ordinal"], _removed_ordinals(work, ["exact", "near"]))
     ordinal, start, end, unit = a["ordinal"][kept], a["start"][kept], a["end"][kept], a["hash"][kept]
     order = np.lexsort((start, ordinal, unit))
