@@ -23,6 +23,9 @@ short TCP connect before Ray is asked, so an unreachable cluster is one line, no
 local cluster with ``workers`` CPUs is started and shut down again; on an existing cluster every CPU it
 offers is used (``--workers`` then only sets the local torch threads). An lmstack error raised inside a Ray
 task is re-raised as itself, so the CLI still prints one line.
+
+Caveats: the driver still reads the inputs and ships each shard's documents to its map task (through
+Ray's object store), so reading is the ceiling at cluster scale; the dedup cluster stage is one task.
 """
 
 from __future__ import annotations
