@@ -18,6 +18,7 @@ import numpy as np
 from lmstack.atomic import write_atomic
 from lmstack.data.clean import StageStats
 from lmstack.data.dedup import DedupIndex
+from lmstack.data.dedup_stages import DedupSummary
 from lmstack.data.pipeline_config import CleanConfig
 from lmstack.data.readers import ReadStats
 
@@ -36,7 +37,7 @@ def write_duplicates(path: Path, rows: list[tuple]) -> None:
 
 
 def build_report(inputs: Sequence[Path], out: Path, outputs: list[Path], cfg: CleanConfig, workers: int,
-                 read_stats: ReadStats, stages: list[StageStats], index: DedupIndex, decontam_info: dict,
+                 read_stats: ReadStats, stages: list[StageStats], index: DedupIndex | DedupSummary, decontam_info: dict,
                  timing: dict[str, float], ppl_cut: tuple[float, float] | None) -> dict:
     """The report.json dict: documents and bytes per stage, removals, PII, duplicates, timing, config."""
     removed: Counter = Counter()
