@@ -140,13 +140,16 @@ def plot(results: dict, path: Path) -> None:
     middle.set_ylabel("held-out pairs ranked right")
     middle.set_title("preference accuracy (dotted: chance)")
     middle.tick_params(axis="x", labelsize=8)
+    margin_axis = right.twinx()
     for seed, curve in results["dpo_curves"].items():
         steps = [r["step"] for r in curve]
-        right.plot(steps, [r["reward_accuracy"] for r in curve], label=f"reward accuracy, seed {seed}")
-        right.plot(steps, [r["reward_margin"] for r in curve], "--", label=f"reward margin, seed {seed}")
+        right.plot(steps, [r["reward_accuracy"] for r in curve], label=f"accuracy, seed {seed}")
+        margin_axis.plot(steps, [r["reward_margin"] for r in curve], "--", label=f"margin, seed {seed}")
     right.set_xlabel("DPO step")
-    right.set_title("DPO training batches (implicit rewards)")
-    right.legend(fontsize=7)
+    right.set_ylabel("implicit-reward accuracy (solid)")
+    margin_axis.set_ylabel("implicit-reward margin (dashed)")
+    right.set_ylim(0, 1.05)
+    right.set_title("DPO training batches")
     right.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -174,6 +177,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replot(out: Path) -> None:
+    """Redraw OUT/dpo_effects.png and reprint the table from OUT/results.json."""
+    results = json.loads((out / "results.json").read_text())
+    plot(results, out / "dpo_effects.png")
+    print(markdown(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/dpo", help="results directory (default: %(default)s)")
@@ -190,7 +200,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4, help="DPO learning rate (default: %(default)s)")
     ap.add_argument("--reward-lr", type=float, default=5e-4, help="reward-model learning rate (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default: %(default)s)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from OUT/results.json")
     a = ap.parse_args()
+    if a.replot:
+        return replot(Path(a.out))
     torch.set_num_threads(a.threads)
     from lmstack.data.preference import make_preference_pairs, write_pairs
     from lmstack.train.loop import read_metrics
