@@ -272,8 +272,9 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 job = json.load(open(sys.argv[1]))
-llm = Llama(model_path=job["model"], n_ctx=512, n_batch=512, n_threads=2, type_k=0, type_v=0, verbose=False,
-            seed=0)
+# float32 KV cache (type 0) so only the arithmetic order differs; logits_all keeps llm.scores filled
+llm = Llama(model_path=job["model"], n_ctx=256, n_batch=256, n_threads=2, type_k=0, type_v=0, logits_all=True,
+            verbose=False, seed=0)
 out = {"greedy": [], "tokens": [], "logits": []}
 for ids in job["prompts"]:
     llm.reset()
