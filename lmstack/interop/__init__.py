@@ -1,13 +1,14 @@
-"""Real weights in and out: import GGUF / Hugging Face models as lmstack checkpoints, export to HF.
+"""Real weights in and out: import GGUF / Hugging Face models as lmstack checkpoints, export to HF and GGUF.
 
     lmstack import smollm2-135m-instruct --out models/smollm2     # a known weight package (registry.py)
     lmstack import path/to/model.gguf --out models/mine            # llama.cpp GGUF (Llama family)
     lmstack import path/to/hf_dir --out models/mine                # HF config.json + safetensors
     lmstack export models/mine --format hf --out hf_dir            # Llama-style HF directory
+    lmstack export models/mine --format gguf --out mine.gguf       # one GGUF file for llama.cpp (--dtype q8_0)
     lmstack models                                                 # what is supported, what is local
 
 Modules: ``registry`` (supported architectures, GGUF tensor types, known weight packages, the local
-inventory), ``gguf_import``, ``hf_import``, ``hf_export`` and ``common`` (tokenizer description,
+inventory), ``gguf_import``, ``hf_import``, ``hf_export``, ``gguf_export`` and ``common`` (tokenizer description,
 strict weight loading, checkpoint writing). :func:`import_model` picks the importer from the source.
 """
 
