@@ -31,12 +31,13 @@ def _corpus(path, n_docs: int = 400) -> None:
 
 SMALL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_kv_head=2", "model.block_size=64",
          "train.batch_size=8", "train.seq_len=64", "train.eval_batches=2", "train.eval_every=100000",
-         "train.ckpt_every=100000", "train.tensorboard=false", "train.max_steps=60", "optim.warmup_steps=5"]
+         "train.ckpt_every=100000", "train.tensorboard=false", "train.max_steps=60", "optim.warmup_steps=5",
+         "train.max_minutes=0"]  # no wall-clock budget: the step counts stay exact on a busy machine
 
 
 # the chat stage: generated tasks only (no download), packed windows of the model's 64-token context
 CHAT = ["--chitchat", "0", "--chat-tasks", "600", "--chat-held-out", "16", "--chat-minutes", "2",
-        "--chat-set", "train.max_steps=150", "--chat-set", "train.batch_size=8", "--chat-set", "optim.lr=3e-3"]
+        "--chat-set", "train.max_steps=150", "--chat-set", "train.max_minutes=0", "--chat-set", "train.batch_size=8", "--chat-set", "optim.lr=3e-3"]
 
 
 def test_speedrun_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
@@ -49,7 +50,7 @@ def test_speedrun_end_to_end_and_rerun_reuses_stages(tmp_path, capsys):
     for key in ("val_bpb", "unigram_bpb", "wall_seconds", "params", "tokens"):
         assert key in report
     assert report["val_bpb"] < 0.7 * report["unigram_bpb"]  # learned context, not just token frequencies
-    assert report["steps"] == 60 and report["tokens"] == 60 * 8 * 64  # the step cap binds well within 2 minutes
+    assert report["steps"] == 60 and report["tokens"] == 60 * 8 * 64  # the step cap, not the clock
     assert report["documents_kept"] < 400  # the cleaning pipeline ran (templated duplicates are removed)
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "clean" / "report.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
@@ -85,7 +86,7 @@ def test_speedrun_skip_chat_and_bad_chat_settings(tmp_path, capsys):
     corpus, out = tmp_path / "corpus", tmp_path / "run"
     _corpus(corpus, n_docs=100)
     base = ["speedrun", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "320", "--workers", "1",
-            "--no-clean", *SMALL[:-2], "train.max_steps=5", "optim.warmup_steps=1"]
+            "--no-clean", *SMALL, "train.max_steps=5", "optim.warmup_steps=1"]
     assert main([*base, "--skip-chat"]) in (0, None)
     assert json.loads((out / "report.json").read_text())["chat"] is None and not (out / "chat").exists()
     capsys.readouterr()
