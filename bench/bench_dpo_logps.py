@@ -9,7 +9,9 @@ changing machine load hits both alike. Prints the seconds per call. Caveat: this
 pass only, not a whole optimizer step (no reference pass, no optimizer update).
 """
 
-import time, copy, torch
+import time
+
+import torch
 torch.set_num_threads(2)
 from lmstack.checkpoint import load_checkpoint
 from lmstack.data.preference import load_preference, collate_pairs
