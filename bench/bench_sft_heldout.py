@@ -45,9 +45,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import lmstack  # noqa: E402  (one subprocess helper for the bench scripts)
+from bench_sft import lmstack
 
-from lmstack.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from lmstack.atomic import write_json_atomic, write_text_atomic
 
 SHAPE = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.block_size=128"]
 CONDITIONS = ("base", "held-out", "trained-on")  # zero-shot before SFT, zero-shot after SFT without F, SFT with F
@@ -187,8 +187,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Command: `{results['command']}` ({results['wall_minutes']:.1f} min, {results['cpu_count']} CPUs)", "",
-             "| test family | base: exact / format / turn end | SFT without the family (zero-shot) | "
-             "SFT with it (ceiling) |", "|---|---|---|---|"]
+             ("| test family | base: exact / format / turn end | SFT without the family (zero-shot) | "
+              "SFT with it (ceiling) |"), "|---|---|---|---|"]
     for family, row in results["summary"].items():
         cells = [f"{row[c]['exact_match']:.0%} / {row[c]['format_compliance']:.0%} / {row[c]['ended_turn']:.0%}"
                  for c in CONDITIONS]

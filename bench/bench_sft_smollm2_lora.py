@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import lmstack  # noqa: E402
-from bench_sft_heldout import evaluate  # noqa: E402
+from bench_sft import lmstack
+from bench_sft_heldout import evaluate
 
-from lmstack.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from lmstack.atomic import write_json_atomic, write_text_atomic
 
 
 def main() -> None:

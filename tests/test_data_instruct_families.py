@@ -9,7 +9,13 @@ from collections import Counter
 
 import pytest
 
-from lmstack.data.instruct import TASK_FAMILIES, answer_shape, main, make_family_conversations, record_messages
+from lmstack.data.instruct import (
+    TASK_FAMILIES,
+    answer_shape,
+    main,
+    make_family_conversations,
+    record_messages,
+)
 from lmstack.errors import UserError
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -26,7 +32,7 @@ def solve(kind: str, prompt: str) -> str:
         "subtract": lambda: str(numbers[0] - numbers[1]), "double": lambda: str(2 * numbers[0]),
         "reverse": lambda: tail[::-1], "upper": lambda: tail.upper(), "first_letter": lambda: tail[0],
         "spell": lambda: "-".join(tail), "name": lambda: f"{words[1]}, {words[0]}",
-        "date": lambda: "{2}-{1:02d}-{0:02d}".format(numbers[0], MONTHS.index(prompt.split()[4]) + 1, numbers[1]),
+        "date": lambda: f"{numbers[1]}-{MONTHS.index(prompt.split()[4]) + 1:02d}-{numbers[0]:02d}",
         "brackets": lambda: f"[{tail}]", "commas": lambda: ", ".join(words),
         "sort_numbers": lambda: " ".join(map(str, sorted(numbers))), "sort_words": lambda: " ".join(sorted(words)),
         "last": lambda: words[-1], "count": lambda: str(len(words)),

@@ -65,14 +65,15 @@ import bisect
 import json
 import random
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from lmstack.atomic import write_text_atomic
-from lmstack.data.readers import format_of, open_binary, decode_utf8
+from lmstack.data.readers import decode_utf8, format_of, open_binary
 from lmstack.errors import DataError, UserError
 
 Messages = list[dict[str, Any]]

@@ -70,6 +70,8 @@ class ChatSettings:
 
 
 # SFT defaults for the chat stage: packed windows of the preset's context, a smaller LR than pretraining.
+DEFAULT_CHAT = ChatSettings()
+
 # Small batches: more steps in the budget; one small validation at the end (the report measures the
 # held-out files itself).
 CHAT_SFT_DEFAULTS = ("sft.packing=true", "train.batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=10",
@@ -91,7 +93,7 @@ def unigram_bpb(data_dir: Path) -> float:
     dtype = np.dtype(meta["dtype"])
     vocab = int(meta["vocab_size"])
 
-    def counts(split: str) -> "np.ndarray":
+    def counts(split: str) -> np.ndarray:
         c = np.zeros(vocab, dtype=np.int64)
         for name in meta["splits"][split]["shards"]:
             c += np.bincount(np.memmap(data_dir / name, dtype=dtype, mode="r"), minlength=vocab)[:vocab]
@@ -149,7 +151,13 @@ def held_out_loss(model_dir: Path, data_file: Path, max_tokens: int) -> float:
     import torch
 
     from lmstack.checkpoint import load_checkpoint
-    from lmstack.data.instruct import Example, InstructLoader, iter_records, record_messages, render_example
+    from lmstack.data.instruct import (
+        Example,
+        InstructLoader,
+        iter_records,
+        record_messages,
+        render_example,
+    )
 
     ckpt = load_checkpoint(model_dir)
     examples = []
@@ -230,16 +238,16 @@ def chat_stage(out: Path, base_model: Path, preset: str, settings: ChatSettings,
 def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", preset: str = "tiny",
              config_file: str | None = None, overrides: list[str] | None = None, vocab_size: int | None = None,
              minutes: float | None = None, clean: bool = True, workers: int = 2,
-             chat: ChatSettings | None = ChatSettings()) -> dict[str, Any]:
+             chat: ChatSettings | None = DEFAULT_CHAT) -> dict[str, Any]:
     """Run every stage into OUT_DIR (reusing finished ones) and return the report dict; ``chat=None`` stops
     after pretraining and its samples (no OUT/chat)."""
-    from lmstack.data.shards import tokenize_to_shards
-    from lmstack.data.corpora import download_corpus
-    from lmstack.data.readers import iter_documents
-    from lmstack.stages.pretrain import pretrain
-    from lmstack.tokenizer import Tokenizer
     from lmstack.atomic import write_atomic, write_json_atomic, write_text_atomic
     from lmstack.config import build_run_config
+    from lmstack.data.corpora import download_corpus
+    from lmstack.data.readers import iter_documents
+    from lmstack.data.shards import tokenize_to_shards
+    from lmstack.stages.pretrain import pretrain
+    from lmstack.tokenizer import Tokenizer
 
     run_began = time.time()
     out = Path(out_dir)
@@ -340,14 +348,15 @@ def speedrun(out_dir: str | Path = "runs/speedrun", corpus: str = "classics", pr
 def chat_report_lines(chat: dict[str, Any]) -> list[str]:
     """The report card's chat section (Markdown lines)."""
     lines = ["## Chat model (SFT)", "",
-             f"`{chat['model_dir']}`: the pretrained model fine-tuned for {chat['steps']} steps "
-             f"({chat['tokens']:,} trained tokens) on {' + '.join(chat['sources'])} conversations. "
-             f"Talk to it with `lmstack chat --model {Path(chat['model_dir']).parent}`.", "",
+             (f"`{chat['model_dir']}`: the pretrained model fine-tuned for {chat['steps']} steps "
+              f"({chat['tokens']:,} trained tokens) on {' + '.join(chat['sources'])} conversations. "
+              f"Talk to it with `lmstack chat --model {Path(chat['model_dir']).parent}`."), "",
              "| held-out conversations | loss before SFT | loss after SFT |", "|---|---:|---:|"]
     for name, loss in chat["held_out_loss"].items():
         lines.append(f"| {name} | {loss['before']:.3f} | {loss['after']:.3f} |")
-    lines += ["", f"Replies to the {chat['held_out_prompts']} held-out opening messages that end at the end-of-turn "
-                  f"token: {chat['ended_turn_before']:.0%} before SFT, {chat['ended_turn_after']:.0%} after.", "",
+    lines += ["", (f"Replies to the {chat['held_out_prompts']} held-out opening messages that end at the "
+                   f"end-of-turn token: {chat['ended_turn_before']:.0%} before SFT, {chat['ended_turn_after']:.0%} "
+                   "after."), "",
               "| user | chat model's reply | ended its turn |", "|---|---|---|"]
     for s in chat["samples"]:
         cell = " ".join(s["reply"].split()).replace("|", "\\|")
