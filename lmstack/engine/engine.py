@@ -186,7 +186,8 @@ class Engine:
             generator = None if params.greedy else make_generator(base_seed + i, self.device)
             stream = TextStream(self.tokenizer, params.stop, prompt) if self.tokenizer is not None else None
             request.seqs.append(Sequence(request, i, generator, stream,
-                                         logprobs=[] if params.logprobs is not None else None))
+                                         logprobs=[] if params.logprobs is not None else None,
+                                         constraint=params.constraint.start() if params.constraint else None))
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self._requests[request_id] = request
@@ -409,7 +410,8 @@ class Engine:
     # ------------------------------------------------------------------ tokens, stops, outputs
     def _pick_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, dict | None]]:
         """logits (B, V) -> (token, logprob entry or None) per sequence; changes no state."""
-        rows = [SamplingRow(s.request.params, s.generator, s.request.prompt_ids, s.output_ids) for s in seqs]
+        rows = [SamplingRow(s.request.params, s.generator, s.request.prompt_ids, s.output_ids, s.constraint)
+                for s in seqs]
         tokens = sample(logits, rows)
         entries: list[dict | None] = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
@@ -423,6 +425,8 @@ class Engine:
         params = seq.request.params
         seq.output_ids.append(token)
         seq.new_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         self._counters["generated_tokens"] += 1

@@ -4,6 +4,8 @@
 
 Order of operations for one row of logits (the model's raw next-token scores):
 
+0. a grammar constraint (``params.constraint``, lmstack.engine.constraints) sets every token the
+   grammar forbids to -inf; rows without one are untouched;
 1. penalties (on the raw logits):
    - repetition penalty (CTRL, Keskar et al. 2019; the Hugging Face definition): every token already
      seen in the prompt or the output has its logit divided by the penalty when positive and
@@ -38,6 +40,7 @@ from typing import Sequence
 
 import torch
 
+from lmstack.engine.constraints import Grammar, TokenConstraint, apply_constraints
 from lmstack.errors import UserError
 
 # one logprob entry, per generated (or prompt) token:
@@ -70,6 +73,7 @@ class SamplingParams:
     logprobs: int | None = None  # per generated token: its logprob + this many top alternatives
     prompt_logprobs: int | None = None  # logprobs of the prompt tokens (+ top alternatives); None = off
     adapter: str | int | None = None  # LoRA adapter of Engine(adapters=...) by name or slot; None / 0 = the base
+    constraint: Grammar | None = None  # output must match this grammar (lmstack.engine.constraints); None = free
 
     def validate(self) -> None:
         """Raise :class:`~lmstack.errors.UserError` naming the first field the sampler cannot honour."""
@@ -129,6 +133,7 @@ class SamplingRow:
     generator: torch.Generator | None  # None only for greedy rows
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
+    constraint: TokenConstraint | None = None  # this sequence's grammar state; None = unconstrained
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -182,7 +187,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     Greedy rows without penalties take the argmax straight away; a batch of only those never
     touches the random generators.
     """
-    logits = logits.float()
+    logits = apply_constraints(logits.float(), [r.constraint for r in rows])
     if all(r.params.greedy and not r.params.needs_penalties for r in rows):
         return logits.argmax(dim=-1)
     if any(r.params.needs_penalties for r in rows):

@@ -56,6 +56,7 @@ class Sequence:
     finish_reason: str | None = None
     new_ids: list[int] = field(default_factory=list)  # since the last RequestOutput
     new_text: str = ""
+    constraint: Any | None = None  # constraints.TokenConstraint when the request has a grammar
 
     @property
     def finished(self) -> bool:
