@@ -72,7 +72,8 @@ from lmstack.serve.protocol import (APIError, ChatCompletion, ChatCompletionRequ
 from lmstack.serve.state import ServerLimits, ServerState
 from lmstack.serve.transport import GatekeeperMiddleware, error_response, until_disconnect
 from lmstack.serve.validation import (check_feedback, check_lengths, check_model, check_ready, check_sequences,
-                                      check_token_ids, deadline, sampling_params)
+                                      check_token_ids, deadline, response_constraint,
+                                      sampling_params)
 from lmstack.tokenizer import Tokenizer
 
 log = logging.getLogger("lmstack.serve")
@@ -328,7 +329,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         # the end-of-turn tokens (tokenizer.stop_token_ids) end the answer through the engine's EOS set,
         # so the ignore_eos extension can switch them off
-        params = sampling_params(req, max_tokens, logprobs=logprobs, adapter=adapter)
+        params = sampling_params(req, max_tokens, logprobs=logprobs, adapter=adapter,
+                                 constraint=response_constraint(state, req))
         gen = Generation(state, [list(prompt_ids)], params, new_id("chatcmpl"), deadline(state))
         return await respond(request, gen, req.stream,
                               lambda: openai_format.chat_stream(state, req, gen, len(prompt_ids)),

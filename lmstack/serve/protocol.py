@@ -14,7 +14,7 @@ Error mapping (every error body is OpenAI's ``{"error": {"message", "type", "par
     405 invalid_request_error   a known route with the wrong method
     413 invalid_request_error   request body larger than the server accepts (``request_too_large``)
     422 invalid_request_error   a well-formed request for something this server cannot do: tools,
-                                logit_bias, suffix, JSON mode, images, embedding ``dimensions``
+                                logit_bias, suffix, images, embedding ``dimensions``
                                 (``unsupported_parameter`` / ``unsupported_value``)
     429 rate_limit_error        the waiting queue is full (``queue_full``); Retry-After is set
     503 server_error            shutting down (``shutting_down``), engine stopped (``engine_unavailable``),
@@ -25,6 +25,11 @@ naming the field); FastAPI's default of 422 for them is overridden in app.py. 42
 unsupported" so a client can tell a typo from a missing feature.
 Unknown fields are rejected like OpenAI does, except a few that are harmless to ignore
 (``user``, ``metadata``, ``store``, ``service_tier``, ...; see ``IGNORED_FIELDS``).
+
+Structured output: ``response_format`` ``{"type": "json_object"}`` (any JSON object) and ``{"type":
+"json_schema", "json_schema": {"name", "schema", "strict"}}`` are enforced by grammar-constrained
+decoding (lmstack.engine.constraints); a schema the grammar engine cannot compile is a 400 naming the
+problem (validation.py).
 
 Non-OpenAI sampling knobs that vLLM also accepts are allowed as extra fields: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos`` (the openai client sends them with ``extra_body=``).
@@ -259,9 +264,30 @@ class ChatMessageIn(BaseModel):
         return "".join(parts)
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must follow (enforced by constrained decoding)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: Union[dict[str, Any], bool] = Field(default=True, alias="schema")  # True = any JSON value
+    strict: bool | None = None  # the schema is always enforced here, so strict only documents intent
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object "
+                             "({\"name\": ..., \"schema\": {...}})")
+        return self
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -293,7 +319,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise unsupported("tools", "tool / function calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
             raise unsupported("tool_choice", "tool / function calling")
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.response_format is not None and self.response_format.type not in RESPONSE_FORMATS:
             raise unsupported("response_format", f"response_format {self.response_format.type!r}")
         if self.modalities and any(m != "text" for m in self.modalities):
             raise unsupported("modalities", "output other than text")

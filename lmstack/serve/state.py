@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from lmstack.engine.async_engine import AsyncEngine
+from lmstack.engine.constraints import GrammarCompiler
 from lmstack.engine.engine import Engine
 from lmstack.serve.feedback import FeedbackLog
 from lmstack.tokenizer import Tokenizer
@@ -48,5 +49,6 @@ class ServerState:
     shutting_down: bool = False
     embed_lock: asyncio.Semaphore | None = None
     embed_waiting: int = 0
+    grammars: GrammarCompiler | None = None  # built on the first structured-output request
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "disconnects": 0, "timeouts": 0,
                                                                "queue_full": 0, "engine_errors": 0})

@@ -3,7 +3,7 @@
 protocol.py checks what depends only on the request (types, ranges, combinations); this module checks
 what depends on the server: whether it is up and generates at all, the model name (the base or one of its
 LoRA adapters), whether feedback is collected, token ids against the
-vocabulary, prompt and completion lengths against the context and the server's limits, and the number
+vocabulary, the grammar a ``response_format`` asks for, prompt and completion lengths against the context and the server's limits, and the number
 of sequences (prompts x ``n``) against the waiting bound. Every failure is an
 :class:`~lmstack.serve.protocol.APIError` with OpenAI's status, param and code.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 
+from lmstack.engine.constraints import Grammar, GrammarCompiler
 from lmstack.engine.sampling import SamplingParams
+from lmstack.errors import UserError
 from lmstack.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmstack.serve.state import ServerState
 
@@ -79,16 +81,37 @@ def check_lengths(state: ServerState, prompt_len: int, max_tokens: int | None, p
     return max_tokens
 
 
+def response_constraint(state: ServerState, req: ChatCompletionRequest) -> Grammar | None:
+    """The grammar ``response_format`` asks for (None for plain text); 400 naming the part that cannot compile.
+
+    The grammar engine's vocabulary is built on the first structured request and kept on the state.
+    """
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    try:
+        if state.grammars is None:
+            state.grammars = GrammarCompiler(state.tokenizer, state.model.config.vocab_size,
+                                             state.engine.eos_token_ids)
+        if fmt.type == "json_object":
+            return state.grammars.json_object()
+        return state.grammars.json_schema(fmt.json_schema.json_schema, f"response_format.json_schema "
+                                                                         f"{fmt.json_schema.name!r}")
+    except UserError as e:
+        raise APIError(400, f"{e}; fix or simplify the schema.", param="response_format",
+                       code="invalid_json_schema") from None
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
-                    logprobs: int | None, prompt_logprobs: int | None = None, adapter: str | None = None
-                    ) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None, adapter: str | None = None,
+                    constraint: Grammar | None = None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=max(req.top_k, 0), top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, stop=req.stop_list(),
         ignore_eos=req.ignore_eos, seed=req.seed, n=req.n, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        adapter=adapter)
+        adapter=adapter, constraint=constraint)
 
 
 def check_sequences(state: ServerState, num_prompts: int, n: int) -> None:
