@@ -33,7 +33,7 @@ Measures, the base measured in the same run:
   validation curve (``sft.val_fraction`` of the training file; for ``full-all-tokens`` the curve is
   the loss on all tokens, so it is not comparable with the others and is drawn dashed).
 
-Prompt tuning (``lmstack.models.peft.apply_prompt_tuning``) has no CLI verb and is not measured here.
+Prompt and prefix tuning (``lmstack sft --prompt-tuning`` / ``--prefix-tuning``) are measured in bench/bench_peft_methods.py.
 
 Outputs: OUT/results.json and OUT/sft_effects.png (default OUT: bench/results/sft), runs under
 ``--work``; the Markdown table goes to stdout. Caveats: a ~1M-parameter model trained for minutes;
