@@ -127,6 +127,7 @@ def test_task_functions_rank_by_rank_equal_the_local_executor(tmp_path):
     assert local["duplicates"]["exact"] and local["duplicates"]["near"] and local["duplicates"]["units_removed"]
     assert len(list((tmp_path / "local").glob("shard_*.jsonl"))) > 3
     assert _outputs(tmp_path / "ranks") == _outputs(tmp_path / "local")
+    assert ranks["duplicates"] == local["duplicates"]
 
 
 def test_ray_executor_gives_the_local_bytes(tmp_path):

@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmstack.checkpoint import load_checkpoint

@@ -138,7 +138,7 @@ def test_bad_layouts_are_one_config_error(overrides, world, message):
         resolve_layout(cfg, world)
 
 
-def test_cli_refuses_a_bad_layout_before_work(shards, tmp_path):
+def test_cli_refuses_a_bad_layout_before_work(shards, tmp_path):  # noqa: F811 (the fixture)
     """One line, exit 2, nothing written: a layout that does not fit the world size is refused before the
     process group exists (WORLD_SIZE=2 as torchrun sets it; no second process is ever needed)."""
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
