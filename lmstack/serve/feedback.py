@@ -21,9 +21,11 @@ the engine does), ``kind`` and ``time`` (UTC, ISO 8601).
 
 Durability (:class:`FeedbackLog`): each line is encoded whole and written with one ``write`` on a file opened
 with O_APPEND, under a thread lock and an exclusive ``flock`` (several servers may share a file), then
-``fsync``'ed before the page hears "saved"; a failed write is cut back off. A killed process therefore leaves whole lines only. A power
-loss in the middle of a write could still leave a partial last line; when the server opens the file it
-checks the tail, and a last line without its newline is cut off and kept in ``FILE.torn-<time>`` rather
+``fsync``'ed before the page hears "saved"; a failed write is cut back off. A line is never interleaved
+with another writer's. A process killed in the middle of a write (SIGKILL stops a write of more than a page
+at a page boundary) or a power loss can still leave a partial last line, and every line before it is
+whole; when the server opens the file it checks the tail, and a last line without its newline is cut off
+and kept in ``FILE.torn-<time>`` rather
 than silently lost or left for a reader to choke on.
 """
 
@@ -164,7 +166,7 @@ class FeedbackLog:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _repair_tail(self) -> int:
-        """Cut a last line that lacks its newline (a write cut off by a power loss) into FILE.torn-<time>."""
+        """Cut a last line that lacks its newline (a write cut off by a kill or a power loss) into FILE.torn-<time>."""
         size = self.path.stat().st_size
         if size == 0:
             return 0
@@ -179,6 +181,9 @@ class FeedbackLog:
                             "this is not a feedback file (choose another path)")
         torn = tail[cut + 1:]
         aside = self.path.with_name(f"{self.path.name}.torn-{int(time.time())}")
+        n = 1
+        while aside.exists():  # two repairs within one second keep both pieces
+            aside, n = self.path.with_name(f"{self.path.name}.torn-{int(time.time())}-{n}"), n + 1
         aside.write_bytes(torn)
         os.truncate(self.path, size - len(torn))
         os.fsync(self.fd)

@@ -139,4 +139,6 @@ def train_unigram(texts: CountingIterator, learned: int, vocab_size: int) -> Any
         hf = HFTokenizer.from_str(json.dumps(model))
     specials = special_token_list(vocab_size - hf.get_vocab_size())
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return hf
+    # Rebuilt from its own JSON, the object a later ``Tokenizer.load`` makes: the trainer's in-memory model
+    # was seen to break a tie between equal-score segmentations differently from the loaded one.
+    return HFTokenizer.from_str(hf.to_str())
