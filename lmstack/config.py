@@ -398,10 +398,12 @@ class DPOConfig(PreferenceDataConfig):
     loss: str = "sigmoid"  # sigmoid (the paper's) | ipo | robust
     label_smoothing: float = 0.0  # share of labels assumed flipped: conservative DPO (sigmoid), robust DPO
     reference: str = "precomputed"  # copy | precomputed
+    sft_weight: float = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO); 0 = plain DPO
 
     def validate(self) -> None:
         super().validate()
         check_range("dpo.beta", self.beta, 0, low_open=True)
+        check_range("dpo.sft_weight", self.sft_weight, 0)
         check_choice("dpo.loss", self.loss, DPO_LOSSES)
         check_range("dpo.label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
         require(self.loss != "ipo" or self.label_smoothing == 0,

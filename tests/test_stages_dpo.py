@@ -1,5 +1,6 @@
 """`lmstack dpo` (lmstack/stages/dpo.py, lmstack/train/preference_losses.py): the loss is ln 2 at step 0; loss and
-gradient equal a direct implementation of each variant's formula on the same batch; the head-only-on-completions
+gradient equal a direct implementation of each variant's formula on the same batch (the RPO chosen-NLL term
+included); the head-only-on-completions
 log-probabilities equal the full-logits sum; training raises the held-out implicit-reward accuracy; LoRA's
 reference is the base with the adapters off; a SIGKILLed run resumes bit-identically; bad input, unknown keys
 and a reference with another tokenizer are one line."""
@@ -58,15 +59,17 @@ def direct_logps(model, batch):
     return (logp * batch["completion_mask"][:, 1:]).sum(dim=1)
 
 
-def paper_loss(pi_w, pi_l, ref_w, ref_l, beta, kind, eps):
-    """The formulas as the papers write them, per pair."""
+def paper_loss(pi_w, pi_l, ref_w, ref_l, beta, kind, eps, alpha=0.0, n_w=None):
+    """The formulas as the papers write them, per pair; ``alpha`` adds RPO's NLL of the chosen completion
+    (Pang et al., 2024), per token (``n_w`` completion tokens, as TRL's rpo_alpha)."""
     h = (pi_w - ref_w) - (pi_l - ref_l)
+    nll = alpha * -pi_w / n_w if alpha else 0.0
     if kind == "ipo":  # Azar et al. (2023), eq. 17
-        return (h - 1 / (2 * beta)) ** 2
+        return (h - 1 / (2 * beta)) ** 2 + nll
     p_chosen = torch.sigmoid(beta * h)
     if kind == "robust":  # Chowdhury et al. (2024): the unbiased loss under flip rate eps
-        return ((1 - eps) * -torch.log(p_chosen) - eps * -torch.log(1 - p_chosen)) / (1 - 2 * eps)
-    return -(1 - eps) * torch.log(p_chosen) - eps * torch.log(1 - p_chosen)  # DPO / cDPO
+        return ((1 - eps) * -torch.log(p_chosen) - eps * -torch.log(1 - p_chosen)) / (1 - 2 * eps) + nll
+    return -(1 - eps) * torch.log(p_chosen) - eps * torch.log(1 - p_chosen) + nll  # DPO / cDPO (+ RPO)
 
 
 def test_loss_is_ln2_at_step_zero(batch_and_model):
@@ -86,18 +89,22 @@ def test_completion_logps_equal_the_full_logits_sum(batch_and_model):
     torch.testing.assert_close(completion_logps(model, batch), direct_logps(model, batch), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind, eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("ipo", 0.0)])
-def test_loss_and_gradient_equal_the_papers_formula(batch_and_model, kind, eps):
+@pytest.mark.parametrize("kind, eps, alpha", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.1, 0.0), ("robust", 0.1, 0.0),
+                                              ("ipo", 0.0, 0.0), ("sigmoid", 0.0, 1.0), ("ipo", 0.0, 0.5)])
+def test_loss_and_gradient_equal_the_papers_formula(batch_and_model, kind, eps, alpha):
     batch, model = batch_and_model
     beta = 0.5
     with torch.no_grad():  # a reference a few nats from the policy on every completion, so beta * h is moderate
         reference = direct_logps(model, batch) + 3 * torch.randn(12, generator=torch.Generator().manual_seed(1))
     ours = copy.deepcopy(model)
-    loss, _ = dpo_objective(DPOLoss(beta, kind, eps), precomputed_reference)(ours, {**batch, "ref_logps": reference})
+    loss, _ = dpo_objective(DPOLoss(beta, kind, eps, sft_weight=alpha), precomputed_reference)(
+        ours, {**batch, "ref_logps": reference})
     loss.backward()
     theirs = copy.deepcopy(model)
     logps = direct_logps(theirs, batch)
-    expected = paper_loss(logps[:6], logps[6:], reference[:6], reference[6:], beta, kind, eps).mean()
+    chosen_tokens = batch["completion_mask"][:6].sum(dim=1).float()  # counted plainly, over the whole row
+    expected = paper_loss(logps[:6], logps[6:], reference[:6], reference[6:], beta, kind, eps, alpha,
+                          chosen_tokens).mean()
     expected.backward()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert float(loss.detach()) != pytest.approx(math.log(2), abs=1e-3)  # the batch is not the trivial point
@@ -190,6 +197,7 @@ def test_bad_input_unknown_keys_and_another_tokenizer_are_one_line(base, tmp_pat
     assert not (tmp_path / "o").exists()
     assert "unknown key 'dpo.betta'" in _one_line_error([*run, "--data", str(bad), "dpo.betta=1"], capsys)
     assert "dpo.loss='kto'" in _one_line_error([*run, "--data", str(bad), "dpo.loss=kto"], capsys)
+    assert "dpo.sft_weight" in _one_line_error([*run, "--data", str(bad), "dpo.sft_weight=-1"], capsys)
     assert "lora.* settings apply to LoRA runs" in _one_line_error([*run, "--data", str(bad), "lora.r=4"], capsys)
     other = make_sft_base(tmp_path / "other", conversations=50, block_size=128)  # a tokenizer trained on other text
     assert Tokenizer.load(other / "model").vocab_size == Tokenizer.load(base / "model").vocab_size
@@ -197,4 +205,4 @@ def test_bad_input_unknown_keys_and_another_tokenizer_are_one_line(base, tmp_pat
     assert "another tokenizer" in err
     with pytest.raises(SystemExit):
         main(["dpo", "--help"])
-    assert "dpo.beta" in capsys.readouterr().out
+    assert all(key in capsys.readouterr().out for key in ("dpo.beta", "dpo.sft_weight"))

@@ -7,8 +7,9 @@
 
 The policy starts as MODEL (a decoder checkpoint with its tokenizer, usually the SFT model) and trains with
 the DPO objective of lmstack/train/preference_losses.py (``dpo.loss`` sigmoid | ipo | robust, ``dpo.beta``,
-``dpo.label_smoothing``) against a frozen reference: MODEL itself, or ``--reference CKPT`` (same vocabulary
-required). ``dpo.reference``:
+``dpo.label_smoothing``, and ``dpo.sft_weight``: the chosen reply's per-token NLL added with that weight, RPO,
+which keeps chosen replies likely when they share tokens with rejected ones) against a frozen reference: MODEL
+itself, or ``--reference CKPT`` (same vocabulary required). ``dpo.reference``:
 
 - ``precomputed`` (default): before training the reference scores every pair once (its summed completion
   log-probabilities travel in the batches as ``ref_logps``), and only the policy stays in memory;
@@ -72,7 +73,7 @@ def dpo(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     del run.source
     lora_cfg = _lora_config(cfg)
     dcfg = cfg.dpo
-    loss = DPOLoss(beta=dcfg.beta, kind=dcfg.loss, label_smoothing=dcfg.label_smoothing)
+    loss = DPOLoss(beta=dcfg.beta, kind=dcfg.loss, label_smoothing=dcfg.label_smoothing, sft_weight=dcfg.sft_weight)
     trained: dict[str, Any] = {}
 
     def build(cfg: RunConfig, dist) -> StageParts:
@@ -98,10 +99,10 @@ def dpo(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
         trained.update(model=policy, reference=ref_fn)
         return StageParts(model=policy, objective=dpo_objective(loss, ref_fn), tokenizer=tokenizer,
                           train_loader=PreferenceLoader(run.pairs.train, tcfg.batch_size, seed=tcfg.seed,
-                                                        pad_id=tokenizer.pad_id, rank=dist.rank,
-                                                        world_size=dist.world_size),
+                                                        pad_id=tokenizer.pad_id, rank=dist.dp_rank,
+                                                        world_size=dist.dp_size),
                           val_loader=PreferenceLoader(run.pairs.val, tcfg.batch_size, pad_id=tokenizer.pad_id,
-                                                      shuffle=False, rank=dist.rank, world_size=dist.world_size),
+                                                      shuffle=False, rank=dist.dp_rank, world_size=dist.dp_size),
                           description=f"{describe(stats)}; reference {dcfg.reference}{adapted}")
 
     extra = {"data": {"source_model": str(source_path),

@@ -19,6 +19,14 @@ DPO (Rafailov et al., 2023), with h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi
 - ``ipo``: (h - 1 / (2 beta))^2 (Azar et al., 2023), on summed log-probabilities as the paper writes it
   (TRL averages them over tokens for IPO; the two differ by the completion lengths).
 
+Chosen-likelihood term (``sft_weight`` = alpha > 0): each pair's loss adds alpha * (-log pi(y_w|x) / |y_w|),
+the negative log-likelihood of the chosen completion per completion token: the RPO objective of Pang et al.
+(2024) and TRL's ``rpo_alpha`` (both normalise the NLL by length; Pang et al. count the prompt's tokens too,
+TRL and this module only the completion's). DPO alone only widens the *gap* h; when chosen and rejected share
+tokens (a rambling rejected reply that contains the right answer) pushing the rejected one down drags the
+chosen one with it, so both log-probabilities fall and greedy decoding gets worse while the preference accuracy
+rises. The NLL term anchors the chosen completion. alpha = 0 is plain DPO; it applies to every ``kind``.
+
 The implicit rewards are beta (log pi - log ref) per completion; the metrics are their batch means
 (``reward_chosen``, ``reward_rejected``), ``reward_margin``, ``reward_accuracy`` (the share of pairs whose chosen
 reward is higher) and the policy's mean summed log-probabilities. The reference log-probabilities come from a
@@ -58,6 +66,7 @@ class DPOLoss:
     beta: float = 0.1
     kind: str = "sigmoid"  # sigmoid | ipo | robust
     label_smoothing: float = 0.0  # e: the share of labels assumed flipped (sigmoid, robust)
+    sft_weight: float = 0.0  # alpha: weight of the chosen completion's per-token NLL (RPO); 0 = plain DPO
 
 
 def completion_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -75,10 +84,11 @@ def completion_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
     return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)  # (2B,)
 
 
-def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, loss: DPOLoss
+def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, loss: DPOLoss, lengths: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """policy, reference (2B,) summed log-probs, chosen rows first -> (losses (B,), chosen rewards (B,),
-    rejected rewards (B,)); the rewards are beta (log pi - log ref), detached."""
+    rejected rewards (B,)); the rewards are beta (log pi - log ref), detached. ``lengths`` (2B,) are the
+    completions' token counts, needed when ``loss.sft_weight`` > 0 (the chosen NLL is per token)."""
     B = policy.shape[0] // 2
     ratios = policy - reference  # (2B,)
     h = ratios[:B] - ratios[B:]  # (B,)
@@ -91,6 +101,10 @@ def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, loss: DPOLoss
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ConfigError(f"dpo.loss={loss.kind!r}: choose one of {', '.join(DPO_LOSSES)}")
+    if loss.sft_weight:
+        if lengths is None:
+            raise ConfigError("dpo.sft_weight > 0 needs the completions' token counts (pass lengths)")
+        losses = losses + loss.sft_weight * -policy[:B] / lengths[:B].clamp(min=1).to(policy.dtype)
     rewards = beta * ratios.detach()
     return losses, rewards[:B], rewards[B:]
 
@@ -101,7 +115,8 @@ def dpo_objective(loss: DPOLoss, reference: ReferenceFn) -> Objective:
     def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         policy = completion_logps(model, batch)  # (2B,)
         ref = reference(model, batch).to(policy.device, policy.dtype)  # (2B,)
-        losses, chosen, rejected = dpo_losses(policy, ref, loss)
+        lengths = batch["completion_mask"][:, 1:].sum(dim=1)  # (2B,) the tokens completion_logps sums over
+        losses, chosen, rejected = dpo_losses(policy, ref, loss, lengths)
         B = chosen.shape[0]
         stats = torch.stack([chosen.mean(), rejected.mean(), (chosen - rejected).mean(),
                              (chosen > rejected).float().mean(), policy[:B].mean().detach(),
