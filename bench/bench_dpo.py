@@ -1,7 +1,9 @@
-"""What DPO and a reward model learn from rule-labelled preference pairs, on a tiny SFT'd model: seeded before/after.
+"""What DPO and a reward model learn from rule-labelled preference pairs, on a tiny SFT'd model: seeded before/after,
+plain DPO against DPO with the chosen-NLL term (``dpo.sft_weight``, RPO) in the same run.
 
-    python bench/bench_dpo.py                         # ~3 min on an idle 2-core CPU (reuses bench_sft's base)
-    python bench/bench_dpo.py --seeds 0,1,2 --dpo-steps 300 --sft-steps 400
+    python bench/bench_dpo.py                         # ~15 min on an idle 2-core CPU (reuses bench_sft's base)
+    python bench/bench_dpo.py --seeds 0,1,2 --sft-weights 0,0.5,1 --dpo-steps 300
+    python bench/bench_dpo.py --replot                # redraw the plot and the table from OUT/results.json
 
 Pipeline, through the real command line:
 
@@ -12,8 +14,9 @@ Pipeline, through the real command line:
    behaviour alike (right and wrong sums, bare and rambling answers, refusals and compliance with made-up
    harmful requests): there is something for preferences to fix.
 3. DPO (``lmstack dpo``) from the SFT model on ``--n-train`` pairs (``python -m lmstack.data.preference
-   --make-pairs``, seed 0), one run per seed; a reward model (``lmstack reward``) from the SFT model on the same
-   pairs, first seed only.
+   --make-pairs``, seed 0), one run per seed and per ``dpo.sft_weight`` in ``--sft-weights`` (0 = plain DPO); a
+   reward model (``lmstack reward``) from the SFT model on the same pairs, first seed only. A run whose settings
+   match a finished one in WORK is reused.
 4. Held-out pairs: ``--n-test`` pairs of seed 1. The rule space is small (16 words, 8 unsafe requests, sums
    below 100), so many held-out prompts also occur in the training pairs; the unsafe requests always do.
 
@@ -22,6 +25,9 @@ Measures, the SFT model measured in the same run:
 * preference accuracy on the held-out pairs: for the SFT and DPO models, how often the chosen completion has the
   higher summed log-probability; for DPO also the implicit-reward accuracy (chosen gains more log-probability
   over the SFT reference than rejected); for the reward model, how often it scores chosen higher;
+* the mean summed log-probability of the chosen and of the rejected held-out completions, per rule, for the SFT
+  model and every DPO checkpoint (four per run): the trajectories that show whether DPO lowers the chosen
+  completions along with the rejected ones;
 * rule-following of greedy samples (:class:`lmstack.engine.Engine`, at most 40 tokens) on the held-out prompts,
   per rule (lmstack.data.preference.follows_rule): the exact answer (``arithmetic``), the bare answer with
   nothing else (``concise``), a reply starting with the refusal (``refusal``).
@@ -73,26 +79,42 @@ def sft_data(path: Path, n_tasks: int, n_pairs: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None) -> dict[str, Any]:
-    """Likelihood preference accuracy, implicit-reward accuracy against ``reference_dir``, greedy rule-following."""
-    from lmstack.checkpoint import load_checkpoint
-    from lmstack.data.preference import PreferenceLoader, follows_rule, render_pair, record_pair
-    from lmstack.engine.engine import Engine
-    from lmstack.engine.sampling import SamplingParams
+def rule_logps(model: Any, tok: Any, test: list[dict], reference: Any = None) -> dict[str, Any]:
+    """Per held-out pair: the summed completion log-probabilities of chosen and rejected under ``model`` (and the
+    implicit-reward comparison against ``reference``); per rule: their means."""
+    from lmstack.data.preference import PreferenceLoader, record_pair, render_pair
     from lmstack.train.preference_losses import completion_logps
 
-    ckpt = load_checkpoint(model_dir)
-    model, tok = ckpt.model.eval(), ckpt.tokenizer
     pairs = [render_pair(tok, *record_pair(p)) for p in test]
-    reference = load_checkpoint(reference_dir).model.eval() if reference_dir else None
-    right, implicit = [], []
+    chosen, rejected, implicit = [], [], []
     for batch in PreferenceLoader(pairs, 32, pad_id=tok.pad_id, shuffle=False):
         logps = completion_logps(model, batch)
         half = logps.shape[0] // 2
-        right += (logps[:half] > logps[half:]).tolist()
+        chosen += logps[:half].tolist()
+        rejected += logps[half:].tolist()
         if reference is not None:
             ratios = logps - completion_logps(reference, batch)
             implicit += (ratios[:half] > ratios[half:]).tolist()
+    per_rule = {rule: {"chosen": statistics.fmean(c for c, p in zip(chosen, test) if p["rule"] == rule),
+                       "rejected": statistics.fmean(r for r, p in zip(rejected, test) if p["rule"] == rule)}
+                for rule in RULES}
+    return {"likelihood_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(test),
+            "implicit_accuracy": sum(implicit) / len(implicit) if implicit else None, "logps": per_rule}
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None) -> dict[str, Any]:
+    """Likelihood preference accuracy, implicit-reward accuracy against ``reference_dir``, per-rule log-probs,
+    greedy rule-following."""
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.data.preference import follows_rule
+    from lmstack.engine.engine import Engine
+    from lmstack.engine.sampling import SamplingParams
+
+    ckpt = load_checkpoint(model_dir)
+    model, tok = ckpt.model.eval(), ckpt.tokenizer
+    reference = load_checkpoint(reference_dir).model.eval() if reference_dir else None
+    result = rule_logps(model, tok, test, reference)
     end_id = tok.special_tokens["<|end|>"]
     engine = Engine(model, tok, max_num_seqs=64, device="cpu")
     prompts = [tok.render_chat([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)[0] for p in test]
@@ -101,10 +123,24 @@ def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None) -> d
     for pair, out in zip(test, outputs):
         follows[pair["rule"]].append(follows_rule(pair, out.outputs[0].text))
     examples = [{"prompt": p["prompt"], "output": o.outputs[0].text} for p, o in list(zip(test, outputs))[:6]]
-    return {"likelihood_accuracy": sum(right) / len(right),
-            "implicit_accuracy": sum(implicit) / len(implicit) if implicit else None,
-            "rule_following": {rule: sum(v) / len(v) for rule, v in follows.items()},
+    return {**result, "rule_following": {rule: sum(v) / len(v) for rule, v in follows.items()},
             "rule_following_all": sum(sum(v) for v in follows.values()) / len(test), "examples": examples}
+
+
+def trajectory(run: Path, test: list[dict], sft: dict) -> list[dict]:
+    """Per-rule held-out log-probabilities at step 0 (the SFT model) and at every kept checkpoint of ``run``."""
+    from lmstack.checkpoint import load_checkpoint, step_checkpoints
+
+    points = [{"step": 0, "logps": sft["logps"]}]
+    for path in step_checkpoints(run / "checkpoints"):
+        ckpt = load_checkpoint(path)
+        points.append({"step": int(path.name.split("_")[-1]),
+                       "logps": rule_logps(ckpt.model.eval(), ckpt.tokenizer, test)["logps"]})
+    return points
+
+
+def variant_name(weight: float) -> str:
+    return "DPO" if weight == 0 else f"DPO + NLL (sft_weight {weight:g})"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -113,44 +149,64 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.6))
-    sft, dpo = results["sft"], results["dpo"]
-    x = range(len(RULES) + 1)
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    (rules_axis, accuracy_axis), (chosen_axis, rejected_axis) = axes
+    sft, variants = results["sft"], results["variants"]
+    colors = ["tab:blue", "tab:green", "tab:purple", "tab:red"]
     labels = [*RULES, "all"]
-    before = [sft["rule_following"][r] for r in RULES] + [sft["rule_following_all"]]
-    after = [statistics.fmean(s["rule_following"][r] for s in dpo.values()) for r in RULES] + \
-        [statistics.fmean(s["rule_following_all"] for s in dpo.values())]
-    left.bar([i - 0.2 for i in x], before, 0.4, label="SFT (before)", color="tab:gray")
-    left.bar([i + 0.2 for i in x], after, 0.4, label=f"DPO (after, mean of {len(dpo)} seeds)", color="tab:blue")
-    for i, seed_values in enumerate(zip(*[[s["rule_following"][r] for r in RULES] + [s["rule_following_all"]]
-                                          for s in dpo.values()])):
-        left.scatter([i + 0.2] * len(seed_values), seed_values, color="black", s=10, zorder=3)
-    left.set_xticks(list(x), labels)
-    left.set_ylabel("greedy samples that follow the rule")
-    left.set_title(f"rule-following on {results['n_test']} held-out prompts")
-    left.legend(fontsize=8)
-    names = ["SFT likelihood", "DPO likelihood", "DPO implicit reward", "reward model"]
-    values = [sft["likelihood_accuracy"], statistics.fmean(s["likelihood_accuracy"] for s in dpo.values()),
-              statistics.fmean(s["implicit_accuracy"] for s in dpo.values()), results["reward_model"]["accuracy"]]
-    middle.bar(names, values, color=["tab:gray", "tab:blue", "tab:cyan", "tab:orange"])
+    width = 0.8 / (len(variants) + 1)
+
+    def rule_values(e: dict) -> list[float]:
+        return [e["rule_following"][r] for r in RULES] + [e["rule_following_all"]]
+
+    rules_axis.bar([i - 0.4 + width / 2 for i in range(4)], rule_values(sft), width, label="SFT (before)",
+                   color="tab:gray")
+    for k, (name, seeds) in enumerate(variants.items()):
+        xs = [i - 0.4 + width * (k + 1.5) for i in range(4)]
+        per_seed = [rule_values(e) for e in seeds.values()]
+        rules_axis.bar(xs, [statistics.fmean(v) for v in zip(*per_seed)], width, color=colors[k % 4],
+                       label=f"{name} (mean of {len(seeds)} seeds)")
+        for x, values in zip(xs, zip(*per_seed)):
+            rules_axis.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+    rules_axis.set_xticks(range(4), labels)
+    rules_axis.set_ylabel("greedy samples that follow the rule")
+    rules_axis.set_ylim(0, 1.1)
+    rules_axis.set_title(f"rule-following on {results['n_test']} held-out prompts (dots: seeds)")
+    rules_axis.legend(fontsize=8)
+
+    names, values, bar_colors = ["SFT\nlikelihood"], [sft["likelihood_accuracy"]], ["tab:gray"]
+    for k, (name, seeds) in enumerate(variants.items()):
+        short = name.replace(" (sft_weight ", "\n(w=").replace("DPO + NLL", "DPO+NLL")
+        names += [f"{short}\nlikelihood", f"{short}\nimplicit"]
+        values += [statistics.fmean(e["likelihood_accuracy"] for e in seeds.values()),
+                   statistics.fmean(e["implicit_accuracy"] for e in seeds.values())]
+        bar_colors += [colors[k % 4]] * 2
+    names.append("reward\nmodel")
+    values.append(results["reward_model"]["accuracy"])
+    bar_colors.append("tab:orange")
+    accuracy_axis.bar(range(len(values)), values, color=bar_colors)
     for i, v in enumerate(values):
-        middle.text(i, v, f"{v:.1%}", ha="center", va="bottom", fontsize=9)
-    middle.axhline(0.5, color="black", lw=0.8, ls=":")
-    middle.set_ylim(0, 1.05)
-    middle.set_ylabel("held-out pairs ranked right")
-    middle.set_title("preference accuracy (dotted: chance)")
-    middle.tick_params(axis="x", labelsize=8)
-    margin_axis = right.twinx()
-    for seed, curve in results["dpo_curves"].items():
-        steps = [r["step"] for r in curve]
-        right.plot(steps, [r["reward_accuracy"] for r in curve], label=f"accuracy, seed {seed}")
-        margin_axis.plot(steps, [r["reward_margin"] for r in curve], "--", label=f"margin, seed {seed}")
-    right.set_xlabel("DPO step")
-    right.set_ylabel("implicit-reward accuracy (solid)")
-    margin_axis.set_ylabel("implicit-reward margin (dashed)")
-    right.set_ylim(0, 1.05)
-    right.set_title("DPO training batches")
-    right.grid(alpha=0.3)
+        accuracy_axis.text(i, v, f"{v:.1%}", ha="center", va="bottom", fontsize=8)
+    accuracy_axis.set_xticks(range(len(values)), names, fontsize=7)
+    accuracy_axis.axhline(0.5, color="black", lw=0.8, ls=":")
+    accuracy_axis.set_ylim(0, 1.05)
+    accuracy_axis.set_title("held-out preference accuracy (dotted: chance)")
+
+    styles = {"arithmetic": "-", "concise": "--", "refusal": ":"}
+    for axis, side in ((chosen_axis, "chosen"), (rejected_axis, "rejected")):
+        for k, (name, runs) in enumerate(results["trajectories"].items()):
+            for seed, points in runs.items():
+                for rule in RULES:
+                    axis.plot([p["step"] for p in points], [p["logps"][rule][side] for p in points], styles[rule],
+                              color=colors[k % 4], marker="o", ms=3,
+                              label=f"{name}, {rule}" if seed == next(iter(runs)) else None)
+        axis.set_xlabel("DPO step (0: the SFT model)")
+        axis.set_ylabel(f"mean summed log-prob of the {side} completion")
+        axis.set_title(f"{side} completions of the held-out pairs, per rule (one line per seed)")
+        axis.grid(alpha=0.3)
+        if side == "rejected":
+            axis.set_yscale("symlog", linthresh=10)
+    chosen_axis.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -158,22 +214,32 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    sft, dpo = results["sft"], results["dpo"]
+    sft = results["sft"]
     lines = [f"Command: `{results['command']}` ({results['wall_minutes']:.1f} min, {results['cpu_count']} CPUs)", "",
-             "| model | likelihood pref. acc. | implicit-reward acc. | " + " | ".join(RULES) + " | all rules |",
-             "|---|---|---|" + "---|" * len(RULES) + "---|"]
+             "| model | likelihood pref. acc. | implicit-reward acc. | " + " | ".join(RULES) + " | all rules | "
+             + " | ".join(f"log p chosen / rejected, {r}" for r in RULES) + " |",
+             "|---|---|---|" + "---|" * (2 * len(RULES) + 1)]
 
     def row(name: str, e: dict) -> str:
         implicit = "-" if e["implicit_accuracy"] is None else f"{e['implicit_accuracy']:.1%}"
         return (f"| {name} | {e['likelihood_accuracy']:.1%} | {implicit} | "
-                + " | ".join(f"{e['rule_following'][r]:.0%}" for r in RULES) + f" | {e['rule_following_all']:.1%} |")
+                + " | ".join(f"{e['rule_following'][r]:.0%}" for r in RULES) + f" | {e['rule_following_all']:.1%} | "
+                + " | ".join(f"{e['logps'][r]['chosen']:.1f} / {e['logps'][r]['rejected']:.1f}" for r in RULES)
+                + " |")
 
     lines.append(row("SFT (before)", sft))
-    for seed, e in dpo.items():
-        lines.append(row(f"DPO seed {seed}", e))
+    for name, seeds in results["variants"].items():
+        for seed, e in seeds.items():
+            lines.append(row(f"{name}, seed {seed}", e))
+    lines += ["", "| model | all rules, mean over seeds | seeds |", "|---|---|---|",
+              f"| SFT (before) | {sft['rule_following_all']:.1%} | - |"]
+    for name, seeds in results["variants"].items():
+        values = [e["rule_following_all"] for e in seeds.values()]
+        lines.append(f"| {name} | {statistics.fmean(values):.1%} | "
+                     + ", ".join(f"{v:.1%}" for v in values) + " |")
     rm = results["reward_model"]
-    lines += ["", f"Reward model (`lmstack reward`, {rm['steps']} steps, seed {rm['seed']}): held-out pair accuracy "
-              f"{rm['accuracy']:.1%} on {results['n_test']} pairs."]
+    lines += ["", (f"Reward model (`lmstack reward`, {rm['steps']} steps, seed {rm['seed']}): held-out pair "
+                   f"accuracy {rm['accuracy']:.1%} on {results['n_test']} pairs.")]
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +257,8 @@ def main() -> None:
     ap.add_argument("--base-work", default="runs/bench_sft", help="bench_sft's work directory, for the base model "
                                                                   "(default: %(default)s)")
     ap.add_argument("--seeds", default="0,1", help="comma-separated DPO seeds (default: %(default)s)")
+    ap.add_argument("--sft-weights", default="0,1", help="comma-separated dpo.sft_weight values, one set of runs "
+                                                         "each; 0 is plain DPO (default: %(default)s)")
     ap.add_argument("--sft-steps", type=int, default=200, help="SFT steps (default: %(default)s)")
     ap.add_argument("--dpo-steps", type=int, default=120, help="DPO steps per seed (default: %(default)s)")
     ap.add_argument("--reward-steps", type=int, default=120, help="reward-model steps (default: %(default)s)")
@@ -232,18 +300,28 @@ def main() -> None:
                                "cpu_count": os.cpu_count(), "settings": vars(a), "n_test": a.n_test}
     print("evaluating the SFT model", file=sys.stderr, flush=True)
     results["sft"] = evaluate(sft_model, test, None)
-    results["dpo"], results["dpo_curves"] = {}, {}
-    for seed in seeds:
-        run = work / f"dpo-seed{seed}"
-        lmstack("dpo", "--model", str(sft_model), "--data", str(work / "pairs_train.jsonl"), "--out", str(run),
-                "--overwrite", f"train.max_steps={a.dpo_steps}", "train.batch_size=16", f"optim.lr={a.lr}",
-                f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
-                f"train.ckpt_every={a.dpo_steps}", "train.log_every=10", f"train.seed={seed}", f"dpo.beta={a.beta}",
-                *common, threads=a.threads)
-        results["dpo"][str(seed)] = evaluate(run / "model", test, sft_model)
-        results["dpo_curves"][str(seed)] = [r for r in read_metrics(run / "metrics.jsonl") if "reward_accuracy" in r
-                                            and "val_loss" not in r]
-        print(f"dpo seed {seed}: {results['dpo'][str(seed)]['rule_following']}", file=sys.stderr, flush=True)
+    results["variants"], results["trajectories"], results["dpo_curves"] = {}, {}, {}
+    for weight in [float(w) for w in a.sft_weights.split(",") if w.strip()]:
+        name = variant_name(weight)
+        results["variants"][name], results["trajectories"][name], results["dpo_curves"][name] = {}, {}, {}
+        for seed in seeds:
+            run = work / (f"dpo-seed{seed}" if weight == 0 else f"dpo-nll{weight:g}-seed{seed}")
+            settings = {"sft_steps": a.sft_steps, "dpo_steps": a.dpo_steps, "lr": a.lr, "beta": a.beta,
+                        "n_train": a.n_train, "sft_weight": weight, "seed": seed}
+            if not _reusable(run, settings):
+                lmstack("dpo", "--model", str(sft_model), "--data", str(work / "pairs_train.jsonl"), "--out", str(run),
+                        "--overwrite", f"train.max_steps={a.dpo_steps}", "train.batch_size=16", f"optim.lr={a.lr}",
+                        f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
+                        f"train.ckpt_every={a.dpo_steps // 4}", "train.keep_last=4", "train.log_every=10",
+                        f"train.seed={seed}", f"dpo.beta={a.beta}", f"dpo.sft_weight={weight}", *common,
+                        threads=a.threads)
+                write_json_atomic(run / "bench_settings.json", settings)
+            results["variants"][name][str(seed)] = evaluate(run / "model", test, sft_model)
+            results["trajectories"][name][str(seed)] = trajectory(run, test, results["sft"])
+            results["dpo_curves"][name][str(seed)] = [r for r in read_metrics(run / "metrics.jsonl")
+                                                      if "reward_accuracy" in r and "val_loss" not in r]
+            print(f"{name} seed {seed}: {results['variants'][name][str(seed)]['rule_following']}", file=sys.stderr,
+                  flush=True)
     rm_settings = {"sft_steps": a.sft_steps, "reward_steps": a.reward_steps, "lr": a.reward_lr, "seed": seeds[0],
                    "n_train": a.n_train}
     if not _reusable(work / "rm", rm_settings):
