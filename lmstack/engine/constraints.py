@@ -25,14 +25,27 @@ Non-obvious choices:
   :class:`~lmstack.errors.UserError` with llguidance's message, which names the offending part.
 * ``logprobs`` still report the raw model (as for every other sampling knob).
 
-Honest caveats: the mask is computed on the CPU one row at a time (llguidance drops the GIL; a
-batch-parallel executor exists but is not used here), so a constrained row costs a few tenths of a
-millisecond per token on top of the forward; ``bench/bench_structured.py`` measures it.
+Two ways to compute the masks of a batch, giving bit-identical masks (a parity test pins them):
+
+* the plain path, :func:`apply_constraints` without ``pending``: each constrained row's
+  :meth:`TokenConstraint.allowed`, one after the other, after the forward;
+* the fast path, :class:`ConstraintMasks`: the engine calls :meth:`ConstraintMasks.start` with the
+  step's constraints right before the forward; one worker thread hands every constrained row to
+  llguidance's parallel executor (``LLExecutor``, its own thread pool, the GIL released), which fills one
+  (rows, V/32) int32 bitmask while the model runs; :meth:`PendingMasks.apply` joins it after the forward
+  and applies all rows with one vectorised ``masked_fill``.
+
+Honest caveats: the fast path hides the mask time behind the forward only while the forward is the
+longer of the two and a core is free for the executor (on a 2-core CPU the forward's own threads
+compete with it); ``bench/bench_structured.py`` measures both paths against unconstrained decoding.
+``llguidance.torch`` is not imported (it compiles a kernel with ``torch.compile`` at import time,
+seconds); the executor is called directly.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
 import torch
@@ -115,6 +128,12 @@ class Grammar:
     def start(self) -> TokenConstraint:
         return TokenConstraint(self)
 
+    def check_vocab_size(self, vocab_size: int) -> None:
+        """UserError unless this grammar's masks cover a model with ``vocab_size`` logits."""
+        if self.compiler.vocab_size != vocab_size:
+            raise UserError(f"the constraint was compiled for a vocabulary of {self.compiler.vocab_size} but the "
+                            f"model has {vocab_size}; build its GrammarCompiler with vocab_size={vocab_size}")
+
 
 class TokenConstraint:
     """One sequence's matcher: ``allowed()`` before each step, ``advance(token)`` after it."""
@@ -129,25 +148,42 @@ class TokenConstraint:
         self.stop_ids = compiler.stop_ids
         self._words = (self.vocab_size + 31) // 32
         self._bitmask = torch.empty(self._words, dtype=torch.int32)
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens that keep the output inside the grammar (only stop tokens once it is done)."""
         if self.matcher.is_error():  # never happens for tokens this mask allowed; stop rather than drift
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            mask[self.stop_ids] = True
-            return mask
+            return self.stop_only()
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._words * 4)
-        bits = (self._bitmask[:, None] >> self._bits) & 1  # (words, 32)
-        return bits.reshape(-1)[:self.vocab_size].bool()
+        return bitmask_to_allowed(self._bitmask[None], self.vocab_size)[0]
+
+    def stop_only(self) -> torch.Tensor:
+        """(V,) bool: only the stop tokens (the mask of a matcher in an error state)."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[self.stop_ids] = True
+        return mask
 
     def advance(self, token: int) -> None:
         if not self.matcher.is_stopped():
             self.matcher.consume_token(int(token))
 
 
-def apply_constraints(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> torch.Tensor:
-    """logits (B, V) -> copy with disallowed tokens of constrained rows at -inf; other rows unchanged."""
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def bitmask_to_allowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bitmask (R, ceil(V/32)) int32, bit j of word w = token 32 w + j -> allowed (R, V) bool."""
+    bits = (bitmask[:, :, None] >> _BITS) & 1  # (R, words, 32)
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_constraints(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None],
+                      pending: PendingMasks | None = None) -> torch.Tensor:
+    """logits (B, V) -> copy with disallowed tokens of constrained rows at -inf; other rows unchanged.
+
+    ``pending``: the masks :meth:`ConstraintMasks.start` is computing for these constraints (the fast
+    path); None computes them here, row by row (the plain path)."""
+    if pending is not None:
+        return pending.apply(logits)
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return logits
@@ -155,3 +191,55 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[TokenConstrain
     logits = logits.clone()
     logits[rows] = logits[rows].masked_fill(~masks, float("-inf"))
     return logits
+
+
+class PendingMasks:
+    """The masks of one step's constrained rows, being filled on the worker thread."""
+
+    def __init__(self, rows: list[int], constraints: list[TokenConstraint], errored: list[int],
+                 bitmask: torch.Tensor, job: Future):
+        self.rows, self.constraints, self.errored, self.bitmask, self.job = rows, constraints, errored, bitmask, job
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Join the fill, then logits (B, V) -> copy with the constrained rows masked (one vectorised op)."""
+        self.job.result()  # re-raises what the executor raised
+        allowed = bitmask_to_allowed(self.bitmask, self.constraints[0].vocab_size)  # (R, V)
+        for j in self.errored:  # as the plain path: stop rather than drift
+            allowed[j] = self.constraints[j].stop_only()
+        logits = logits.clone()
+        logits[self.rows] = logits[self.rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits
+
+
+class ConstraintMasks:
+    """Computes a batch's masks on a worker thread with llguidance's parallel executor (the fast path).
+
+    One per engine. :meth:`start` right before the forward, :meth:`PendingMasks.apply` after it. At most
+    one fill runs at a time: :meth:`start` first waits for the previous one (which a failed step may have
+    left unjoined), so a matcher is never read by two fills at once. The worker thread and the executor
+    are created on first use, so an engine that never sees a grammar never starts them.
+    """
+
+    def __init__(self) -> None:
+        self._worker: ThreadPoolExecutor | None = None
+        self._executor: Any = None  # llguidance.LLExecutor
+        self._last: Future | None = None
+
+    def start(self, constraints: Sequence[TokenConstraint | None]) -> PendingMasks | None:
+        """Begin filling the masks of the constrained rows; None when no row is constrained."""
+        rows = [i for i, c in enumerate(constraints) if c is not None]
+        if not rows:
+            return None
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmstack-grammar-masks")
+            self._executor = _llguidance().LLExecutor()
+        if self._last is not None:
+            wait([self._last])  # its outcome was reported by the step that started it
+        active = [constraints[i] for i in rows]
+        words = active[0]._words
+        bitmask = torch.empty(len(rows), words, dtype=torch.int32)  # (R, ceil(V/32)), filled by the executor
+        errored = [j for j, c in enumerate(active) if c.matcher.is_error()]  # checked before the fill, as allowed()
+        matchers = [(c.matcher, j) for j, c in enumerate(active) if j not in errored]
+        self._last = self._worker.submit(self._executor.unsafe_compute_mask_ptr, matchers, bitmask.data_ptr(),
+                                         words * 4, len(rows))
+        return PendingMasks(rows, active, errored, bitmask, self._last)

@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 
 from lmstack.devices import resolve_device, resolve_dtype
+from lmstack.engine.constraints import ConstraintMasks, PendingMasks
 from lmstack.engine.detok import TextStream
 from lmstack.engine.kv_cache import SlotKVCache
 from lmstack.engine.multi_lora import LoRAWeights, MultiLoRA
@@ -108,7 +109,7 @@ class Engine:
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  device: str | torch.device | None = None, max_num_batched_tokens: int = 512,
                  prefix_reuse: bool = True, cuda_graphs: bool | None = None, compile_decode: bool = False,
-                 seed: int | None = None, adapters: Seq[LoRAWeights] = ()):
+                 seed: int | None = None, adapters: Seq[LoRAWeights] = (), parallel_masks: bool = True):
         """model: a decoder speaking the KV-cache protocol; tokenizer: optional (text, stop strings, EOS).
 
         max_model_len defaults to the model's context (block_size); kv_cache_tokens caps the KV pool
@@ -117,6 +118,8 @@ class Engine:
         compile_decode adds torch.compile inside the graphs; seed seeds the generators of requests
         that do not bring their own. adapters: LoRA adapters served over this base in the same batches
         (lmstack.engine.multi_lora; a request picks one with ``SamplingParams.adapter``).
+        parallel_masks: grammar masks of constrained rows are computed in parallel during the forward
+        (lmstack.engine.constraints.ConstraintMasks); False computes them row by row after it (the plain path).
         """
         cfg = model.config
         if not is_decoder(cfg):
@@ -155,6 +158,7 @@ class Engine:
         use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.graphs = CudaGraphDecoder(self, capture=self.device.type == "cuda", compile=compile_decode) \
             if use_graphs else None
+        self.constraint_masks = ConstraintMasks() if parallel_masks else None
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
@@ -211,6 +215,8 @@ class Engine:
         if len(prompt) > limit:
             raise UserError(f"prompt of {len(prompt)} tokens leaves no room to generate within "
                             f"max_model_len={self.max_model_len}; shorten it")
+        if params.constraint is not None:
+            params.constraint.check_vocab_size(self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         self.adapter_slot(params)
@@ -344,15 +350,16 @@ class Engine:
         want_all = any(r.params.prompt_logprobs is not None for r, _, _ in chunks)
         if self.lora is not None:
             self.lora.set_rows([r.adapter for r, _, _ in chunks], self.device)
-        logits = self._forward(idx, positions, slots, max(end for _, _, end in chunks),
-                               logits_to_keep=0 if want_all else 1)  # (B, T or 1, V)
-        prompt_entries = [self._prompt_logprobs(request, logits[i, T - (end - start):], start, end)
-                          for i, (request, start, end) in enumerate(chunks)]
         # every sample of a request whose prompt is now complete draws its first token from the last column
         done = [i for i, (request, _, end) in enumerate(chunks)
                 if end == len(request.prompt_ids) and request.params.max_tokens > 0]
         rows = [(i, seq) for i in done for seq in chunks[i][0].seqs]
-        picked = self._pick_tokens([seq for _, seq in rows], logits[[i for i, _ in rows], -1]) if rows else []
+        masks = self._start_masks([seq for _, seq in rows])
+        logits = self._forward(idx, positions, slots, max(end for _, _, end in chunks),
+                               logits_to_keep=0 if want_all else 1)  # (B, T or 1, V)
+        prompt_entries = [self._prompt_logprobs(request, logits[i, T - (end - start):], start, end)
+                          for i, (request, start, end) in enumerate(chunks)]
+        picked = self._pick_tokens([seq for _, seq in rows], logits[[i for i, _ in rows], -1], masks) if rows else []
         # nothing above changed any state; from here on each request's bookkeeping is guarded on its own
         self._counters["prompt_tokens"] += sum(end - start for _, start, end in chunks)
         by_seq = {id(seq): pick for (_, seq), pick in zip(rows, picked)}
@@ -378,11 +385,12 @@ class Engine:
         slots = [s.slot for s in seqs]
         if self.lora is not None:
             self.lora.set_rows([s.request.adapter for s in seqs], self.device)
+        masks = self._start_masks(seqs)  # grammar masks fill on a worker thread while the model runs
         if self.graphs is not None:
             logits = self.graphs.decode(idx, positions, slots, kv_len)
         else:
             logits = self._forward(idx, positions, slots, kv_len, logits_to_keep=1)[:, -1]  # (B, V)
-        picked = self._pick_tokens(seqs, logits)
+        picked = self._pick_tokens(seqs, logits, masks)
         for seq, (token, entry) in zip(seqs, picked):
             if seq.finished:  # another sample of its request failed a moment ago
                 continue
@@ -408,11 +416,18 @@ class Engine:
         request.reserved_slots = []
 
     # ------------------------------------------------------------------ tokens, stops, outputs
-    def _pick_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, dict | None]]:
+    def _start_masks(self, seqs: list[Sequence]) -> PendingMasks | None:
+        """Start the grammar masks of these sequences (fast path); None: no constrained row, or the plain path."""
+        if self.constraint_masks is None:
+            return None
+        return self.constraint_masks.start([s.constraint for s in seqs])
+
+    def _pick_tokens(self, seqs: list[Sequence], logits: torch.Tensor,
+                     masks: PendingMasks | None = None) -> list[tuple[int, dict | None]]:
         """logits (B, V) -> (token, logprob entry or None) per sequence; changes no state."""
         rows = [SamplingRow(s.request.params, s.generator, s.request.prompt_ids, s.output_ids, s.constraint)
                 for s in seqs]
-        tokens = sample(logits, rows)
+        tokens = sample(logits, rows, masks)
         entries: list[dict | None] = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         if want:

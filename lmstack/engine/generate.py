@@ -42,7 +42,9 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int], params: Samplin
 
     Stops after ``params.max_tokens`` tokens, on ``params.stop_token_ids`` / ``eos_token_ids``
     (unless ``ignore_eos``), or when the sequence reaches the model's context. Stop *strings* are
-    a text-level concern handled by the callers that own a tokenizer.
+    a text-level concern handled by the callers that own a tokenizer. ``params.constraint`` (a grammar)
+    is honoured as the engine honours it: the mask before each draw, the matcher advanced after it
+    (pass the grammar's stop tokens as ``eos_token_ids`` so that the loop ends where the grammar does).
     """
     params = params or SamplingParams(temperature=0.0)
     params.validate()
@@ -57,13 +59,19 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int], params: Samplin
     generator = None if params.greedy else make_generator(
         params.seed if params.seed is not None else torch.seed(), device)
     budget = min(params.max_tokens, context - len(prompt))
+    constraint = None
+    if params.constraint is not None:
+        params.constraint.check_vocab_size(model.config.vocab_size)
+        constraint = params.constraint.start()
     cache = KVCache.for_model(model, 1, len(prompt) + budget) if use_kv_cache else None
     ids = list(prompt)
     step_input = torch.tensor([prompt], device=device)  # (1, T)
     for _ in range(budget):
         logits, _ = model(step_input, kv_cache=cache, logits_to_keep=1)  # (1, 1, V)
-        token = int(sample(logits[:, -1], [SamplingRow(params, generator, prompt, ids[len(prompt):])])[0])
+        token = int(sample(logits[:, -1], [SamplingRow(params, generator, prompt, ids[len(prompt):], constraint)])[0])
         ids.append(token)
+        if constraint is not None:
+            constraint.advance(token)
         yield token
         if token in stops:
             return

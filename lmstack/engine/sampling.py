@@ -5,7 +5,8 @@
 Order of operations for one row of logits (the model's raw next-token scores):
 
 0. a grammar constraint (``params.constraint``, lmstack.engine.constraints) sets every token the
-   grammar forbids to -inf; rows without one are untouched;
+   grammar forbids to -inf; rows without one are untouched (the engine computes these masks during the
+   forward and passes them in as ``masks``);
 1. penalties (on the raw logits):
    - repetition penalty (CTRL, Keskar et al. 2019; the Hugging Face definition): every token already
      seen in the prompt or the output has its logit divided by the penalty when positive and
@@ -40,7 +41,7 @@ from typing import Sequence
 
 import torch
 
-from lmstack.engine.constraints import Grammar, TokenConstraint, apply_constraints
+from lmstack.engine.constraints import Grammar, PendingMasks, TokenConstraint, apply_constraints
 from lmstack.errors import UserError
 
 # one logprob entry, per generated (or prompt) token:
@@ -181,13 +182,16 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], masks: PendingMasks | None = None) -> torch.Tensor:
     """One token per row. logits (B, V) raw scores (any float dtype) -> token ids (B,) long.
 
+    ``masks``: the grammar masks of the constrained rows, already being computed
+    (:class:`~lmstack.engine.constraints.ConstraintMasks`, the engine's fast path); None computes
+    them here row by row. Both give the same tokens.
     Greedy rows without penalties take the argmax straight away; a batch of only those never
     touches the random generators.
     """
-    logits = apply_constraints(logits.float(), [r.constraint for r in rows])
+    logits = apply_constraints(logits.float(), [r.constraint for r in rows], masks)
     if all(r.params.greedy and not r.params.needs_penalties for r in rows):
         return logits.argmax(dim=-1)
     if any(r.params.needs_penalties for r in rows):
