@@ -1,19 +1,22 @@
 """`lmstack dpo --lora` on SmolLM2-135M-Instruct: a short seeded run, before/after on held-out pairs, greedy refusals
 and BIG-bench hhh_alignment.
 
-    python bench/bench_dpo_smollm.py                                  # ~5 min on an idle 2-core CPU
-    python bench/bench_dpo_smollm.py --model runs/bench-sft-peft/smollm2 --steps 60
+    python bench/bench_dpo_smollm.py                                  # ~30 min on an idle 2-core CPU
+    python bench/bench_dpo_smollm.py --model runs/bench-sft-peft/smollm2 --steps 60 --hhh-limit 100
 
 1. Weights: ``lmstack import smollm2-135m-instruct`` into WORK/smollm2 (or ``--model``).
 2. Pairs: ``--n-train`` rule-labelled pairs (lmstack.data.preference, seed 0) in TRL's standard format, rendered
    by the model's own chat template; ``--n-test`` held-out pairs of seed 1.
 3. ``lmstack dpo --lora`` (r=16 on q/k/v/o, reference = the base with the adapters off, sigmoid loss, beta
-   ``--beta``), ``--steps`` steps of ``--batch-size`` pairs; OUT/model is the merged model.
+   ``--beta``, ``dpo.sft_weight`` ``--sft-weight``: the chosen-NLL term that bench/bench_dpo.py measures),
+   ``--steps`` steps of ``--batch-size`` pairs; WORK/dpo-lora/model is the merged model.
 
 Measures, base and DPO model in the same run: the held-out likelihood preference accuracy (chosen has the higher
-summed log-probability), the implicit-reward accuracy of the DPO model against the base, greedy rule-following on
-the held-out prompts per rule (at most 32 new tokens), and ``hhh_alignment`` (BIG-bench, 221 items: the model
-prefers the more helpful, honest and harmless reply by log-likelihood; an evaluation task, never trained on).
+summed log-probability), the implicit-reward accuracy of the DPO model against the base, the mean chosen and
+rejected log-probabilities per rule, greedy rule-following on the held-out prompts per rule (at most
+``--max-tokens`` new tokens), and ``hhh_alignment`` (BIG-bench, 221 items, the first ``--hhh-limit`` of them:
+the model prefers the more helpful, honest and harmless reply by log-likelihood; an evaluation task, never
+trained on).
 
 Outputs: OUT/smollm_results.json and OUT/smollm_dpo.png (default OUT: bench/results/dpo); Markdown to stdout.
 Caveats: one seed and a short run on a CPU; the pairs are synthetic (made-up harmful requests, arithmetic, terse
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -47,18 +51,24 @@ def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_
     from lmstack.evals.run import evaluate_checkpoint
     from lmstack.train.preference_losses import completion_logps
 
+    started = time.time()
     ckpt = load_checkpoint(model_dir)
     model, tok = ckpt.model.eval(), ckpt.tokenizer
     pairs = [render_pair(tok, *record_pair(p)) for p in test]
     reference = load_checkpoint(reference_dir).model.eval() if reference_dir else None
-    right, implicit = [], []
+    chosen, rejected, implicit = [], [], []
     for batch in PreferenceLoader(pairs, 8, pad_id=tok.pad_id, shuffle=False):
         logps = completion_logps(model, batch)
         half = logps.shape[0] // 2
-        right += (logps[:half] > logps[half:]).tolist()
+        chosen += logps[:half].tolist()
+        rejected += logps[half:].tolist()
         if reference is not None:
             ratios = logps - completion_logps(reference, batch)
             implicit += (ratios[:half] > ratios[half:]).tolist()
+    per_rule = {rule: {"chosen": statistics.fmean(c for c, p in zip(chosen, test) if p["rule"] == rule),
+                       "rejected": statistics.fmean(r for r, p in zip(rejected, test) if p["rule"] == rule)}
+                for rule in RULES if any(p["rule"] == rule for p in test)}
+    print(f"  log-probs done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     engine = Engine(model, tok, max_num_seqs=32, device="cpu")
     prompts = [tok.render_chat([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)[0] for p in test]
     outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
@@ -66,12 +76,14 @@ def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_
     for pair, out in zip(test, outputs):
         follows[pair["rule"]].append(follows_rule(pair, out.outputs[0].text))
     del engine, reference
+    print(f"  greedy samples done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     hhh = evaluate_checkpoint(str(model_dir), ["hhh_alignment"], limit=hhh_limit, device="cpu", show_progress=False,
                               keep_records=False)
-    return {"likelihood_accuracy": sum(right) / len(right),
-            "implicit_accuracy": sum(implicit) / len(implicit) if implicit else None,
+    print(f"  hhh_alignment done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+    return {"likelihood_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(test),
+            "implicit_accuracy": sum(implicit) / len(implicit) if implicit else None, "logps": per_rule,
             "rule_following": {rule: sum(v) / len(v) if v else None for rule, v in follows.items()},
-            "hhh_alignment": hhh["results"]["hhh_alignment"],
+            "hhh_alignment": hhh["results"]["hhh_alignment"], "seconds": time.time() - started,
             "examples": [{"prompt": p["prompt"], "output": o.outputs[0].text} for p, o in list(zip(test, outputs))[:8]]}
 
 
@@ -90,14 +102,15 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.4))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], before, 0.4, label="SmolLM2-135M-Instruct", color="tab:gray")
-    ax.bar([i + 0.2 for i in x], after, 0.4, label=f"+ DPO LoRA, {results['settings']['steps']} steps",
-           color="tab:blue")
+    ax.bar([i + 0.2 for i in x], after, 0.4, label=f"+ DPO LoRA, {results['settings']['steps']} steps, "
+           f"sft_weight {results['settings']['sft_weight']:g}", color="tab:blue")
     for i, (b, a) in enumerate(zip(before, after)):
         ax.text(i - 0.2, b, f"{b:.0%}", ha="center", va="bottom", fontsize=8)
         ax.text(i + 0.2, a, f"{a:.0%}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), names, fontsize=8)
     ax.set_ylim(0, 1.1)
-    ax.set_title(f"held-out pairs (n={results['n_test']}) and hhh_alignment, before / after")
+    hhh_items = results["base"]["hhh_alignment"].get("n", "all")
+    ax.set_title(f"held-out pairs (n={results['n_test']}) and hhh_alignment ({hhh_items} items), before / after")
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -108,12 +121,16 @@ def plot(results: dict, path: Path) -> None:
 def markdown(results: dict) -> str:
     lines = [f"Command: `{results['command']}` ({results['wall_minutes']:.1f} min, {results['cpu_count']} CPUs)", "",
              "| model | likelihood pref. acc. | implicit-reward acc. | " + " | ".join(RULES)
-             + " | hhh_alignment acc | hhh acc_norm |", "|---|---|---|" + "---|" * len(RULES) + "---|---|"]
+             + " | hhh_alignment acc | hhh acc_norm | " + " | ".join(f"log p chosen / rejected, {r}" for r in RULES)
+             + " |", "|---|---|---|" + "---|" * (2 * len(RULES)) + "---|---|"]
     for name, e in (("SmolLM2-135M-Instruct", results["base"]), ("+ DPO (LoRA)", results["dpo"])):
         implicit = "-" if e["implicit_accuracy"] is None else f"{e['implicit_accuracy']:.1%}"
         rules = " | ".join("-" if e["rule_following"][r] is None else f"{e['rule_following'][r]:.0%}" for r in RULES)
+        logps = " | ".join(f"{e['logps'][r]['chosen']:.1f} / {e['logps'][r]['rejected']:.1f}" if r in e["logps"]
+                           else "-" for r in RULES)
         lines.append(f"| {name} | {e['likelihood_accuracy']:.1%} | {implicit} | {rules} | "
-                     f"{e['hhh_alignment']['acc']:.1%} | {e['hhh_alignment'].get('acc_norm', float('nan')):.1%} |")
+                     f"{e['hhh_alignment']['acc']:.1%} | {e['hhh_alignment'].get('acc_norm', float('nan')):.1%} | "
+                     f"{logps} |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +145,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate (default: %(default)s)")
     ap.add_argument("--beta", type=float, default=0.1, help="dpo.beta (default: %(default)s)")
+    ap.add_argument("--sft-weight", type=float, default=1.0, help="dpo.sft_weight, the chosen-NLL term; 0 is plain "
+                                                                  "DPO (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: %(default)s)")
     ap.add_argument("--hhh-limit", type=int, default=None, help="hhh_alignment items (default: all 221)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
@@ -153,13 +172,16 @@ def main() -> None:
     run = work / "dpo-lora"
     cmd = [sys.executable, "-m", "lmstack.cli", "dpo", "--model", a.model, "--data", str(work / "pairs_train.jsonl"),
            "--out", str(run), "--overwrite", "--lora", "dpo.reference=copy", f"dpo.beta={a.beta}",
+           f"dpo.sft_weight={a.sft_weight}",
            "lora.r=16", "lora.alpha=32", "lora.target_modules=q_proj,k_proj,v_proj,o_proj",
            f"train.max_steps={a.steps}", f"train.batch_size={a.batch_size}", "train.seq_len=256",
            f"optim.lr={a.lr}", "optim.warmup_steps=4", "optim.schedule=cosine", "optim.weight_decay=0",
            "train.log_every=5", "train.eval_every=0", "train.eval_batches=2", f"train.ckpt_every={a.steps}",
            "train.tensorboard=false", "train.max_minutes=0", "train.seed=0", "train.device=cpu"]
     print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    trained = time.time()
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+    results["train_seconds"] = time.time() - trained
     results["dpo"] = evaluate(run / "model", test, Path(a.model), a.max_tokens, a.hhh_limit)
     results["dpo"]["train_summary"] = json.loads((run / "summary.json").read_text())["heldout"]
     results["wall_minutes"] = (time.time() - t0) / 60
