@@ -3,8 +3,10 @@
 An untrained model emits noise, so every well-formed JSON answer here is the grammar's doing. Checks:
 every constrained answer parses and validates against its schema (greedy and sampled, n > 1, batched
 with unconstrained requests); unconstrained rows give exactly the tokens they give without any
-constrained neighbour (seeded parity); schemas the grammar engine cannot compile raise UserError naming
-the offending part.
+constrained neighbour (seeded parity); the engine's fast mask path (masks filled in parallel during the
+forward) gives exactly the tokens of the plain row-by-row path, in the engine and in ``sample``; the plain
+``generate`` loop honours the constraint and matches the engine's greedy tokens; schemas the grammar
+engine cannot compile, and a grammar built for another vocabulary, raise UserError naming the problem.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
-from lmstack.engine.constraints import GrammarCompiler
+from lmstack.engine.constraints import ConstraintMasks, GrammarCompiler
 from lmstack.engine.engine import Engine
-from lmstack.engine.sampling import SamplingParams
+from lmstack.engine.generate import generate
+from lmstack.engine.sampling import SamplingParams, SamplingRow, make_generator, sample
 from lmstack.errors import UserError
 
 SCHEMA = {"type": "object",
@@ -77,3 +81,84 @@ def test_without_the_constraint_the_model_does_not_write_json(engine, grammars, 
 def test_schemas_that_cannot_compile_name_the_problem(grammars, schema, words):
     with pytest.raises(UserError, match=words):
         grammars.json_schema(schema)
+
+
+def _mixed_batch(grammars: GrammarCompiler) -> list[SamplingParams]:
+    schema = grammars.json_schema(SCHEMA)
+    return [SamplingParams(max_tokens=60, temperature=0.0, constraint=schema),
+            SamplingParams(max_tokens=60, temperature=0.9, top_k=50, top_p=0.95, seed=11, n=3, constraint=schema),
+            SamplingParams(max_tokens=24, temperature=0.0),
+            SamplingParams(max_tokens=60, temperature=1.0, seed=5, repetition_penalty=1.3,
+                           constraint=grammars.json_object()),
+            SamplingParams(max_tokens=24, temperature=1.0, seed=2)]
+
+
+def test_fast_mask_path_gives_the_plain_paths_tokens(tiny_checkpoint, engine, grammars, one_thread):
+    """The same mixed batch (greedy and seeded, constrained and free, n > 1) on the fast path and the plain one."""
+    plain = Engine.from_checkpoint(str(tiny_checkpoint), device="cpu", max_num_seqs=8, max_model_len=512,
+                                   parallel_masks=False)
+    prompts = [_prompt(engine, t) for t in ("the model reads", "cats and dogs", "a river", "time", "code")]
+    fast_out = engine.generate(prompts, _mixed_batch(grammars))
+    assert engine.constraint_masks is not None and engine.constraint_masks._last is not None  # the fast path ran
+    plain_out = plain.generate(prompts, _mixed_batch(grammars))
+    assert plain.constraint_masks is None
+    for fast, slow in zip(fast_out, plain_out):
+        assert [o.token_ids for o in fast.outputs] == [o.token_ids for o in slow.outputs]
+    for out in fast_out[0].outputs + fast_out[1].outputs:  # and the grammar held on the fast path
+        if out.finish_reason == "stop":
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+        assert out.text.startswith("{")
+
+
+def test_sample_with_parallel_masks_equals_row_by_row(engine, grammars, one_thread):
+    """sample() on one batch of matchers in different states: the prefetched bitmask and allowed() agree."""
+    schema, any_object = grammars.json_schema(SCHEMA), grammars.json_object()
+    V = engine.vocab_size
+    torch.manual_seed(0)
+    constraints = [schema.start(), None, any_object.start(), schema.start(), None, schema.start()]
+    for steps, c in zip([0, 0, 3, 5, 0, 9], constraints):  # walk each matcher a few allowed tokens in
+        for _ in range(steps):
+            allowed = c.allowed().nonzero()[:, 0]
+            c.advance(int(allowed[torch.randint(len(allowed), ())]))
+    logits = torch.randn(len(constraints), V) * 4
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=2), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, presence_penalty=0.5), SamplingParams(temperature=1.3, top_k=5, seed=3)]
+
+    def rows() -> list[SamplingRow]:
+        return [SamplingRow(p, None if p.greedy else make_generator(p.seed, "cpu"), [1, 2], [3], c)
+                for p, c in zip(params, constraints)]
+
+    masks = ConstraintMasks()
+    for _ in range(3):  # the fill is reused across steps; each draw must agree
+        expected = sample(logits, rows())
+        pending = masks.start(constraints)
+        assert pending is not None and pending.rows == [0, 2, 3, 5]
+        assert torch.equal(sample(logits, rows(), pending), expected)
+        for i in pending.rows:  # every constrained pick is allowed
+            assert constraints[i].allowed()[expected[i]]
+        for i in pending.rows:
+            constraints[i].advance(int(expected[i]))
+    assert masks.start([None, None]) is None
+
+
+def test_generate_honours_the_constraint_and_matches_the_engine(engine, grammars, one_thread):
+    schema = grammars.json_schema(SCHEMA)
+    prompt = _prompt(engine, "cats and dogs")
+    greedy = SamplingParams(max_tokens=80, temperature=0.0, constraint=schema)
+    ids = generate(engine.model, prompt, greedy, eos_token_ids=engine.eos_token_ids)
+    [out] = engine.generate([prompt], greedy)
+    assert ids == out.outputs[0].token_ids
+    sampled = generate(engine.model, prompt, SamplingParams(max_tokens=200, temperature=1.0, seed=4, constraint=schema),
+                       eos_token_ids=engine.eos_token_ids)
+    assert sampled[-1] in engine.eos_token_ids  # the grammar completed and handed over to the stop token
+    jsonschema.validate(json.loads(engine.tokenizer.decode(sampled[:-1])), SCHEMA)
+
+
+def test_a_grammar_for_another_vocabulary_is_refused(engine, one_thread):
+    other = GrammarCompiler(engine.tokenizer, engine.vocab_size + 64, engine.eos_token_ids).json_object()
+    params = SamplingParams(max_tokens=8, constraint=other)
+    with pytest.raises(UserError, match=f"vocab_size={engine.vocab_size}"):
+        engine.generate([_prompt(engine, "time")], params)
+    with pytest.raises(UserError, match=f"vocab_size={engine.vocab_size}"):
+        generate(engine.model, _prompt(engine, "time"), params)
