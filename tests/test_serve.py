@@ -384,7 +384,7 @@ def test_body_too_large_413(server, client, model_name):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"response_format": {"type": "regex"}}, "response_format"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),

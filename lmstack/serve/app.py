@@ -10,8 +10,18 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /v1/embeddings``, ``GET|POST /v1/feedback`` (human judgements, feedback.py; 404 unless the server
-was given a feedback file), ``GET /health`` (engine statistics, no key needed), ``GET /`` (the chat page
-from static/; no key needed to load it, the page asks for one when the server wants it).
+was given a feedback file), ``GET /v1/tools`` and ``POST /v1/tools/{name}`` (the server's built-in tools,
+below), ``GET /health`` (engine statistics and counters, no key needed), ``GET /`` (the chat page from
+static/; no key needed to load it, the page asks for one when the server wants it).
+
+Tool calling on /v1/chat/completions (``tools``, ``tool_choice``, ``parallel_tool_calls``, ``tool_calls``
+back and forth) is OpenAI's protocol, described in tool_protocol.py; the client runs its own functions.
+Built-in tools (``tools="calculator,python,search=IDX"``, what ``lmstack serve --tools`` and ``lmstack chat
+--tools`` take; lmstack.tools) are for clients without functions of their own, the chat page first:
+``GET /v1/tools`` lists them as OpenAI function definitions (an empty list without --tools), and ``POST
+/v1/tools/{name}`` with the arguments as a JSON object runs one in a worker thread, answering
+``{"content": text}``; a failing, misused or timed-out tool answers its ``error: ...`` text (Tool.call),
+never an HTTP error, since the text goes back to the model as the tool's result.
 
 LoRA adapters (``adapters=[(name, dir), ...]``, adapters.py) are served over the one base model: each is a
 model of its own in /v1/models (with ``parent`` = the base), a request whose ``model`` names one is decoded
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -70,11 +81,13 @@ from lmstack.serve.protocol import (APIError, ChatCompletion, ChatCompletionRequ
                                     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard,
                                     ModelList, new_id, validation_error)
 from lmstack.serve.state import ServerLimits, ServerState
+from lmstack.serve.tool_protocol import chat_messages, tool_plan
 from lmstack.serve.transport import GatekeeperMiddleware, error_response, until_disconnect
 from lmstack.serve.validation import (check_feedback, check_lengths, check_model, check_ready, check_sequences,
                                       check_token_ids, deadline, response_constraint,
-                                      sampling_params)
+                                      sampling_params, tool_call_constraint)
 from lmstack.tokenizer import Tokenizer
+from lmstack.tools.base import Tool
 
 log = logging.getLogger("lmstack.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -92,6 +105,7 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
                max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096, max_waiting: int = 256,
                request_timeout_s: float = 600.0, model_name: str | None = None, device: str = "auto",
                adapters: Sequence[tuple[str, str | os.PathLike]] = (), feedback: str | os.PathLike | None = None,
+               tools: str | Sequence[Tool] | None = None, allow_unsafe_sandbox: bool = False,
                **engine_kwargs: Any) -> FastAPI:
     """The FastAPI app serving one model.
 
@@ -101,7 +115,13 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
     T5) is served for /v1/embeddings only. ``api_keys``: accepted Bearer keys; empty or None = no
     authentication. ``adapters``: (name, peft adapter directory) pairs served over a checkpoint (an Engine
     brings its own, ``Engine(adapters=...)``). ``feedback``: the JSONL file /v1/feedback appends to.
+    ``tools``: built-in tools served at /v1/tools, a spec such as ``"calculator,search=IDX"`` (lmstack.tools.
+    build_tools; ``allow_unsafe_sandbox`` as there) or Tool objects.
     """
+    if isinstance(tools, str):  # before the model loads: a misspelt tool fails at once
+        from lmstack.tools import build_tools
+        tools = build_tools(tools, allow_unsafe_sandbox=allow_unsafe_sandbox)
+    served_tools = {tool.name: tool for tool in tools or ()}
     if adapters and not isinstance(engine_or_checkpoint, (str, os.PathLike)):
         raise UserError("adapters are read together with a checkpoint path; an Engine brings its own "
                         "(Engine(model, tokenizer, adapters=[LoRAWeights...]))")
@@ -145,7 +165,7 @@ def create_app(engine_or_checkpoint: str | os.PathLike | Engine | AsyncEngine, *
                         api_keys=tuple(k for k in (api_keys or ()) if k), embed_frame=special_frame(tokenizer),
                         adapter_names=tuple(lora.names) if lora is not None else (),
                         feedback=FeedbackLog(feedback) if feedback is not None else None,
-                        async_engine=given_async, owns_async_engine=given_async is None)
+                        async_engine=given_async, owns_async_engine=given_async is None, tools=served_tools)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -289,6 +309,31 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                            type="server_error", code="feedback_not_saved") from None
         return {"object": "feedback", "saved": True, "kind": req.kind}
 
+    # ---------------------------------------------------------------- /v1/tools
+    @app.get("/v1/tools")
+    async def list_tools():
+        return {"object": "list", "data": [tool.spec() for tool in state.tools.values()]}
+
+    @app.post("/v1/tools/{name}")
+    async def run_tool(name: str, request: Request):
+        tool = state.tools.get(name)
+        if tool is None:
+            served = ", ".join(state.tools) or "none (start the server with --tools)"
+            raise APIError(404, f"There is no built-in tool {name!r}; this server has: {served}.",
+                           type="not_found_error", param="name", code="tool_not_found")
+        try:
+            arguments = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"The body must be the tool's arguments as a JSON object: {e}",
+                           code="invalid_json") from None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"The body must be the tool's arguments as a JSON object, not "
+                                f"{type(arguments).__name__}.", code="invalid_json")
+        state.counters["tool_runs"] += 1
+        # Tool.call enforces the tool's timeout and turns every failure into its "error: ..." text
+        content = await until_disconnect(request, asyncio.to_thread(tool.call, arguments))
+        return {"object": "tool.result", "name": name, "content": content}
+
     # ---------------------------------------------------------------- /v1/completions
     @app.post("/v1/completions", response_model=Completion)
     async def completions(req: CompletionRequest, request: Request):
@@ -317,10 +362,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         adapter = check_model(state, req.model)
         req.check_supported()
         state.counters["requests"] += 1
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        plan = tool_plan(req)
+        messages, template_tools = chat_messages(req, plan, tokenizer)
         try:
-            prompt_ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+            prompt_ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, tools=template_tools)
         except ValueError as e:
             raise APIError(400, f"The messages cannot be rendered with this model's chat template: {e}",
                            param="messages", code="invalid_value") from None
@@ -330,11 +375,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         # the end-of-turn tokens (tokenizer.stop_token_ids) end the answer through the engine's EOS set,
         # so the ignore_eos extension can switch them off
         params = sampling_params(req, max_tokens, logprobs=logprobs, adapter=adapter,
-                                 constraint=response_constraint(state, req))
+                                 constraint=tool_call_constraint(state, plan) or response_constraint(state, req))
         gen = Generation(state, [list(prompt_ids)], params, new_id("chatcmpl"), deadline(state))
         return await respond(request, gen, req.stream,
-                              lambda: openai_format.chat_stream(state, req, gen, len(prompt_ids)),
-                              lambda: openai_format.chat_result(state, req, gen, len(prompt_ids)))
+                              lambda: openai_format.chat_stream(state, req, gen, len(prompt_ids), plan),
+                              lambda: openai_format.chat_result(state, req, gen, len(prompt_ids), plan))
 
     # ---------------------------------------------------------------- /v1/embeddings
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)

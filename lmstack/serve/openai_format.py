@@ -6,6 +6,10 @@ with OpenAI's framing: a chat stream opens each choice with a role-only delta, `
 final chunk with empty ``choices``, and the stream ends with ``data: [DONE]``. An error after the
 response has begun is reported in-band as an error event followed by ``[DONE]``, as OpenAI does.
 
+Tool calls (tool_protocol.py): a chat reply is read for calls when the request offered tools; a
+streamed one sends its content as it comes and its calls at the end, first a delta with the call's
+index, id, type and name, then argument fragments.
+
 Choice indices: a completions request with P prompts and ``n`` samples has choices ``p * n + i``.
 Logprobs come in two shapes: the legacy completions one (parallel lists with text offsets) and the chat
 one (a list of tokens with their bytes and top alternatives). The engine's entries are raw-model
@@ -20,9 +24,10 @@ from lmstack.engine.engine import RequestOutput
 from lmstack.serve.generation import Generation
 from lmstack.serve.protocol import (APIError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatDelta, ChatMessageOut, ChoiceLogprobs, Completion,
-                                    CompletionChoice, CompletionLogprobs, CompletionRequest, TokenLogprob,
-                                    TopLogprob, Usage, now)
+                                    CompletionChoice, CompletionLogprobs, CompletionRequest, FunctionCallDelta,
+                                    TokenLogprob, ToolCallDelta, TopLogprob, Usage, now)
 from lmstack.serve.state import ServerState
+from lmstack.serve.tool_protocol import ToolPlan, ToolStream, argument_fragments, read_reply
 from lmstack.serve.transport import sse
 from lmstack.tokenizer import Tokenizer
 
@@ -107,30 +112,40 @@ async def completion_stream(state: ServerState, req: CompletionRequest, gen: Gen
 
 
 async def chat_result(state: ServerState, req: ChatCompletionRequest, gen: Generation,
-                       prompt_tokens: int) -> ChatCompletion:
+                       prompt_tokens: int, plan: ToolPlan) -> ChatCompletion:
     (out,) = await _collect(gen, 1)
     choices, completion_tokens = [], 0
     for c in out.outputs:
         completion_tokens += len(c.token_ids)
         logprobs = _chat_logprobs(state.tokenizer, list(c.logprobs or [])) if req.logprobs else None
-        choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
-                                  finish_reason=c.finish_reason))
+        reply = read_reply(c.text, c.finish_reason, plan)
+        state.counters["malformed_tool_calls"] += reply.malformed
+        message = ChatMessageOut(content=reply.content, tool_calls=reply.tool_calls)
+        choices.append(ChatChoice(index=c.index, message=message, logprobs=logprobs,
+                                  finish_reason=reply.finish_reason))
     return ChatCompletion(id=gen.request_id, model=req.model, choices=choices,
                           usage=Usage.of(prompt_tokens, completion_tokens))
 
 
 async def chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation,
-                       prompt_tokens: int) -> AsyncIterator[str]:
+                       prompt_tokens: int, plan: ToolPlan) -> AsyncIterator[str]:
     created, completion_tokens = now(), 0
     include_usage = req.include_usage()
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(id=gen.request_id, created=created, model=req.model, choices=choices,
-                                   usage=usage)
-        return sse(body.model_dump(exclude=None if include_usage else {"usage"}))
+                                   usage=usage).model_dump(exclude=None if include_usage else {"usage"})
+        for choice in body["choices"]:  # tool-call fields only where they carry something, as OpenAI's deltas
+            calls = choice["delta"].pop("tool_calls")
+            if calls is not None:
+                choice["delta"]["tool_calls"] = [
+                    {**{k: v for k, v in call.items() if v is not None and k != "function"},
+                     "function": {k: v for k, v in call["function"].items() if v is not None}} for call in calls]
+        return sse(body)
 
     started: set[int] = set()
     finished: set[int] = set()
+    streams: dict[int, ToolStream] = {}
     try:
         async for _, out in gen.events():
             for c in out.outputs:
@@ -140,6 +155,7 @@ async def chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Gener
                     finished.add(c.index)
                 if c.index not in started:
                     started.add(c.index)
+                    streams[c.index] = ToolStream(plan)
                     yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))])
                 completion_tokens += len(c.new_token_ids)
                 if not c.new_text and c.finish_reason is None:
@@ -148,9 +164,30 @@ async def chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Gener
                 if req.logprobs and c.new_token_ids:
                     fresh = list((c.logprobs or [])[len(c.token_ids) - len(c.new_token_ids):])
                     logprobs = _chat_logprobs(state.tokenizer, fresh)
-                delta = ChatDelta(content=c.new_text) if c.new_text else ChatDelta()
-                yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=c.finish_reason)])
+                text = streams[c.index].feed(c.new_text)
+                if c.finish_reason is None:
+                    if text or logprobs is not None:
+                        yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
+                                                     logprobs=logprobs)])
+                    continue
+                rest, reply = streams[c.index].finish(c.finish_reason)
+                state.counters["malformed_tool_calls"] += reply.malformed
+                text += rest
+                if not reply.tool_calls:  # the last piece and the finish reason in one chunk
+                    yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
+                                                 logprobs=logprobs, finish_reason=reply.finish_reason)])
+                    continue
+                if text or logprobs is not None:
+                    yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None),
+                                                 logprobs=logprobs)])
+                for k, call in enumerate(reply.tool_calls or []):
+                    head = ToolCallDelta(index=k, id=call.id, type="function",
+                                         function=FunctionCallDelta(name=call.function.name, arguments=""))
+                    yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[head]))])
+                    for piece in argument_fragments(state.tokenizer, call.function.arguments):
+                        part = ToolCallDelta(index=k, function=FunctionCallDelta(arguments=piece))
+                        yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[part]))])
+                yield chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=reply.finish_reason)])
         if include_usage:
             yield chunk([], Usage.of(prompt_tokens, completion_tokens))
         yield sse("[DONE]")

@@ -13,8 +13,8 @@ Error mapping (every error body is OpenAI's ``{"error": {"message", "type", "par
     404 not_found_error         unknown route (``unknown_url``) or model (``model_not_found``)
     405 invalid_request_error   a known route with the wrong method
     413 invalid_request_error   request body larger than the server accepts (``request_too_large``)
-    422 invalid_request_error   a well-formed request for something this server cannot do: tools,
-                                logit_bias, suffix, images, embedding ``dimensions``
+    422 invalid_request_error   a well-formed request for something this server cannot do: legacy
+                                ``functions``, logit_bias, suffix, images, embedding ``dimensions``
                                 (``unsupported_parameter`` / ``unsupported_value``)
     429 rate_limit_error        the waiting queue is full (``queue_full``); Retry-After is set
     503 server_error            shutting down (``shutting_down``), engine stopped (``engine_unavailable``),
@@ -30,6 +30,14 @@ Structured output: ``response_format`` ``{"type": "json_object"}`` (any JSON obj
 "json_schema", "json_schema": {"name", "schema", "strict"}}`` are enforced by grammar-constrained
 decoding (lmstack.engine.constraints); a schema the grammar engine cannot compile is a 400 naming the
 problem (validation.py).
+
+Tool calling: ``tools`` (function definitions: name, description, JSON-schema ``parameters``),
+``tool_choice`` (``"none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}``) and
+``parallel_tool_calls`` are read here (:class:`ToolDefinition`, :class:`NamedToolChoice`; a definition
+without a name, with non-object parameters or a name used twice is a 400 naming it); what they do is in
+tool_protocol.py. Replies carry ``tool_calls`` (:class:`ToolCallOut`, streamed as :class:`ToolCallDelta`);
+assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` are accepted back.
+The legacy ``functions`` / ``function_call`` fields stay unsupported (422).
 
 Non-OpenAI sampling knobs that vLLM also accepts are allowed as extra fields: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos`` (the openai client sends them with ``extra_body=``).
@@ -115,7 +123,7 @@ def _dotted(loc: list[str]) -> str:
 # ----------------------------------------------------------------------------- request models
 
 # OpenAI fields that change nothing about the output here; accepted and ignored rather than rejected.
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier",
                   "prompt_cache_key", "prompt_cache_retention", "verbosity")
 
 StopSpec = Union[str, list[str], None]
@@ -242,12 +250,30 @@ class OtherPart(BaseModel):
     type: str
 
 
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCallIn(BaseModel):
+    """``function`` of a tool call an assistant message carries back: the name and the JSON-string arguments."""
+
+    model_config = STRICT
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = STRICT
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[Union[TextPart, OtherPart]], None] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
 
@@ -290,6 +316,50 @@ class ResponseFormat(BaseModel):
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
+class FunctionDefinition(BaseModel):
+    """A function the model may call: OpenAI's ``tools[i].function``."""
+
+    model_config = STRICT
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; None = no arguments
+    strict: bool | None = None  # enforced schemas are always strict here; documents intent
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON schema of an object (\"type\": \"object\"), "
+                             f"got type {v.get('type')!r}")
+        return v
+
+    def schema(self) -> dict[str, Any]:
+        """The arguments' JSON schema (an empty object when the function takes none)."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ToolDefinition(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` that forces one function: ``{"type": "function", "function": {"name": ...}}``."""
+
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
@@ -297,8 +367,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     reasoning_effort: str | None = None
@@ -310,22 +381,28 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    @field_validator("tools")
+    @classmethod
+    def _check_tool_names(cls, v: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        seen: set[str] = set()
+        for tool in v or []:
+            if tool.function.name in seen:
+                raise ValueError(f"two tools are named {tool.function.name!r}; tool names must be unique")
+            seen.add(tool.function.name)
+        return v
+
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools or self.functions:
-            raise unsupported("tools", "tool / function calling")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise unsupported("tool_choice", "tool / function calling")
+        if self.functions or self.function_call not in (None, "none"):
+            raise unsupported("functions", "the legacy functions / function_call fields (send tools / "
+                                           "tool_choice)")
         if self.response_format is not None and self.response_format.type not in RESPONSE_FORMATS:
             raise unsupported("response_format", f"response_format {self.response_format.type!r}")
         if self.modalities and any(m != "text" for m in self.modalities):
             raise unsupported("modalities", "output other than text")
-        for i, m in enumerate(self.messages):
-            if m.tool_calls:
-                raise unsupported(f"messages[{i}].tool_calls", "tool calls")
 
 
 EmbeddingInput = Union[str, list[str], list[int], list[list[int]]]
@@ -441,10 +518,22 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object as a string, OpenAI's wire form
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -464,9 +553,24 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """One piece of a streamed tool call: the first of a call has id, type and name; later ones arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

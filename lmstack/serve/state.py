@@ -18,6 +18,7 @@ from lmstack.engine.constraints import GrammarCompiler
 from lmstack.engine.engine import Engine
 from lmstack.serve.feedback import FeedbackLog
 from lmstack.tokenizer import Tokenizer
+from lmstack.tools.base import Tool
 
 
 @dataclass
@@ -50,5 +51,9 @@ class ServerState:
     embed_lock: asyncio.Semaphore | None = None
     embed_waiting: int = 0
     grammars: GrammarCompiler | None = None  # built on the first structured-output request
+    tools: dict[str, Tool] = field(default_factory=dict)  # built-in tools the page may run (serve --tools)
+    # malformed_tool_calls: replies whose attempted tool call did not read (answered as plain content);
+    # tool_runs: built-in tool calls run through POST /v1/tools/{name}
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "disconnects": 0, "timeouts": 0,
-                                                               "queue_full": 0, "engine_errors": 0})
+                                                               "queue_full": 0, "engine_errors": 0,
+                                                               "malformed_tool_calls": 0, "tool_runs": 0})

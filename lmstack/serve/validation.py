@@ -3,7 +3,7 @@
 protocol.py checks what depends only on the request (types, ranges, combinations); this module checks
 what depends on the server: whether it is up and generates at all, the model name (the base or one of its
 LoRA adapters), whether feedback is collected, token ids against the
-vocabulary, the grammar a ``response_format`` asks for, prompt and completion lengths against the context and the server's limits, and the number
+vocabulary, the grammar a ``response_format`` or a forced tool call asks for, prompt and completion lengths against the context and the server's limits, and the number
 of sequences (prompts x ``n``) against the waiting bound. Every failure is an
 :class:`~lmstack.serve.protocol.APIError` with OpenAI's status, param and code.
 """
@@ -17,6 +17,7 @@ from lmstack.engine.sampling import SamplingParams
 from lmstack.errors import UserError
 from lmstack.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmstack.serve.state import ServerState
+from lmstack.serve.tool_protocol import ToolPlan, tool_constraint
 
 
 def check_ready(state: ServerState, generate: bool = True) -> None:
@@ -90,16 +91,33 @@ def response_constraint(state: ServerState, req: ChatCompletionRequest) -> Gramm
     if fmt is None or fmt.type == "text":
         return None
     try:
-        if state.grammars is None:
-            state.grammars = GrammarCompiler(state.tokenizer, state.model.config.vocab_size,
-                                             state.engine.eos_token_ids)
+        grammars = grammar_compiler(state)
         if fmt.type == "json_object":
-            return state.grammars.json_object()
-        return state.grammars.json_schema(fmt.json_schema.json_schema, f"response_format.json_schema "
-                                                                         f"{fmt.json_schema.name!r}")
+            return grammars.json_object()
+        return grammars.json_schema(fmt.json_schema.json_schema, f"response_format.json_schema "
+                                                                 f"{fmt.json_schema.name!r}")
     except UserError as e:
         raise APIError(400, f"{e}; fix or simplify the schema.", param="response_format",
                        code="invalid_json_schema") from None
+
+
+def tool_call_constraint(state: ServerState, plan: ToolPlan) -> Grammar | None:
+    """The grammar of a forced tool call (None unless tool_choice is "required" or names a function);
+    400 naming the tool whose parameters the grammar engine cannot compile."""
+    if not plan.required:
+        return None
+    try:
+        return tool_constraint(grammar_compiler(state), state.tokenizer, plan)
+    except UserError as e:
+        raise APIError(400, f"{e}; fix or simplify the tool's parameters schema.", param="tools",
+                       code="invalid_json_schema") from None
+
+
+def grammar_compiler(state: ServerState) -> GrammarCompiler:
+    """The grammar engine's vocabulary, built on the first constrained request and kept on the state."""
+    if state.grammars is None:
+        state.grammars = GrammarCompiler(state.tokenizer, state.model.config.vocab_size, state.engine.eos_token_ids)
+    return state.grammars
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,

@@ -286,16 +286,17 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
-    def render_chat(self, messages: Sequence[dict[str, Any]],
-                    add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) of a conversation; the mask is 1 on what the assistant says (and its end-of-turn).
 
         ``messages``: ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``; an assistant message
         may carry OpenAI-style ``tool_calls`` (``[{"function": {"name", "arguments"}}]`` or
-        ``[{"name", "arguments"}]``). ``add_generation_prompt`` appends the assistant header. Formats and
-        masks: ``lmstack/tokenizer/chat.py``.
+        ``[{"name", "arguments"}]``). ``add_generation_prompt`` appends the assistant header. ``tools``
+        (OpenAI function definitions) are passed to a Jinja chat template. Formats and masks:
+        ``lmstack/tokenizer/chat.py``.
         """
-        return render_chat(self, messages, add_generation_prompt)
+        return render_chat(self, messages, add_generation_prompt, tools)
 
     # ------------------------------------------------------------------ train / save / load
 

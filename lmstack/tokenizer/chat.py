@@ -20,6 +20,10 @@ Messages are ``{"role": "system"|"user"|"assistant"|"tool", "content": str}`` (O
 are accepted); an assistant message may carry OpenAI-style ``tool_calls``. Malformed messages raise
 :class:`lmstack.errors.DataError` naming the message.
 
+``tools`` (OpenAI function definitions) reach a Jinja template as its ``tools`` variable, as
+``transformers`` passes them; the lmstack format has no slot for them (callers describe the tools in a
+system message, lmstack.tools.loop.tools_system_prompt), so it refuses them rather than drop them.
+
 Caveat: a Jinja template sees message text as plain strings, so, as in ``transformers``, special-token text
 inside a message is parsed as the special token when the template output is tokenized. The lmstack
 format never does that (message text is encoded as plain text).
@@ -54,16 +58,19 @@ LMSTACK_CHAT_TEMPLATE = (
 RenderTemplate = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text
 
 
-def render_chat(tok: Tokenizer, messages: Sequence[dict[str, Any]],
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+def render_chat(tok: Tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation in ``tok``'s chat format (see the module docstring)."""
     checked = [_check_message(m, i) for i, m in enumerate(_as_list(messages))]
     if tok.chat_format == "jinja":
-        return _render_template(tok, checked, add_generation_prompt)
+        return _render_template(tok, checked, add_generation_prompt, tools)
     if tok.chat_format != "lmstack":
         raise ConfigError("this tokenizer has no chat format: it lacks <|user|>/<|assistant|>/<|end|> tokens "
                           "and carries no chat template; use a tokenizer trained by lmstack or one with a "
                           "chat_template")
+    if tools:
+        raise DataError("the lmstack chat format has no place for tool definitions; describe the tools in a "
+                        "system message (lmstack.tools.loop.tools_system_prompt)")
     return _render_lmstack(tok, checked, add_generation_prompt)
 
 
@@ -88,11 +95,14 @@ def _render_lmstack(tok: Tokenizer, messages: list[dict[str, Any]],
     return ids, mask
 
 
-def _render_template(tok: Tokenizer, messages: list[dict[str, Any]],
-                     add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+def _render_template(tok: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                     tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
     meta = tok.meta
     eos = meta.stop_tokens[0] if meta.stop_tokens else meta.eot_token
-    render = compile_template(tok.chat_template or "", {"bos_token": meta.bos_token or "", "eos_token": eos or ""})
+    variables = {"bos_token": meta.bos_token or "", "eos_token": eos or ""}
+    if tools:
+        variables["tools"] = tools
+    render = compile_template(tok.chat_template or "", variables)
     full = render(messages, add_generation_prompt)
     spans: list[tuple[int, int]] = []  # character spans of assistant turns in `full`
     for i, message in enumerate(messages):

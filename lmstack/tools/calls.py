@@ -12,7 +12,8 @@ Two spellings, one result:
 * Imported chat templates in the Hermes / Qwen style wrap the same JSON in ``<tool_call>...</tool_call>``
   tags; a last call whose closing tag never came (the turn ended first) is still read.
 
-The content is the text before the first call, stripped. A call whose JSON does not parse, or that lacks a
+The content is the text before the first call, stripped; :func:`first_call_start` says where that
+is, for callers that keep the text as the model wrote it (the server streams it before the calls arrive). A call whose JSON does not parse, or that lacks a
 string ``name``, comes back with ``error`` set rather than dropped, so the loop can tell the model what was
 wrong with it. ``arguments`` may be a JSON object or a string holding one (OpenAI's wire form).
 """
@@ -64,3 +65,16 @@ def _read_call(raw: str) -> ToolCall:
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
         return ToolCall("", error='a tool call must be {"name": ..., "arguments": {...}}', raw=raw)
     return ToolCall(payload["name"], payload.get("arguments", {}), raw=raw)
+
+
+CALL_MARKERS = (TOOL_CALL, HERMES_OPEN)  # what opens a call in either spelling
+
+
+def first_call_start(text: str) -> int | None:
+    """Where the first call of TEXT begins (the character index of its marker), or None without calls.
+
+    The same split :func:`parse_tool_calls` makes: lmstack's marker wins when both spellings occur."""
+    if TOOL_CALL in text:
+        return text.index(TOOL_CALL)
+    match = _HERMES.search(text)
+    return match.start() if match else None
