@@ -32,8 +32,8 @@ Two ways to compute the masks of a batch, giving bit-identical masks (a parity t
 * the fast path, :class:`ConstraintMasks`: the engine calls :meth:`ConstraintMasks.start` with the
   step's constraints right before the forward; one worker thread hands every constrained row to
   llguidance's parallel executor (``LLExecutor``, its own thread pool, the GIL released), which fills one
-  (rows, V/32) int32 bitmask while the model runs; :meth:`PendingMasks.apply` joins it after the forward
-  and applies all rows with one vectorised ``masked_fill``.
+  (rows, V/32) int32 bitmask while the model runs, and unpacks it into the batch's (B, V) bool mask there
+  too; :meth:`PendingMasks.apply` joins it after the forward and applies it with one ``torch.where``.
 
 Honest caveats: the fast path hides the mask time behind the forward only while the forward is the
 longer of the two and a core is free for the executor (on a 2-core CPU the forward's own threads
@@ -194,30 +194,30 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[TokenConstrain
 
 
 class PendingMasks:
-    """The masks of one step's constrained rows, being filled on the worker thread."""
+    """The masks of one step's constrained rows, being filled on the worker thread.
 
-    def __init__(self, rows: list[int], constraints: list[TokenConstraint], errored: list[int],
-                 bitmask: torch.Tensor, job: Future):
-        self.rows, self.constraints, self.errored, self.bitmask, self.job = rows, constraints, errored, bitmask, job
+    ``rows``: the constrained rows of the batch; the job returns ``keep`` (B, V) bool for the whole batch
+    (all True on unconstrained rows), so applying it after the forward is one ``torch.where``."""
+
+    def __init__(self, rows: list[int], job: Future):
+        self.rows, self.job = rows, job
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Join the fill, then logits (B, V) -> copy with the constrained rows masked (one vectorised op)."""
-        self.job.result()  # re-raises what the executor raised
-        allowed = bitmask_to_allowed(self.bitmask, self.constraints[0].vocab_size)  # (R, V)
-        for j in self.errored:  # as the plain path: stop rather than drift
-            allowed[j] = self.constraints[j].stop_only()
-        logits = logits.clone()
-        logits[self.rows] = logits[self.rows].masked_fill(~allowed.to(logits.device), float("-inf"))
-        return logits
+        """Join the fill, then logits (B, V) -> copy with every disallowed token at -inf."""
+        keep = self.job.result()  # (B, V) bool; re-raises what the fill raised
+        return torch.where(keep.to(logits.device), logits, float("-inf"))
 
 
 class ConstraintMasks:
     """Computes a batch's masks on a worker thread with llguidance's parallel executor (the fast path).
 
-    One per engine. :meth:`start` right before the forward, :meth:`PendingMasks.apply` after it. At most
-    one fill runs at a time: :meth:`start` first waits for the previous one (which a failed step may have
-    left unjoined), so a matcher is never read by two fills at once. The worker thread and the executor
-    are created on first use, so an engine that never sees a grammar never starts them.
+    One per engine. :meth:`start` right before the forward, :meth:`PendingMasks.apply` after it. The
+    worker fills the (rows, V/32) bitmask through the executor (GIL released) and also unpacks it into
+    the batch's (B, V) bool mask (torch releases the GIL too), so all that is left after the forward is
+    one vectorised select. At most one fill runs at a time: :meth:`start` first waits for the previous one
+    (which a failed step may have left unjoined), so a matcher is never read by two fills at once. The
+    worker thread and the executor are created on first use: an engine that never sees a grammar never
+    starts them.
     """
 
     def __init__(self) -> None:
@@ -236,10 +236,21 @@ class ConstraintMasks:
         if self._last is not None:
             wait([self._last])  # its outcome was reported by the step that started it
         active = [constraints[i] for i in rows]
-        words = active[0]._words
-        bitmask = torch.empty(len(rows), words, dtype=torch.int32)  # (R, ceil(V/32)), filled by the executor
         errored = [j for j, c in enumerate(active) if c.matcher.is_error()]  # checked before the fill, as allowed()
         matchers = [(c.matcher, j) for j, c in enumerate(active) if j not in errored]
-        self._last = self._worker.submit(self._executor.unsafe_compute_mask_ptr, matchers, bitmask.data_ptr(),
-                                         words * 4, len(rows))
-        return PendingMasks(rows, active, errored, bitmask, self._last)
+        batch, vocab_size, words = len(constraints), active[0].vocab_size, active[0]._words
+
+        def fill() -> torch.Tensor:
+            bitmask = torch.empty(len(rows), words, dtype=torch.int32)  # (R, ceil(V/32))
+            self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(rows))
+            allowed = bitmask_to_allowed(bitmask, vocab_size)  # (R, V)
+            for j in errored:  # as the plain path: stop rather than drift
+                allowed[j] = active[j].stop_only()
+            if len(rows) == batch:
+                return allowed
+            keep = torch.ones(batch, vocab_size, dtype=torch.bool)  # (B, V)
+            keep[rows] = allowed
+            return keep
+
+        self._last = self._worker.submit(fill)
+        return PendingMasks(rows, self._last)
