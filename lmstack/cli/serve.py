@@ -10,6 +10,7 @@ import argparse
 import os
 
 from lmstack.cli.common import device, non_negative_int, port, positive_float, positive_int, verb_parser
+from lmstack.cli.generate import tool_spec
 
 
 def adapter_spec(value: str) -> tuple[str, str]:
@@ -42,7 +43,7 @@ def run_serve(args: argparse.Namespace) -> None:
           max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
           max_waiting=args.max_waiting, request_timeout_s=args.request_timeout, device=args.device,
           max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens, adapters=args.adapter or (),
-          feedback=args.feedback)
+          feedback=args.feedback, tools=args.tools, allow_unsafe_sandbox=args.unsafe_sandbox)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +52,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                          "/v1/chat/completions, /v1/embeddings) with a web chat page at /. Prints the URLs.\n"
                          "API keys: --api-key (repeatable) or LMSTACK_API_KEYS=key1,key2; none = no authentication.\n"
                          "LoRA adapters: --adapter NAME=DIR (repeatable) serves each adapter as model NAME over the\n"
-                         "one base in shared batches. --feedback FILE turns on the chat page's feedback mode.")
+                         "one base in shared batches. --feedback FILE turns on the chat page's feedback mode.\n"
+                         "Tool calling (tools / tool_choice on /v1/chat/completions) needs no option; --tools\n"
+                         "calculator,python,search=IDX also serves built-in tools at /v1/tools for the chat page.")
     parser.add_argument("--model", required=True, help="checkpoint or run directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     parser.add_argument("--port", type=port, default=8000, help="TCP port (0 = any free port)")
@@ -63,6 +66,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--feedback", default=None, metavar="FILE",
                         help="JSONL file that collects the chat page's judgements (preference pairs, ratings); "
                              "default: none (feedback mode off)")
+    parser.add_argument("--tools", type=tool_spec, default=None, metavar="LIST",
+                        help="built-in tools served at /v1/tools for the chat page: calculator, python, search=IDX "
+                             "(comma-separated, as `lmstack chat --tools`); default: none")
+    parser.add_argument("--unsafe-sandbox", action="store_true",
+                        help="let the python tool run in the escapable sandbox when no contained one exists")
     parser.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
                         help="largest request body (413 above)")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=None,

@@ -91,6 +91,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_keys: list[
     print(f"  OpenAI API:     {url}/v1  (API key {'required' if state.api_keys else 'not required'})", flush=True)
     if state.adapter_names:
         print(f"  LoRA adapters:  {', '.join(state.adapter_names)} (request them by model name)", flush=True)
+    if state.tools:
+        print(f"  built-in tools: {', '.join(state.tools)} (GET /v1/tools; the chat page's Tools switch)", flush=True)
     if state.feedback is not None:
         print(f"  feedback:       appended to {state.feedback.path} (the chat page's Feedback mode)", flush=True)
     server = _uvicorn_server(app, log_level)
