@@ -17,7 +17,10 @@ pretraining used), then the config file and the ``key=value`` overrides, includi
 batches are padded to their longest conversation, so tokens/s and MFU count real tokens only.
 
 The objective is the model's causal LM loss on the trained tokens (the mixture-of-experts loss for a MoE
-model). OUT/model is a normal checkpoint with the tokenizer (chat, serve, eval and export read it);
+model). For the dense families the output head and the cross-entropy run only at the positions that have a
+label (lmstack.train.losses.causal_lm_at_labels: the same loss and gradients as the full logits, without the
+prompt's and the padding's logits); a MoE model still forms logits everywhere. OUT/model is a normal
+checkpoint with the tokenizer (chat, serve, eval and export read it);
 OUT/summary.json adds ``data``: conversations read, used, skipped, truncated and dropped, and the trainable
 tokens of one epoch. Validation reports the loss on held-out conversations (``sft.val_fraction``).
 ``sft.packing=true`` packs the training conversations into windows of ``train.seq_len`` tokens instead of
@@ -96,7 +99,7 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     train virtual tokens or per-layer prefixes instead (one method per run; see the module docstring).
     """
     from lmstack.data.instruct import InstructLoader, InstructStats, load_instruct
-    from lmstack.train.losses import causal_lm, moe_lm
+    from lmstack.train.losses import causal_lm_at_labels, moe_lm
     from lmstack.train.stage import StageParts, run_stage, stage_config
 
     chosen = [name for name, on in (("lora", lora), ("prompt_tuning", prompt_tuning), ("prefix_tuning", prefix_tuning))
@@ -161,7 +164,8 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     source_weights, source_path = model_state(source.model), source.path
     _check_method(source.model, cfg, lora_cfg, virtual, tokenizer)  # before the run directory is touched
     del source  # the weights stay (in source_weights) until build() has loaded them into the model it trains
-    objective = moe_lm if family_of(cfg.model).objective == "moe_lm" else causal_lm  # both read packed layouts
+    # both read packed layouts; the dense one forms logits only at the trained positions (losses.py)
+    objective = moe_lm if family_of(cfg.model).objective == "moe_lm" else causal_lm_at_labels
     trained: dict[str, Any] = {}  # what build() made for this process, for the adapter written at the end
 
     def build(cfg: RunConfig, dist) -> StageParts:

@@ -76,6 +76,44 @@ def causal_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, f
     return loss, {"tokens": real_tokens(batch)}
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head (C -> V) to apply outside the model's forward, or None where that is not possible.
+
+    Reaches through DDP / torch.compile (:func:`unwrap_model`) and the prompt- and prefix-tuning wrappers
+    (``.base``). None when the model has no ``lm_head`` or its weight is a DTensor (FSDP2 shards it and
+    tensor parallelism splits it: the head must then run inside the wrapped forward)."""
+    inner = unwrap_model(model)
+    inner = getattr(inner, "base", inner)  # PromptTuned / PrefixTuned hold the decoder as .base
+    head = getattr(inner, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if head is None or weight is None or type(weight).__name__ == "DTensor":
+        return None
+    return head
+
+
+@Objective
+def causal_lm_at_labels(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`causal_lm` with the output head and the cross-entropy computed only where a label is set.
+
+    Fine-tuning on assistant turns trains a fraction of the positions; the full path forms (and
+    back-propagates through) logits (B, T, V) everywhere, most of them thrown away by ``ignore_index``. Here
+    the decoder returns its final hidden states (B, T, C), the rows with a label are gathered (N, C), and the
+    head and an fp32 cross-entropy run on those N rows only: the same mean loss and gradients (a test pins
+    both to :func:`causal_lm` on padded and packed batches), about T*B/N times less head work. The N rows'
+    logits (N, V) are formed at once: N is the batch's trained tokens, never more than the full path's B*T.
+    A model whose head cannot run outside its forward (:func:`output_head` is None: FSDP2, tensor
+    parallel) takes the full path."""
+    head = output_head(model)
+    if head is None:
+        return causal_lm(model, batch)
+    labels = batch["labels"]  # (B, T)
+    hidden, _ = model(batch["input_ids"], return_hidden=True, **packed_layout(batch))  # (B, T, C)
+    trained = labels != -1  # (B, T)
+    logits = head(hidden[trained]).float()  # (N, V)
+    loss = F.cross_entropy(logits, labels[trained])
+    return loss, {"tokens": int(trained.sum())}
+
+
 def _eval_generator(model: nn.Module) -> torch.Generator | None:
     """Training draws masks from the global RNG (seeded and checkpointed by the loop); validation
     uses a fixed generator so every validation pass scores the same corruption pattern."""
