@@ -238,3 +238,66 @@ def test_model_output_and_user_text_cannot_inject_html(page):
     assert page.evaluate("window.__pwned") is None
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webui-escaping.png"), full_page=True)
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+@pytest.fixture(scope="module")
+def tools_server(tiny_checkpoint):
+    app = create_app(tiny_checkpoint, api_keys=[API_KEY], device="cpu", tools="calculator")
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def test_tools_switch_runs_calls_shows_them_and_answers(browser, tools_server, tiny_checkpoint):
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "401" not in m.text else None)
+    page.goto(tools_server + "/")
+    page.wait_for_selector("#settings:not([hidden])")
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Tab")
+    page.wait_for_selector("#toggle-tools:not([hidden])")  # the server has tools: the switch appears
+    assert page.is_hidden("#tool-choice")
+    page.click("#toggle-tools")
+    assert page.get_attribute("#toggle-tools", "aria-pressed") == "true" and page.is_visible("#tool-choice")
+    page.select_option("#tool-choice", "required")  # a random model calls a tool only when made to
+    set_range(page, "#temperature", 1)
+    page.fill("#seed", "8")  # seeded: this sample's forced call ends within max_tokens
+    page.fill("#max-tokens", "200")
+    page.fill("#system-prompt", "")
+    with page.expect_request("**/v1/chat/completions") as first:
+        send(page, "What is 2 + 2?")
+    assert wait_answer(page, 0) == "tool_calls"
+    body = first.value.post_data_json
+    assert body["tool_choice"] == "required" and [t["function"]["name"] for t in body["tools"]] == ["calculator"]
+    call = page.locator("#transcript details.tool-call").first
+    call.locator("summary").wait_for()
+    assert "calculator" in call.locator("summary").text_content()
+    page.wait_for_selector("#transcript details.tool-call[data-done='true']", state="attached", timeout=30_000)
+    assert not call.evaluate("d => d.open")  # collapsed until clicked
+    call.locator("summary").click()
+    arguments = json.loads(call.locator(".tool-arguments").text_content())
+    assert set(arguments) == {"expression"}
+    result = call.locator(".tool-result").text_content()
+    # the page ran it on the server: the same call through the API gives the same result
+    direct = httpx.post(f"{tools_server}/v1/tools/calculator", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json=arguments).json()["content"]
+    assert result == direct and result
+    # the conversation went on with the tool turn, and the next reply is a plain answer
+    assert wait_answer(page, 1) in ("stop", "length")
+    follow_up = [r for r in page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+                 if r.endswith("/v1/chat/completions")]
+    assert len(follow_up) == 2
+    history = page.evaluate("chat.history")
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[1]["tool_calls"][0]["function"]["arguments"] == json.dumps(arguments, ensure_ascii=False)
+    assert history[2] == {"role": "tool", "tool_call_id": history[1]["tool_calls"][0]["id"], "content": direct}
+    assert page.get_attribute("body", "data-state") == "idle"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webui-tools.png"), full_page=True)
+    context.close()
+    assert not errors, f"the page logged errors: {errors}"

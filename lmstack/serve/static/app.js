@@ -20,6 +20,13 @@
  *   a finished reply can be rated (thumbs up / down) or edited (the edit becomes "chosen", the original
  *   "rejected"). Each judgement is POSTed to /v1/feedback with the prompt the reply answered, the model
  *   and the sampling settings; the server appends it to its feedback file.
+ * - Tools (only when the server was started with --tools, as GET /v1/tools says): the Tools switch
+ *   sends the server's tools with each request, with tool_choice from the select next to it ("auto":
+ *   the model decides; "required": the first reply must call one, later ones decide). Streamed tool-call
+ *   deltas are put together by index; each call is run through POST /v1/tools/{name} and shown as a
+ *   collapsible box (name, arguments, result); the assistant turn with tool_calls and the tool turns go
+ *   into the history and the conversation continues until a reply without calls, at most
+ *   MAX_TOOL_ROUNDS rounds (the round after the last offers tool_choice "none"). Not in feedback mode.
  */
 "use strict";
 
@@ -33,7 +40,10 @@ const chat = {
   feedback: false,    // whether the server collects feedback (/health)
   pairMode: false,    // feedback mode: two replies per message, pick one
   pendingPair: false, // two replies wait for the person's pick before the conversation goes on
+  tools: [],          // the server's built-in tools (GET /v1/tools), as OpenAI function definitions
+  toolsOn: false,     // the Tools switch: offer them to the model and run the calls it makes
 };
+const MAX_TOOL_ROUNDS = 4;  // tool rounds per message; the round after the last one offers no tools
 
 // ------------------------------------------------------------------ safe markdown -> DOM
 
@@ -223,6 +233,7 @@ async function loadModel() {
     select.hidden = ids.length < 2;
     $("model-name").textContent = chat.model;
     await loadFeedback();
+    await loadTools();
   } catch (err) {
     $("model-name").textContent = `server unreachable: ${err.message}`;
   }
@@ -291,13 +302,38 @@ async function send(text) {
   if (chat.pendingPair) { setStatus("Pick the better of the two replies first (or start a new chat)."); return; }
   chat.history.push({ role: "user", content: text });
   addMessage("user", text);
-  const body = requestBody();
   const pair = chat.pairMode;
-  if (pair) body.n = 2;
+  const useTools = chat.toolsOn && !pair && chat.tools.length > 0;
+  chat.controller = new AbortController();
+  setBusy(true);
+  try {
+    for (let round = 0; ; round++) {
+      const body = requestBody();
+      if (pair) body.n = 2;
+      if (useTools) {
+        body.tools = chat.tools;
+        // "required" forces the first reply to call a tool; after that the model decides, and the last
+        // round allowed offers no tools so that the conversation ends with an answer
+        body.tool_choice = round >= MAX_TOOL_ROUNDS ? "none" : (round === 0 ? $("tool-choice").value : "auto");
+      }
+      const reply = await streamReply(body, pair);
+      if (!reply.toolCalls.length || reply.finish) break;
+      if (!(await runToolCalls(reply))) break;
+    }
+  } finally {
+    chat.controller = null;
+    setBusy(false);
+    $("prompt").focus();
+  }
+}
+
+// One request: streams the reply (or two, in pair mode) into new transcript nodes, then records it.
+// Returns {toolCalls, finish, node, answer}: the calls of a "tool_calls" reply, still to be run.
+async function streamReply(body, pair) {
   // what a judgement of these replies records: the conversation they answer, the model, the sampling
   const context = {
     model: body.model,
-    prompt: body.messages.map((m) => ({ role: m.role, content: m.content })),
+    prompt: body.messages.map((m) => ({ role: m.role, content: m.content || "" })),
     sampling: { temperature: body.temperature, top_p: body.top_p, max_tokens: body.max_tokens,
                 seed: body.seed === undefined ? null : body.seed },
   };
@@ -319,6 +355,7 @@ async function send(text) {
   nodes.forEach((node) => node.classList.add("streaming"));
   const answers = nodes.map(() => "");
   const finishes = nodes.map(() => null);
+  const calls = [];   // tool calls of the first choice, assembled from their deltas by index
   let finish = null;  // "stopped" | "error" for the whole request
   let usage = null;
   let frame = 0;  // pending animation frame, 0 = none
@@ -329,8 +366,6 @@ async function send(text) {
     scrollToEnd();
   };
 
-  chat.controller = new AbortController();
-  setBusy(true);
   setStatus("generating…");
   try {
     const response = await fetch("/v1/chat/completions", {
@@ -347,6 +382,13 @@ async function send(text) {
         if (choice.delta && choice.delta.content) {
           answers[i] += choice.delta.content;
           if (!frame) frame = requestAnimationFrame(render);
+        }
+        for (const piece of (choice.delta && choice.delta.tool_calls) || []) {
+          if (i !== 0) continue;
+          const call = calls[piece.index] || (calls[piece.index] = { id: "", name: "", arguments: "" });
+          if (piece.id) call.id = piece.id;
+          if (piece.function && piece.function.name) call.name = piece.function.name;
+          if (piece.function && piece.function.arguments) call.arguments += piece.function.arguments;
         }
         if (choice.finish_reason) finishes[i] = choice.finish_reason;
       }
@@ -374,19 +416,75 @@ async function send(text) {
       node.dataset.finishReason = finish || finishes[i] || "";
       if (finish === "stopped") node.append(el("span", "meta", "(stopped)"));
     });
-    const answered = answers.some((a) => a) || finish !== "error";
-    if (!answered) {
-      chat.history.pop(); // the request failed outright: forget the unanswered user turn
-    } else if (pair) {
-      offerPair(nodes, answers, context);
-    } else {
-      chat.history.push({ role: "assistant", content: answers[0] });
-      if (chat.feedback && answers[0].trim()) addReplyFeedback(nodes[0], context, chat.history.length - 1);
-    }
-    chat.controller = null;
-    setBusy(false);
-    $("prompt").focus();
   }
+  const toolCalls = finishes[0] === "tool_calls" && !finish ? calls.filter(Boolean) : [];
+  const answered = answers.some((a) => a) || finish !== "error" || toolCalls.length;
+  if (!answered) {
+    if (chat.history.at(-1).role === "user") chat.history.pop(); // failed outright: forget the unanswered turn
+  } else if (toolCalls.length) {
+    nodes[0].classList.add("tool-round");
+    chat.history.push({ role: "assistant", content: answers[0] || null, tool_calls: toolCalls.map((c) => ({
+      id: c.id, type: "function", function: { name: c.name, arguments: c.arguments } })) });
+  } else if (pair) {
+    offerPair(nodes, answers, context);
+  } else {
+    chat.history.push({ role: "assistant", content: answers[0] });
+    if (chat.feedback && answers[0].trim()) addReplyFeedback(nodes[0], context, chat.history.length - 1);
+  }
+  return { toolCalls, finish, node: nodes[0] };
+}
+
+// ------------------------------------------------------------------ tools
+
+async function loadTools() {
+  let tools = [];
+  try {
+    const response = await fetch("/v1/tools", { headers: headers() });
+    if (response.ok) tools = (await response.json()).data || [];
+  } catch (_) { /* no tools */ }
+  chat.tools = tools;
+  $("toggle-tools").hidden = !tools.length;
+  $("toggle-tools").title = tools.length
+    ? `Let the model call the server's tools: ${tools.map((t) => t.function.name).join(", ")}` : "";
+  if (!tools.length) setToolsOn(false);
+}
+
+function setToolsOn(on) {
+  chat.toolsOn = on;
+  $("toggle-tools").setAttribute("aria-pressed", String(on));
+  $("tool-choice").hidden = !on;
+}
+
+// Runs the calls of one reply through the server's built-in tools, one collapsible box per call, and
+// appends the tool turns; false when the person stopped it.
+async function runToolCalls(reply) {
+  let box = reply.node;
+  for (const call of reply.toolCalls) {
+    const details = el("details", "tool-call");
+    details.dataset.name = call.name;
+    const summary = el("summary", "", `tool call: ${call.name}`);
+    const result = el("pre", "tool-result", "running…");
+    details.append(summary, el("div", "tool-label", "arguments"), el("pre", "tool-arguments", call.arguments),
+                   el("div", "tool-label", "result"), result);
+    box.after(details);
+    box = details;
+    scrollToEnd();
+    setStatus(`running tool ${call.name}…`);
+    let content;
+    try {
+      const response = await fetch(`/v1/tools/${encodeURIComponent(call.name)}`, {
+        method: "POST", headers: headers(), body: call.arguments || "{}", signal: chat.controller.signal,
+      });
+      content = response.ok ? (await response.json()).content : `error: ${await errorMessage(response)}`;
+    } catch (err) {
+      if (err.name === "AbortError") { result.textContent = "(stopped)"; setStatus("stopped"); return false; }
+      content = `error: ${err.message}`;
+    }
+    result.textContent = content;
+    details.dataset.done = "true";
+    chat.history.push({ role: "tool", tool_call_id: call.id, content });
+  }
+  return true;
 }
 
 // ------------------------------------------------------------------ feedback
@@ -536,12 +634,14 @@ function init() {
   });
   $("toggle-settings").addEventListener("click", () => showSettings($("settings").hidden));
   $("toggle-feedback").addEventListener("click", () => setPairMode(!chat.pairMode));
+  $("toggle-tools").addEventListener("click", () => setToolsOn(!chat.toolsOn));
   $("model-select").addEventListener("change", () => {
     chat.model = $("model-select").value;
     $("model-name").textContent = chat.model;
     localStorage.setItem("lmstack.model", chat.model);
   });
   setPairMode(false);
+  setToolsOn(false);
   loadModel();
 }
 
