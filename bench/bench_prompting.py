@@ -49,7 +49,9 @@ from lmstack.prompting.run import (
     evaluate_strategy,
     question_text,
     run_reasoning,
+    strip_frame,
 )
+from lmstack.prompting.select import DemoSelector, task_pool
 
 OUT = Path("bench/results/prompting")
 
@@ -208,10 +210,13 @@ def section_cot(lm: EvalLM, args) -> dict:
         examples = task.examples()[:args.limit]
         start = time.perf_counter()
         if strategy == "direct":
-            pool = task.fewshot_pool()[:args.k]
-            prefix = "".join(reasoning.direct_demonstration(question_text(task, d),
-                                                            reasoning.extract_final_answer(d.answers[0])) + "\n\n"
-                             for d in pool)
+            # the very demonstrations the CoT prompt shows (same seeded draw as run.py's _cot_prefix), with
+            # their rationales removed, so the two prompts differ only in the reasoning
+            worked = [d for d in task_pool(task) if d.rationale or reasoning.extract_final_answer(d.answer)]
+            chosen = DemoSelector(worked, k=args.k, seed=args.seed, fixed=True).select("", "")
+            prefix = "".join(reasoning.direct_demonstration(strip_frame(d.query),
+                                                            reasoning.extract_final_answer(d.answer)) + "\n\n"
+                             for d in chosen)
             requests = [reasoning.GenerationRequest(prefix + reasoning.qa_prompt(question_text(task, ex)),
                                                     ["\n\n", "\nQ:"], max_tokens) for ex in examples]
             finals = [t[0] for t in lm.generate(requests, seed=args.seed)]

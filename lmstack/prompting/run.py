@@ -51,7 +51,7 @@ class StrategyOptions:
 
 
 def question_text(task: Task, ex: Example) -> str:
-    return str(ex.meta["question"]) if "question" in ex.meta else _strip_frame(task.doc_to_text(ex))
+    return str(ex.meta["question"]) if "question" in ex.meta else strip_frame(task.doc_to_text(ex))
 
 
 def _embedder(lm: Any, spec: str) -> Embedder:
@@ -78,17 +78,18 @@ def _cot_prefix(task: Task, options: StrategyOptions, seed: int, direct_fallback
     worked = [d for d in pool if d.rationale or reasoning.extract_final_answer(d.answer)]
     if not worked and direct_fallback:
         chosen = DemoSelector(pool, k=options.k, seed=seed, fixed=True).select("", "")
-        return "".join(reasoning.direct_demonstration(_strip_frame(d.query), d.answer) + "\n\n" for d in chosen)
+        return "".join(reasoning.direct_demonstration(strip_frame(d.query), d.answer) + "\n\n" for d in chosen)
     if not worked:
         raise UserError(f"{task.name}: its demonstrations carry no rationales; give --demos FILE with "
                         '"question", "rationale" and "answer" fields, or use --strategy zero-shot-cot or auto-cot')
     chosen = DemoSelector(worked, k=options.k, seed=seed, fixed=True).select("", "")
-    return "".join(reasoning.cot_demonstration(_strip_frame(d.query), d.rationale or d.answer,
+    return "".join(reasoning.cot_demonstration(strip_frame(d.query), d.rationale or d.answer,
                                                reasoning.extract_final_answer(d.answer) or d.answer) + "\n\n"
                    for d in chosen)
 
 
-def _strip_frame(text: str) -> str:
+def strip_frame(text: str) -> str:
+    """A task prompt without its ``Question: ... Answer:`` frame (the bare question demonstrations reuse)."""
     text = text.strip()
     text = text.removeprefix("Question:")
     return (text.removesuffix("Answer:")).strip()
