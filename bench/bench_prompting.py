@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -255,10 +256,12 @@ def main() -> None:
     # prompt (GSM8K with 4 rationales + 96 new tokens < 1,024) makes every decode step cheaper on a CPU
     lm = EvalLM(ckpt.model, ckpt.tokenizer, backend="shared", batch_size=16, max_length=args.max_length,
                 name=args.model)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     result = {"shots": section_shots, "select": section_select, "majk": section_majk, "cot": section_cot}[
         args.section](lm, args)
-    result.update(model=args.model, seed=args.seed, seconds=time.perf_counter() - start, command=" ".join(sys.argv))
+    result.update(model=args.model, seed=args.seed, seconds=time.perf_counter() - start, command=" ".join(sys.argv),
+                  machine=f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+                  load_average_start=load_start, load_average_end=os.getloadavg())
     name = f"{args.section}_{args.task}" if args.section in ("shots", "select") else args.section
     write_json_atomic(OUT / f"{name}.json", result, indent=1)
     print(f"wrote {OUT / (name + '.json')} ({result['seconds']:.0f} s)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -207,7 +208,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
-    wall = time.perf_counter()
+    wall, load_start = time.perf_counter(), os.getloadavg()
     summaries = [v for v in wiki_summaries().values() if v.get("extract", "").strip()
                  and (v.get("description") or "").strip()]
     if not (work / "index" / "manifest.json").is_file():
@@ -234,6 +235,8 @@ def main() -> None:
         print(json.dumps({name: {c: {k: v for k, v in part[c].items() if k != "examples"} for c in CONDITIONS}
                           | {"recall_at_k": part["recall_at_k"], "paired": part["paired"]}}), flush=True)
     results["wall_seconds"] = time.perf_counter() - wall
+    results["machine"] = f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+    results["load_average_start"], results["load_average_end"] = load_start, os.getloadavg()
     write_json_atomic(out / "rag_qa.json", results, indent=1)
     if {"choose", "name"} <= set(sections):
         plot(results, out / "rag_qa.png")
