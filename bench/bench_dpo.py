@@ -3,6 +3,7 @@ plain DPO against DPO with the chosen-NLL term (``dpo.sft_weight``, RPO) in the 
 
     python bench/bench_dpo.py                         # ~15 min on an idle 2-core CPU (reuses bench_sft's base)
     python bench/bench_dpo.py --seeds 0,1,2 --sft-weights 0,0.5,1 --dpo-steps 300
+    python bench/bench_dpo.py --jobs 4 --threads 1   # the four DPO runs side by side (a busy machine)
     python bench/bench_dpo.py --replot                # redraw the plot and the table from OUT/results.json
 
 Pipeline, through the real command line:
@@ -28,9 +29,11 @@ Measures, the SFT model measured in the same run:
 * the mean summed log-probability of the chosen and of the rejected held-out completions, per rule, for the SFT
   model and every DPO checkpoint (four per run): the trajectories that show whether DPO lowers the chosen
   completions along with the rejected ones;
-* rule-following of greedy samples (:class:`lmstack.engine.Engine`, at most 40 tokens) on the held-out prompts,
+* rule-following of greedy replies (:class:`lmstack.engine.Engine`, at most 40 tokens) on the held-out prompts,
   per rule (lmstack.data.preference.follows_rule): the exact answer (``arithmetic``), the bare answer with
-  nothing else (``concise``), a reply starting with the refusal (``refusal``).
+  nothing else (``concise``), a reply starting with the refusal (``refusal``); and the same for 4 replies per
+  prompt sampled at temperature 1 (seeded), which sees the whole distribution: the SFT model imitated good and
+  bad replies alike, so its most likely reply can follow a rule while a sample often does not.
 
 Outputs: OUT/results.json and OUT/dpo_effects.png (default OUT: bench/results/dpo); the Markdown table to stdout.
 Caveats: a ~1M-parameter model; synthetic rules; few seeds; the numbers say what DPO changes, not how a large
@@ -43,6 +46,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +61,7 @@ from bench_sft import build_base, lmstack  # noqa: E402  (the same base as the S
 from lmstack.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 RULES = ("arithmetic", "concise", "refusal")
+SAMPLES = 4  # temperature-1 replies per held-out prompt
 
 
 def _reusable(run: Path, settings: dict) -> bool:
@@ -123,8 +128,17 @@ def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None) -> d
     for pair, out in zip(test, outputs):
         follows[pair["rule"]].append(follows_rule(pair, out.outputs[0].text))
     examples = [{"prompt": p["prompt"], "output": o.outputs[0].text} for p, o in list(zip(test, outputs))[:6]]
+    # the same prompts sampled at temperature 1, SAMPLES replies each, seeded per prompt: the whole distribution,
+    # which greedy decoding hides when the most likely reply already follows the rule
+    sampled = engine.generate(prompts, [SamplingParams(max_tokens=40, temperature=1.0, stop_token_ids=[end_id],
+                                                       n=SAMPLES, seed=1000 * i) for i in range(len(prompts))])
+    follows_sampled: dict[str, list[bool]] = {rule: [] for rule in RULES}
+    for pair, out in zip(test, sampled):
+        follows_sampled[pair["rule"]] += [follows_rule(pair, o.text) for o in out.outputs]
     return {**result, "rule_following": {rule: sum(v) / len(v) for rule, v in follows.items()},
-            "rule_following_all": sum(sum(v) for v in follows.values()) / len(test), "examples": examples}
+            "rule_following_all": sum(sum(v) for v in follows.values()) / len(test), "examples": examples,
+            "sampled_rule_following": {rule: sum(v) / len(v) for rule, v in follows_sampled.items()},
+            "sampled_rule_following_all": sum(sum(v) for v in follows_sampled.values()) / (SAMPLES * len(test))}
 
 
 def trajectory(run: Path, test: list[dict], sft: dict) -> list[dict]:
@@ -137,6 +151,25 @@ def trajectory(run: Path, test: list[dict], sft: dict) -> list[dict]:
         points.append({"step": int(path.name.split("_")[-1]),
                        "logps": rule_logps(ckpt.model.eval(), ckpt.tokenizer, test)["logps"]})
     return points
+
+
+def run_concurrently(runs: list[tuple[Path, dict, list[str]]], jobs: int, threads: int) -> None:
+    """Run the ``lmstack`` commands of ``runs`` (run directory, settings, arguments), ``jobs`` at a time, each with
+    ``threads`` intra-op threads; a finished run gets its bench_settings.json, a failed one stops the bench."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    waiting, active = list(runs), []
+    while waiting or active:
+        while waiting and len(active) < jobs:
+            run, settings, args = waiting.pop(0)
+            print("$ lmstack " + " ".join(args), file=sys.stderr, flush=True)
+            active.append((run, settings, subprocess.Popen([sys.executable, "-m", "lmstack.cli", *args], env=env)))
+        time.sleep(2)
+        for entry in [e for e in active if e[2].poll() is not None]:
+            run, settings, process = entry
+            if process.returncode != 0:
+                raise SystemExit(f"lmstack dpo for {run} failed (exit {process.returncode})")
+            write_json_atomic(run / "bench_settings.json", settings)
+            active.remove(entry)
 
 
 def variant_name(weight: float) -> str:
@@ -153,23 +186,23 @@ def plot(results: dict, path: Path) -> None:
     (rules_axis, accuracy_axis), (chosen_axis, rejected_axis) = axes
     sft, variants = results["sft"], results["variants"]
     colors = ["tab:blue", "tab:green", "tab:purple", "tab:red"]
-    labels = [*RULES, "all"]
+    labels = [*RULES, "all", "all, sampled\n(T=1, 4 per prompt)"]
     width = 0.8 / (len(variants) + 1)
 
     def rule_values(e: dict) -> list[float]:
-        return [e["rule_following"][r] for r in RULES] + [e["rule_following_all"]]
+        return [e["rule_following"][r] for r in RULES] + [e["rule_following_all"], e["sampled_rule_following_all"]]
 
-    rules_axis.bar([i - 0.4 + width / 2 for i in range(4)], rule_values(sft), width, label="SFT (before)",
+    rules_axis.bar([i - 0.4 + width / 2 for i in range(5)], rule_values(sft), width, label="SFT (before)",
                    color="tab:gray")
     for k, (name, seeds) in enumerate(variants.items()):
-        xs = [i - 0.4 + width * (k + 1.5) for i in range(4)]
+        xs = [i - 0.4 + width * (k + 1.5) for i in range(5)]
         per_seed = [rule_values(e) for e in seeds.values()]
         rules_axis.bar(xs, [statistics.fmean(v) for v in zip(*per_seed)], width, color=colors[k % 4],
                        label=f"{name} (mean of {len(seeds)} seeds)")
         for x, values in zip(xs, zip(*per_seed)):
             rules_axis.scatter([x] * len(values), values, color="black", s=10, zorder=3)
-    rules_axis.set_xticks(range(4), labels)
-    rules_axis.set_ylabel("greedy samples that follow the rule")
+    rules_axis.set_xticks(range(5), labels)
+    rules_axis.set_ylabel("replies that follow the rule (greedy unless marked)")
     rules_axis.set_ylim(0, 1.1)
     rules_axis.set_title(f"rule-following on {results['n_test']} held-out prompts (dots: seeds)")
     rules_axis.legend(fontsize=8)
@@ -231,12 +264,21 @@ def markdown(results: dict) -> str:
     for name, seeds in results["variants"].items():
         for seed, e in seeds.items():
             lines.append(row(f"{name}, seed {seed}", e))
-    lines += ["", "| model | all rules, mean over seeds | seeds |", "|---|---|---|",
-              f"| SFT (before) | {sft['rule_following_all']:.1%} | - |"]
+    lines += ["", f"Sampled replies (temperature 1, {SAMPLES} per prompt, seeded), share that follow the rule:", "",
+              "| model | " + " | ".join(RULES) + " | all rules |", "|---|" + "---|" * (len(RULES) + 1)]
+    for name, e in [("SFT (before)", sft)] + [(f"{name}, seed {seed}", e) for name, seeds in
+                                               results["variants"].items() for seed, e in seeds.items()]:
+        lines.append(f"| {name} | " + " | ".join(f"{e['sampled_rule_following'][r]:.0%}" for r in RULES)
+                     + f" | {e['sampled_rule_following_all']:.1%} |")
+    lines += ["", "| model | greedy, all rules: mean over seeds (seeds) | sampled, all rules: mean (seeds) |",
+              "|---|---|---|", (f"| SFT (before) | {sft['rule_following_all']:.1%} | "
+                                f"{sft['sampled_rule_following_all']:.1%} |")]
     for name, seeds in results["variants"].items():
-        values = [e["rule_following_all"] for e in seeds.values()]
-        lines.append(f"| {name} | {statistics.fmean(values):.1%} | "
-                     + ", ".join(f"{v:.1%}" for v in values) + " |")
+        cells = []
+        for key in ("rule_following_all", "sampled_rule_following_all"):
+            values = [e[key] for e in seeds.values()]
+            cells.append(f"{statistics.fmean(values):.1%} ({', '.join(f'{v:.1%}' for v in values)})")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     rm = results["reward_model"]
     lines += ["", (f"Reward model (`lmstack reward`, {rm['steps']} steps, seed {rm['seed']}): held-out pair "
                    f"accuracy {rm['accuracy']:.1%} on {results['n_test']} pairs.")]
@@ -267,7 +309,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1, help="dpo.beta (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-4, help="DPO learning rate (default: %(default)s)")
     ap.add_argument("--reward-lr", type=float, default=5e-4, help="reward-model learning rate (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads per process (default: %(default)s)")
+    ap.add_argument("--jobs", type=int, default=1, help="DPO runs trained at once (default: %(default)s)")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from OUT/results.json")
     a = ap.parse_args()
     if a.replot:
@@ -301,27 +344,28 @@ def main() -> None:
     print("evaluating the SFT model", file=sys.stderr, flush=True)
     results["sft"] = evaluate(sft_model, test, None)
     results["variants"], results["trajectories"], results["dpo_curves"] = {}, {}, {}
+    planned, pending = [], []
     for weight in [float(w) for w in a.sft_weights.split(",") if w.strip()]:
-        name = variant_name(weight)
-        results["variants"][name], results["trajectories"][name], results["dpo_curves"][name] = {}, {}, {}
         for seed in seeds:
             run = work / (f"dpo-seed{seed}" if weight == 0 else f"dpo-nll{weight:g}-seed{seed}")
             settings = {"sft_steps": a.sft_steps, "dpo_steps": a.dpo_steps, "lr": a.lr, "beta": a.beta,
                         "n_train": a.n_train, "sft_weight": weight, "seed": seed}
+            planned.append((variant_name(weight), seed, run))
             if not _reusable(run, settings):
-                lmstack("dpo", "--model", str(sft_model), "--data", str(work / "pairs_train.jsonl"), "--out", str(run),
-                        "--overwrite", f"train.max_steps={a.dpo_steps}", "train.batch_size=16", f"optim.lr={a.lr}",
-                        f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
-                        f"train.ckpt_every={a.dpo_steps // 4}", "train.keep_last=4", "train.log_every=10",
-                        f"train.seed={seed}", f"dpo.beta={a.beta}", f"dpo.sft_weight={weight}", *common,
-                        threads=a.threads)
-                write_json_atomic(run / "bench_settings.json", settings)
-            results["variants"][name][str(seed)] = evaluate(run / "model", test, sft_model)
-            results["trajectories"][name][str(seed)] = trajectory(run, test, results["sft"])
-            results["dpo_curves"][name][str(seed)] = [r for r in read_metrics(run / "metrics.jsonl")
-                                                      if "reward_accuracy" in r and "val_loss" not in r]
-            print(f"{name} seed {seed}: {results['variants'][name][str(seed)]['rule_following']}", file=sys.stderr,
-                  flush=True)
+                pending.append((run, settings, [
+                    "dpo", "--model", str(sft_model), "--data", str(work / "pairs_train.jsonl"), "--out", str(run),
+                    "--overwrite", f"train.max_steps={a.dpo_steps}", "train.batch_size=16", f"optim.lr={a.lr}",
+                    f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
+                    f"train.ckpt_every={a.dpo_steps // 4}", "train.keep_last=4", "train.log_every=10",
+                    f"train.seed={seed}", f"dpo.beta={a.beta}", f"dpo.sft_weight={weight}", *common]))
+    run_concurrently(pending, a.jobs, a.threads)
+    for name, seed, run in planned:
+        results["variants"].setdefault(name, {})[str(seed)] = evaluate(run / "model", test, sft_model)
+        results["trajectories"].setdefault(name, {})[str(seed)] = trajectory(run, test, results["sft"])
+        results["dpo_curves"].setdefault(name, {})[str(seed)] = [r for r in read_metrics(run / "metrics.jsonl")
+                                                                 if "reward_accuracy" in r and "val_loss" not in r]
+        print(f"{name} seed {seed}: {results['variants'][name][str(seed)]['rule_following']}", file=sys.stderr,
+              flush=True)
     rm_settings = {"sft_steps": a.sft_steps, "reward_steps": a.reward_steps, "lr": a.reward_lr, "seed": seeds[0],
                    "n_train": a.n_train}
     if not _reusable(work / "rm", rm_settings):

@@ -69,8 +69,9 @@ def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_
                        "rejected": statistics.fmean(r for r, p in zip(rejected, test) if p["rule"] == rule)}
                 for rule in RULES if any(p["rule"] == rule for p in test)}
     print(f"  log-probs done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-    engine = Engine(model, tok, max_num_seqs=32, device="cpu")
     prompts = [tok.render_chat([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)[0] for p in test]
+    engine = Engine(model, tok, max_num_seqs=32, device="cpu",  # the KV pool sized for these prompts, not 8k tokens
+                    max_model_len=max(map(len, prompts)) + max_tokens)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     follows: dict[str, list[bool]] = {rule: [] for rule in RULES}
     for pair, out in zip(test, outputs):
