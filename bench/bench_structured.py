@@ -19,7 +19,10 @@ the same minute, and the table reports the medians.
 Honest caveats: once a row's JSON is complete only the stop token is allowed, and with ``ignore_eos`` the
 row goes on emitting it; those masks are cheap, so the column "in grammar" reports the share of generated
 tokens produced before the document was complete (the rest are stop tokens). A tiny model's forward is
-so cheap that the mask weighs far more there than beside a real model's forward.
+so cheap that the mask weighs far more there than beside a real model's forward. ``--threads`` defaults
+to 1: on an oversubscribed CPU, two torch threads spin-waiting for each other made the forward of
+SmolLM2 ~10x slower in some configurations and not in others (the free and plain runs, but not the fast
+one), which no ratio survives; with one thread the three runs behave alike.
 Outputs: OUT/results.json (default bench/results/structured); the Markdown table goes to stdout.
 """
 
@@ -123,8 +126,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (on a shared CPU, 2 spinning threads distort the forward many times over)")
     parser.add_argument("--out", default="bench/results/structured")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     machine = f"{platform.processor() or platform.machine()}, device {args.device}, {torch.get_num_threads()} " \
               f"torch threads, torch {torch.__version__}"
     print(f"machine: {machine}; tokens/row={args.tokens}, greedy, ignore_eos, repeats={args.repeats}")
