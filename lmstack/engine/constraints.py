@@ -37,7 +37,9 @@ Two ways to compute the masks of a batch, giving bit-identical masks (a parity t
 
 Honest caveats: the fast path hides the mask time behind the forward only while the forward is the
 longer of the two and a core is free for the executor (on a 2-core CPU the forward's own threads
-compete with it); ``bench/bench_structured.py`` measures both paths against unconstrained decoding.
+compete with it), and handing a single row to the worker costs more than computing its mask inline when
+the forward takes a few ms (a tiny model at batch 1); ``bench/bench_structured.py`` measures both paths
+against unconstrained decoding.
 ``llguidance.torch`` is not imported (it compiles a kernel with ``torch.compile`` at import time,
 seconds); the executor is called directly.
 """
