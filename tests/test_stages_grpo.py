@@ -213,3 +213,87 @@ def test_one_update_per_rollout_skips_the_behaviour_pass_with_the_same_loss_and_
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
     assert metrics_a["ratio"] == pytest.approx(1.0, abs=1e-5) and metrics_b["ratio"] == 1.0
     assert metrics_b["kl_old"] == 0.0
+
+
+def _rows_with_shared_prompts():
+    """Rollout-like rows: three prompts of different lengths, each sampled several times, rows shuffled (as a
+    minibatch is), responses of different lengths, right-padded."""
+    from lmstack.train.rollout import pad_sequences
+
+    torch.manual_seed(1)
+    prompts = [torch.randint(5, 100, (n,)).tolist() for n in (5, 3, 7)]
+    which = [0, 1, 0, 2, 1, 0, 2, 2]
+    responses = [torch.randint(5, 100, (n,)).tolist() for n in (3, 1, 6, 2, 4, 5, 1, 3)]
+    return pad_sequences([prompts[w] for w in which], responses, pad_id=0), len(prompts)
+
+
+class _Opaque(torch.nn.Module):
+    """The same decoder behind a wrapper the fast path does not recognise: the plain full forward runs."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx, *args, **kwargs):
+        return self.inner(idx, *args, **kwargs)
+
+
+def test_shared_prompt_logprobs_equal_the_full_forward_and_run_each_prompt_once(base):
+    """response_logprobs: every distinct prompt runs once, and the response log-probs, entropies and their
+    gradients equal the plain full forward's (token_logprobs over model(input_ids)); 0 outside the response."""
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.train.rl_losses import token_logprobs
+    from lmstack.train.shared_prompt import response_logprobs, supports_shared_prompt
+
+    model = load_checkpoint(base / "model").model.train()
+    (input_ids, mask), distinct = _rows_with_shared_prompts()
+    assert supports_shared_prompt(model) and not supports_shared_prompt(_Opaque(model))
+    rows_seen = []
+    hook = model.tok_emb.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+    fast, fast_entropy = response_logprobs(model, input_ids, mask, temperature=0.8)
+    hook.remove()
+    assert [shape[0] for shape in rows_seen] == [distinct, input_ids.shape[0]]  # prompts once, then responses
+    assert rows_seen[0][1] == 7 and rows_seen[1][1] == 6  # the longest prompt, the longest response
+    plain, plain_entropy = token_logprobs(model(input_ids)[0], input_ids, temperature=0.8)
+    assert torch.allclose(fast, plain * mask, atol=1e-5) and bool((fast[mask == 0] == 0).all())
+    assert torch.allclose(fast_entropy, plain_entropy * mask, atol=1e-5)
+    weights = torch.randn(mask.shape)  # a loss that weighs every response token differently
+    grads = []
+    for logprobs in (fast, plain):
+        model.zero_grad()
+        (logprobs * mask * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+@pytest.mark.parametrize("loss_norm,beta,algorithm", [("token", 0.0, "grpo"), ("sequence", 0.1, "grpo"),
+                                                      ("dr_grpo", 0.0, "reinforce")])
+def test_grpo_objective_on_the_shared_prompt_path_equals_the_plain_path(base, loss_norm, beta, algorithm):
+    """The stage's objective takes the shared-prompt path for an lmstack GPT; the same objective on the same
+    weights behind an unrecognised wrapper takes the full forward. Loss, metrics and gradients agree."""
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.config import GRPOConfig
+    from lmstack.stages.grpo import grpo_objective
+    from lmstack.train.rollout import sequence_logprobs
+
+    model = load_checkpoint(base / "model").model.train()
+    (input_ids, mask), _ = _rows_with_shared_prompts()
+    old, _ = sequence_logprobs(model, input_ids, temperature=0.9)  # the plain behaviour pass
+    ref = old * mask - 0.05 * mask  # a reference that differs a little
+    batch = {"input_ids": input_ids, "response_mask": mask, "advantages": torch.randn(input_ids.shape[0]),
+             "old_logprobs": old * mask, "ref_logprobs": ref}
+    objective = grpo_objective(GRPOConfig(temperature=0.9, loss_norm=loss_norm, beta=beta, algorithm=algorithm))
+    results = []
+    for runner in (model, _Opaque(model)):
+        model.zero_grad()
+        loss, metrics = objective.fn(runner, batch)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]))
+    (fast_loss, fast_metrics, fast_grads), (plain_loss, plain_metrics, plain_grads) = results
+    assert torch.allclose(fast_loss, plain_loss, atol=1e-6) and plain_loss.abs() > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, plain_grads))
+    for key in ("entropy", "ratio", "kl_old", "tokens"):
+        assert fast_metrics[key] == pytest.approx(plain_metrics[key], abs=1e-5)
+    shared, _ = sequence_logprobs(model, input_ids, temperature=0.9, response_mask=mask)  # behaviour pass, shared
+    assert torch.allclose(shared, old * mask, atol=1e-5)

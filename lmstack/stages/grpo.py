@@ -19,7 +19,9 @@ The loss per response token (lmstack/train/rl_losses.py): the clipped ratio ``-m
 the group-mean baseline and no std scaling), plus ``grpo.beta * k3`` to a frozen reference (the starting
 model; default off, and then no reference is kept), reduced by ``grpo.loss_norm``: ``sequence`` (GRPO),
 ``token`` (DAPO) or ``dr_grpo`` (sum over tokens / (N x grpo.max_tokens)). Log-probs are those of
-``softmax(logits / grpo.temperature)`` over the whole vocabulary, whatever top-k / top-p the sampler uses.
+``softmax(logits / grpo.temperature)`` over the whole vocabulary, whatever top-k / top-p the sampler uses;
+every log-prob pass (update, behaviour, reference) runs each distinct prompt of its rows once and the
+output head at response positions only (lmstack/train/shared_prompt.py; equal to the full forward).
 
 Rewards (``--reward``): ``task:NAME`` scores each completion with the evaluation task's reward
 (lmstack/evals: ``Task.reward(example, text)``; a prompt record's ``answer``/``answers`` become the example's
@@ -392,7 +394,8 @@ class GRPOCollector:
             batch["old_logprobs"] = rollout.old_logprobs
         if self.reference is not None:
             self.reference.to(scorer_device(self.sampler.model))
-            ref, _ = sequence_logprobs(self.reference, rollout.input_ids, cfg.temperature)
+            ref, _ = sequence_logprobs(self.reference, rollout.input_ids, cfg.temperature,
+                                       response_mask=rollout.response_mask)
             batch["ref_logprobs"] = ref * rollout.response_mask
         return batch
 
@@ -419,16 +422,13 @@ class GRPOCollector:
 def grpo_objective(cfg: GRPOConfig):
     """The GRPO / REINFORCE loss on a minibatch of rollout rows (module docstring)."""
     from lmstack.train.losses import Objective
-    from lmstack.train.rl_losses import (
-        clipped_policy_loss,
-        kl_estimate,
-        reinforce_loss,
-        token_logprobs,
-    )
+    from lmstack.train.rl_losses import clipped_policy_loss, kl_estimate, reinforce_loss
+    from lmstack.train.shared_prompt import rollout_logprobs
 
     def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         input_ids, mask = batch["input_ids"], batch["response_mask"]
-        logprobs, entropy = token_logprobs(model(input_ids)[0], input_ids, cfg.temperature)  # (N, T-1) each
+        # each distinct prompt once, the head at response positions only (equal to the full forward's numbers)
+        logprobs, entropy = rollout_logprobs(model, input_ids, mask, cfg.temperature)  # (N, T-1) each
         advantages = batch["advantages"][:, None]  # (N, 1): one advantage for every token of a sequence
         # no behaviour log-probs in the batch: one update per rollout, so the weights that sampled are these
         old_logprobs = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
@@ -475,7 +475,7 @@ def grpo(model: str | Path, prompts: list[str] | None, reward: str | None, out_d
     def build(cfg: RunConfig, dist) -> StageParts:
         policy, reference, made["lora"] = build_policy(cfg, weights, source_path, keep_reference=gcfg.beta > 0)
         weights.clear()
-        source = PromptSource(records, gcfg.eval_prompts, gcfg.seed, dist.rank, dist.world_size)
+        source = PromptSource(records, gcfg.eval_prompts, gcfg.seed, dist.dp_rank, dist.dp_size)
         longest = max(len(p) for p in GRPOCollector(None, tokenizer, source, reward_fn, gcfg, None)
                       ._encode(source.train + source.eval))
         sampler = PolicySampler(policy, tokenizer, max_model_len=min(cfg.model.block_size, longest + gcfg.max_tokens),

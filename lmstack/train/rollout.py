@@ -23,7 +23,8 @@ How it works:
   the prompt is prefilled once and its KV forked. Each request carries its own seed, so a rollout depends
   only on the weights, the prompts and the seeds (this is what makes an RL run resume exactly).
 * **Behaviour log-probs** are recomputed by one batched forward of the training model over the sampled
-  sequences (:func:`sequence_logprobs`), in eval mode and without gradients: the engine's own log-probs
+  sequences (:func:`sequence_logprobs`, each distinct prompt run once and the head at response positions
+  only: lmstack/train/shared_prompt.py), in eval mode and without gradients: the engine's own log-probs
   come from a KV-cached path and (with bf16) may differ in the last bits from the training forward, and
   the ratio in the loss must be exactly 1 on the first pass. They are log-probs of the *unfiltered*
   distribution at the sampling temperature (``softmax(logits / T)``), even when top-k or top-p filtered
@@ -57,6 +58,7 @@ from torch import nn
 from lmstack.engine import Engine, SamplingParams
 from lmstack.errors import DataError, UserError
 from lmstack.train.rl_losses import token_logprobs
+from lmstack.train.shared_prompt import rollout_logprobs
 
 Batch = dict[str, torch.Tensor]
 
@@ -100,15 +102,21 @@ def pad_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, temperature: float = 1.0,
-                      micro_batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                      micro_batch: int = 16, response_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token t+1 | prefix) and the entropy at each position under ``model``, each (N, T-1), in eval
-    mode (restored afterwards), ``micro_batch`` rows per forward."""
+    mode (restored afterwards), ``micro_batch`` rows per forward. With ``response_mask`` (N, T-1) only the
+    response positions are scored (0 elsewhere), each distinct prompt of a micro-batch run once
+    (lmstack/train/shared_prompt.py)."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
+    chunks = input_ids.split(micro_batch)
+    masks = response_mask.split(micro_batch) if response_mask is not None else (None,) * len(chunks)
     try:
-        parts = [token_logprobs(model(chunk.to(device))[0], chunk.to(device), temperature)
-                 for chunk in input_ids.split(micro_batch)]
+        parts = [token_logprobs(model(chunk.to(device))[0], chunk.to(device), temperature) if mask is None
+                 else rollout_logprobs(model, chunk.to(device), mask.to(device), temperature)
+                 for chunk, mask in zip(chunks, masks)]
     finally:
         model.train(training)
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
@@ -171,7 +179,7 @@ class PolicySampler:
         old_logprobs = None
         if behaviour_logprobs:
             old_logprobs, _ = sequence_logprobs(self.model, input_ids, params.temperature or 1.0,
-                                                self.logprob_micro_batch)
+                                                self.logprob_micro_batch, response_mask)
             old_logprobs = old_logprobs * response_mask
         return Rollout(input_ids=input_ids, response_mask=response_mask, old_logprobs=old_logprobs,
                        prompt_index=torch.tensor(index), completions=texts,
