@@ -15,7 +15,9 @@ Pipeline, through the real command line:
    behaviour alike (right and wrong sums, bare and rambling answers, refusals and compliance with made-up
    harmful requests): there is something for preferences to fix.
 3. DPO (``lmstack dpo``) from the SFT model on ``--n-train`` pairs (``python -m lmstack.data.preference
-   --make-pairs``, seed 0), one run per seed and per ``dpo.sft_weight`` in ``--sft-weights`` (0 = plain DPO); a
+   --make-pairs``, seed 0), one run per seed and per ``dpo.sft_weight`` in ``--sft-weights`` (0 = plain DPO);
+   the control, per seed: ``lmstack sft`` from the SFT model on the chosen completions alone (the NLL term
+   without DPO; same steps, batch, learning rate and schedule; its implicit reward is measured the same way); a
    reward model (``lmstack reward``) from the SFT model on the same pairs, first seed only. A run whose settings
    match a finished one in WORK is reused.
 4. Held-out pairs: ``--n-test`` pairs of seed 1. The rule space is small (16 words, 8 unsafe requests, sums
@@ -62,6 +64,7 @@ from lmstack.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 RULES = ("arithmetic", "concise", "refusal")
 SAMPLES = 4  # temperature-1 replies per held-out prompt
+CONTROL = "SFT on chosen only (control)"
 
 
 def _reusable(run: Path, settings: dict) -> bool:
@@ -311,6 +314,8 @@ def main() -> None:
     ap.add_argument("--reward-lr", type=float, default=5e-4, help="reward-model learning rate (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads per process (default: %(default)s)")
     ap.add_argument("--jobs", type=int, default=1, help="DPO runs trained at once (default: %(default)s)")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the control: SFT on the chosen completions alone, per seed (default: run it)")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from OUT/results.json")
     a = ap.parse_args()
     if a.replot:
@@ -358,6 +363,23 @@ def main() -> None:
                     f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
                     f"train.ckpt_every={a.dpo_steps // 4}", "train.keep_last=4", "train.log_every=10",
                     f"train.seed={seed}", f"dpo.beta={a.beta}", f"dpo.sft_weight={weight}", *common]))
+    if a.control:  # the chosen-NLL term alone: SFT on the chosen completions, same steps, batch, lr and schedule
+        chosen_only = work / "chosen_sft.jsonl"
+        write_text_atomic(chosen_only, "".join(json.dumps({"messages": [
+            {"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}) + "\n"
+            for p in make_preference_pairs(a.n_train, seed=0)))
+        for seed in seeds:
+            run = work / f"chosen-sft-seed{seed}"
+            settings = {"sft_steps": a.sft_steps, "dpo_steps": a.dpo_steps, "lr": a.lr, "n_train": a.n_train,
+                        "seed": seed}
+            planned.append((CONTROL, seed, run))
+            if not _reusable(run, settings):
+                pending.append((run, settings, [
+                    "sft", "--model", str(sft_model), "--data", str(chosen_only), "--out", str(run), "--overwrite",
+                    f"train.max_steps={a.dpo_steps}", "train.batch_size=16", f"optim.lr={a.lr}",
+                    f"optim.warmup_steps={a.dpo_steps // 10}", f"train.eval_every={a.dpo_steps // 4}",
+                    f"train.ckpt_every={a.dpo_steps // 4}", "train.keep_last=4", "train.log_every=10",
+                    f"train.seed={seed}", *common]))
     run_concurrently(pending, a.jobs, a.threads)
     for name, seed, run in planned:
         results["variants"].setdefault(name, {})[str(seed)] = evaluate(run / "model", test, sft_model)

@@ -1,7 +1,7 @@
 """`lmstack dpo` against TRL's DPOTrainer: optimizer steps per second on the same model, pairs, order and batch,
 measured in alternating rounds so both sides see the same machine load.
 
-    python bench/bench_dpo_trl.py                       # ~8 min on a busy 2-core CPU, defaults
+    python bench/bench_dpo_trl.py                       # ~9 min on a busy 2-core CPU (load ~16), defaults
     python bench/bench_dpo_trl.py --rounds 5 --steps 4 --references copy
     python bench/bench_dpo_trl.py --layers 0             # the whole SmolLM2-135M-Instruct (minutes per step on 2 cores)
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=4, help="layers of the reduced model (0: the whole base model)")
     ap.add_argument("--width", type=int, default=256, help="width of the reduced model")
     ap.add_argument("--trl-python", default="runs/venv-trl/bin/python", help="python with trl")
-    ap.add_argument("--n", type=int, default=200, help="pairs generated")
+    ap.add_argument("--n", type=int, default=48, help="pairs generated (both sides precompute references over all)")
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     ap.add_argument("--max-length", type=int, default=128, help="longest pair in tokens")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
@@ -106,6 +106,7 @@ def run_lmstack_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                  "train.device=cpu", "train.dtype=fp32", "train.tensorboard=false", f"optim.lr={args.lr}",
                  "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.grad_clip=1.0",
                  "optim.beta1=0.9", "optim.beta2=0.95", "optim.eps=1e-8", "dpo.beta=0.1", "dpo.loss=sigmoid",
+                 "dpo.sft_weight=0",  # plain DPO, as TRL's DPOTrainer without rpo_alpha
                  f"dpo.reference={args.reference}", "dpo.overlong=drop", f"dpo.val_fraction={VAL_FRACTION}",
                  f"dpo.seed={args.seed}"]
     dpo(work / "model", [str(work / "pairs.jsonl")], run, overrides=overrides, overwrite=True, progress=False)

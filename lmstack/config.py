@@ -391,14 +391,16 @@ class DPOConfig(PreferenceDataConfig):
 
     ``reference``: ``copy`` keeps a frozen copy of the starting model (with ``--lora``: the model with its
     adapters switched off, no copy); ``precomputed`` scores every pair with it once before training and keeps
-    only the numbers, which saves the memory and the forward pass of a second model."""
+    only the numbers, which saves the memory and the forward pass of a second model. ``sft_weight`` defaults to 1
+    (RPO's value): plain DPO (0) lowered the chosen completions with the rejected ones and halved rule-following
+    in bench/bench_dpo.py, the NLL term kept them (BENCHMARKS.md)."""
 
     section = "dpo"
     beta: float = 0.1  # strength of the KL constraint to the reference
     loss: str = "sigmoid"  # sigmoid (the paper's) | ipo | robust
     label_smoothing: float = 0.0  # share of labels assumed flipped: conservative DPO (sigmoid), robust DPO
     reference: str = "precomputed"  # copy | precomputed
-    sft_weight: float = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO); 0 = plain DPO
+    sft_weight: float = 1.0  # weight of the chosen completion's per-token NLL added to the loss (RPO); 0 = plain DPO
 
     def validate(self) -> None:
         super().validate()

@@ -143,6 +143,7 @@ def test_dpo_raises_held_out_accuracy_and_writes_a_normal_checkpoint(base, tmp_p
     assert first["reward_accuracy"] is not None
     tuned = load_checkpoint(tmp_path / "run" / "model")
     assert tuned.tokenizer is not None and tuned.config["dpo"]["beta"] == 0.5 and "head" not in tuned.config
+    assert tuned.config["dpo"]["sft_weight"] == 1.0  # the default: DPO with the chosen-NLL term (RPO)
 
 
 def test_dpo_lora_trains_only_adapters_and_writes_adapter_and_merged_model(base, tmp_path):

@@ -64,8 +64,8 @@ def add_dpo(sub: argparse._SubParsersAction) -> None:
                          "DPO (all weights, or a LoRA adapter with --lora) of a decoder against a frozen\n"
                          "reference. " + _DATA_HELP + "\nSettings of its own take dpo.KEY=VALUE: dpo.beta,\n"
                          "dpo.loss=sigmoid|ipo|robust, dpo.label_smoothing, dpo.reference=precomputed|copy,\n"
-                         "dpo.sft_weight (default 0: plain DPO; > 0 adds that weight times the chosen reply's\n"
-                         "per-token NLL, RPO, which keeps chosen replies likely), dpo.weights,\n"
+                         "dpo.sft_weight (default 1: adds that weight times the chosen reply's per-token NLL,\n"
+                         "RPO, which keeps chosen replies likely; 0 is plain DPO), dpo.weights,\n"
                          "dpo.overlong=truncate|drop,\n"
                          "dpo.skip_bad_records=true, dpo.val_fraction, dpo.seed.")
     _add_training_args(parser, "dpo")

@@ -7,8 +7,9 @@
 
 The policy starts as MODEL (a decoder checkpoint with its tokenizer, usually the SFT model) and trains with
 the DPO objective of lmstack/train/preference_losses.py (``dpo.loss`` sigmoid | ipo | robust, ``dpo.beta``,
-``dpo.label_smoothing``, and ``dpo.sft_weight``: the chosen reply's per-token NLL added with that weight, RPO,
-which keeps chosen replies likely when they share tokens with rejected ones) against a frozen reference: MODEL
+``dpo.label_smoothing``, and ``dpo.sft_weight``, default 1: the chosen reply's per-token NLL added with that
+weight, RPO, which keeps chosen replies likely when they share tokens with rejected ones; 0 is the paper's plain
+DPO) against a frozen reference: MODEL
 itself, or ``--reference CKPT`` (same vocabulary required). ``dpo.reference``:
 
 - ``precomputed`` (default): before training the reference scores every pair once (its summed completion
@@ -42,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from lmstack.atomic import write_json_atomic
-from lmstack.checkpoint import load_model_state, model_state, read_config
+from lmstack.checkpoint import load_checkpoint, load_model_state, model_state, read_config
 from lmstack.config import DPOConfig, RunConfig
 from lmstack.data.preference import PreferenceLoader, PreferencePair
 from lmstack.errors import ConfigError
@@ -51,6 +52,7 @@ from lmstack.models.peft import LoRAConfig, apply_lora, trainable_parameters
 from lmstack.stages.preference import (batches_on, describe, load_source, prepare_preference_run, same_vocabulary,
                                       write_adapter_and_merged)
 from lmstack.train.loop import autocast_context
+from lmstack.train.parallel import holds_shards
 from lmstack.train.preference_losses import (DPOLoss, ReferenceFn, adapters_off_reference, completion_logps,
                                              dpo_losses, dpo_objective, frozen_reference, precomputed_reference)
 from lmstack.train.stage import StageParts, run_stage
@@ -113,6 +115,8 @@ def dpo(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     if lora_cfg is not None:
         summary["lora"] = trained["lora"]
     if int(os.environ.get("RANK", "0")) == 0:
+        if holds_shards(trained["model"]):  # FSDP2 / TP pieces: score the consolidated weights the loop wrote
+            trained["model"] = load_checkpoint(Path(out_dir) / "model").model
         summary["heldout"] = implicit_reward_metrics(trained["model"], trained["reference"], run.pairs.val,
                                                      tokenizer.pad_id, cfg.train.batch_size, loss.beta)
         if lora_cfg is not None:

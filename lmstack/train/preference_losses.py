@@ -33,7 +33,7 @@ reward is higher) and the policy's mean summed log-probabilities. The reference 
 :data:`ReferenceFn`: a frozen copy (:func:`frozen_reference`), the policy itself with its LoRA adapters
 switched off (:func:`adapters_off_reference`, no copy), or the batch's ``ref_logps`` precomputed in one pass
 (:func:`precomputed_reference`). ``tokens`` counts the real (unpadded) tokens of the batch. At step 0 the
-policy is the reference, h = 0 and the sigmoid loss is ln 2.
+policy is the reference, h = 0 and the sigmoid loss is ln 2 (plus the NLL term when ``sft_weight`` > 0).
 
 Reward model (Bradley–Terry, as in InstructGPT): r = the scalar head's value at each row's last real token,
 loss = -log sigma(r_w - r_l) + ``center_coef`` * mean((r_w + r_l)^2), the centring term of Eisenstein et al.
@@ -56,6 +56,7 @@ from lmstack.errors import ConfigError
 from lmstack.models.heads import score_at_last
 from lmstack.models.peft import lora_modules
 from lmstack.train.losses import Batch, Objective
+from lmstack.train.parallel import holds_shards
 
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
 ReferenceFn = Callable[[nn.Module, Batch], torch.Tensor]  # (policy, batch) -> reference log-probs (2B,)
@@ -73,9 +74,15 @@ def completion_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Summed log-probabilities (2B,) of each row's completion tokens (``completion_mask``) under ``model``.
 
     The head is applied only where position t predicts a completion token t + 1; rows are right-padded, so
-    the causal model's real tokens never see the padding."""
+    the causal model's real tokens never see the padding. A model sharded by FSDP2 or tensor parallelism
+    (DTensor parameters) computes every position's logits in its own forward instead: outside that forward
+    FSDP2 has resharded the head and TP hands back sharded hidden states."""
     input_ids, completion = batch["input_ids"], batch["completion_mask"]
     targets = completion[:, 1:].bool()  # (2B, T-1): position t predicts token t+1
+    if holds_shards(model):
+        logits = model(input_ids)[0][:, :-1].float()  # (2B, T-1, V)
+        token_logps = logits.log_softmax(dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)  # (2B, T-1)
+        return (token_logps * targets).sum(dim=1)  # (2B,)
     hidden, _ = model(input_ids, return_hidden=True)  # (2B, T, C)
     rows, cols = targets.nonzero(as_tuple=True)  # (N,) each: the positions that predict a completion token
     head = unwrap_model(model).lm_head
