@@ -206,13 +206,14 @@ def plot(results: dict, path: Path) -> None:
             rules_axis.scatter([x] * len(values), values, color="black", s=10, zorder=3)
     rules_axis.set_xticks(range(5), labels)
     rules_axis.set_ylabel("replies that follow the rule (greedy unless marked)")
-    rules_axis.set_ylim(0, 1.1)
+    rules_axis.set_ylim(0, 1.4)
     rules_axis.set_title(f"rule-following on {results['n_test']} held-out prompts (dots: seeds)")
-    rules_axis.legend(fontsize=8)
+    rules_axis.legend(fontsize=8, ncol=2, loc="upper center")
 
     names, values, bar_colors = ["SFT\nlikelihood"], [sft["likelihood_accuracy"]], ["tab:gray"]
     for k, (name, seeds) in enumerate(variants.items()):
-        short = name.replace(" (sft_weight ", "\n(w=").replace("DPO + NLL", "DPO+NLL")
+        short = name.replace(" (sft_weight ", "\n(w=").replace("DPO + NLL", "DPO+NLL").replace(
+            CONTROL, "chosen-SFT\n(control)")
         names += [f"{short}\nlikelihood", f"{short}\nimplicit"]
         values += [statistics.fmean(e["likelihood_accuracy"] for e in seeds.values()),
                    statistics.fmean(e["implicit_accuracy"] for e in seeds.values())]
