@@ -8,10 +8,18 @@ Each PLAN is ``name:key=value,key=value`` (``parallel.*`` / ``train.*`` override
 of every step, RUN/model consolidated), all in one torchrun launch so the processes start once.
 :func:`reference_run` is the same training in one process with the global batch (``batch_size x dp``),
 which every layout must reproduce.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/parallel_helpers.py --cli VERB ARGS... [--next VERB ARGS...]
+
+runs ``lmstack`` commands one after another in the same processes (:func:`run_cli`): each stage run sets
+its process group up and tears it down. Runs under tensor parallelism share a launch this way; after an
+FSDP2 run the next run's process group hangs (the device-mesh state outlives the group), so FSDP2 runs get
+a launch each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,21 +74,52 @@ def reference_run(out_dir: Path, dp: int = 1, steps: int = STEPS, overrides: lis
 
 def run_plans(plans: list[str], out_root: Path, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run PLANs under torchrun (gloo, CPU); raises with the processes' output when it fails."""
+    return _torchrun([str(out_root), *plans], nproc, timeout)
+
+
+def run_cli(commands: list[list[str]], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``lmstack`` COMMANDS (argument lists without ``lmstack``) in one torchrun launch, in order."""
+    args = ["--cli"]
+    for i, command in enumerate(commands):
+        args += (["--next"] if i else []) + command
+    return _torchrun(args, nproc, timeout)
+
+
+def _torchrun(args: list[str], nproc: int, timeout: float) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           __file__, str(out_root), *plans]
+           __file__, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)  # torchrun and the workers it started
+            workers = _descendants(popen.pid)  # torchrun starts each worker in a session of its own
+            os.killpg(popen.pid, signal.SIGKILL)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             stdout, stderr = popen.communicate()
             raise AssertionError(f"torchrun timed out after {timeout} s:\n{stderr[-4000:]}") from None
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below PID (Linux /proc), children first."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(0), [])
+        found += children
+        queue += children
+    return found
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -108,5 +147,23 @@ def _main(out_root: str, plans: list[str]) -> None:
         cleanup_distributed()
 
 
+def _cli_main(args: list[str]) -> None:
+    from lmstack.cli import main
+
+    commands: list[list[str]] = [[]]
+    for arg in args:
+        if arg == "--next":
+            commands.append([])
+        else:
+            commands[-1].append(arg)
+    for command in commands:
+        code = main(command)
+        if code:
+            sys.exit(code)
+
+
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1] == "--cli":
+        _cli_main(sys.argv[2:])
+    else:
+        _main(sys.argv[1], sys.argv[2:])

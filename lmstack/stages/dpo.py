@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from lmstack.atomic import write_json_atomic
-from lmstack.checkpoint import load_model_state, model_state, read_config
+from lmstack.checkpoint import load_checkpoint, load_model_state, model_state, read_config
 from lmstack.config import DPOConfig, RunConfig
 from lmstack.data.preference import PreferenceLoader, PreferencePair
 from lmstack.errors import ConfigError
@@ -52,6 +52,7 @@ from lmstack.models.peft import LoRAConfig, apply_lora, trainable_parameters
 from lmstack.stages.preference import (batches_on, describe, load_source, prepare_preference_run, same_vocabulary,
                                       write_adapter_and_merged)
 from lmstack.train.loop import autocast_context
+from lmstack.train.parallel import holds_shards
 from lmstack.train.preference_losses import (DPOLoss, ReferenceFn, adapters_off_reference, completion_logps,
                                              dpo_losses, dpo_objective, frozen_reference, precomputed_reference)
 from lmstack.train.stage import StageParts, run_stage
@@ -114,6 +115,8 @@ def dpo(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
     if lora_cfg is not None:
         summary["lora"] = trained["lora"]
     if int(os.environ.get("RANK", "0")) == 0:
+        if holds_shards(trained["model"]):  # FSDP2 / TP pieces: score the consolidated weights the loop wrote
+            trained["model"] = load_checkpoint(Path(out_dir) / "model").model
         summary["heldout"] = implicit_reward_metrics(trained["model"], trained["reference"], run.pairs.val,
                                                      tokenizer.pad_id, cfg.train.batch_size, loss.beta)
         if lora_cfg is not None:

@@ -226,7 +226,7 @@ def ppo(model: str | Path, prompts: list[str] | None, reward: str | None, out_di
         if cfg.lora is not None:
             apply_lora(backbone, lora_config(cfg))
         trained = PolicyAndValue(policy, ScalarHeadModel(backbone))
-        source = PromptSource(records, pcfg.eval_prompts, pcfg.seed, dist.rank, dist.world_size)
+        source = PromptSource(records, pcfg.eval_prompts, pcfg.seed, dist.dp_rank, dist.dp_size)
         longest = max(len(tokenizer.render_chat(r["prompt"], add_generation_prompt=True)[0])
                       if isinstance(r["prompt"], list) else len(tokenizer.encode(r["prompt"])) + 1
                       for r in source.train + source.eval)

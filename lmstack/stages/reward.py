@@ -69,10 +69,10 @@ def reward(model: str | Path, data: list[str] | None, out_dir: str | Path, prese
         trained["model"] = model = ScalarHeadModel(backbone)
         return StageParts(model=model, objective=reward_objective(cfg.reward.center_coef), tokenizer=tokenizer,
                           train_loader=PreferenceLoader(run.pairs.train, tcfg.batch_size, seed=tcfg.seed,
-                                                        pad_id=tokenizer.pad_id, rank=dist.rank,
-                                                        world_size=dist.world_size),
+                                                        pad_id=tokenizer.pad_id, rank=dist.dp_rank,
+                                                        world_size=dist.dp_size),
                           val_loader=PreferenceLoader(run.pairs.val, tcfg.batch_size, pad_id=tokenizer.pad_id,
-                                                      shuffle=False, rank=dist.rank, world_size=dist.world_size),
+                                                      shuffle=False, rank=dist.dp_rank, world_size=dist.dp_size),
                           description=describe(stats))
 
     summary = run_stage(cfg, out_dir, build, resume=resume, overwrite=overwrite, resume_from=run.checkpoint,

@@ -11,8 +11,12 @@ objective and the tokenizer for this process (``dist.rank`` of ``dist.world_size
   config file and overrides given now applied on top, so ``--resume train.max_steps=2000`` extends a run;
   the ``parallel.*`` layout is not inherited: it belongs to this launch (a run saved at dp_shard=2 resumes
   in one process, or at tp=2, from the same checkpoint);
-- the layout is checked against the world size and the model, and a resumed checkpoint against the model
-  config, before any process starts work (one line each, lmstack/train/parallel/mesh.py);
+- the layout is checked against the world size and the model (lmstack/train/parallel/mesh.py) and the
+  stage (:func:`check_stage_layout`), and a resumed checkpoint against the model config, before any
+  process starts work (one line each);
+- loaders shard by data-parallel replica: ``build`` gets ``dist.dp_rank`` of ``dist.dp_size`` (the
+  processes of one tensor- or pipeline-parallel group read the same batches); a stage never shards by
+  ``dist.rank``;
 - the run directory is checked before anything is written (:func:`prepare_run_dir`): a directory
   holding a previous run is refused unless the user says ``--resume`` (continue it) or ``--overwrite``
   (replace its training outputs); a directory holding files lmstack did not write for a training run
@@ -37,11 +41,11 @@ from lmstack.atomic import write_json_atomic
 from lmstack.checkpoint import latest_checkpoint, read_config, set_aside_newer
 from lmstack.config import (ParallelConfig, RunConfig, apply_overrides, build_run_config, load_config_file,
                             model_config_to_dict)
-from lmstack.errors import CheckpointError, UserError
+from lmstack.errors import CheckpointError, ConfigError, UserError
 from lmstack.train.dist import DistInfo, cleanup_distributed, init_distributed
 from lmstack.train.losses import Objective
 from lmstack.train.loop import seed_everything, train
-from lmstack.train.parallel import data_parallel_rank, resolve_layout
+from lmstack.train.parallel import Layout, data_parallel_rank, resolve_layout
 
 # what a training run writes into its directory (adapter: `sft --lora`); nothing else there is touched
 TRAINING_OUTPUTS = ("checkpoints", "model", "adapter", "metrics.jsonl", "summary.json", "loss.png", "tb")
@@ -164,6 +168,28 @@ def _check_same_model(checkpoint: Path, cfg: RunConfig) -> None:
                               "model overrides, or start a new run in another --out")
 
 
+def check_stage_layout(cfg: RunConfig, layout: Layout) -> None:
+    """ConfigError (one line) for a stage a parallel layout does not serve; DDP serves every stage.
+
+    Sharded layouts (FSDP2, TP, PP) train whole models: adapter runs (LoRA, prompt and prefix tuning) write
+    their adapters from unsharded modules, and the RL stages generate rollouts with the policy outside the
+    training step, where sharded processes would have to decode in lockstep. The reward model's scalar
+    head has no tensor- or pipeline-parallel plan."""
+    if not layout.sharded:
+        return
+    adapter = next((name for name in ("lora", "prompt_tuning", "prefix_tuning") if getattr(cfg, name) is not None), None)
+    if adapter is not None:
+        raise ConfigError(f"{adapter.replace('_', ' ')} runs train under data parallelism only (DDP, the default under "
+                          f"torchrun), not {layout.describe()}; drop the parallel.* degrees or fine-tune fully")
+    rl = next((name for name in ("grpo", "ppo") if getattr(cfg, name) is not None), None)
+    if rl is not None:
+        raise ConfigError(f"{rl} generates rollouts outside the training step and runs under data parallelism only "
+                          f"(DDP, the default under torchrun), not {layout.describe()}; drop the parallel.* degrees")
+    if cfg.reward is not None and (layout.tp > 1 or layout.pp > 1):
+        raise ConfigError(f"the reward model's scalar head has no tensor or pipeline plan ({layout.describe()}); "
+                          "use DDP or parallel.dp_shard (FSDP2)")
+
+
 def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, DistInfo], StageParts], *,
               resume: bool = False, overwrite: bool = False, resume_from: Path | None = None,
               progress: bool = True, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -175,6 +201,7 @@ def run_stage(cfg: RunConfig, out_dir: str | Path, build: Callable[[RunConfig, D
     out_dir = Path(out_dir)
     cfg.validate()
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_stage_layout(cfg, layout)
     if resume_from is not None:
         _check_same_model(resume_from, cfg)
     prepare_run_dir(out_dir, resume, overwrite)

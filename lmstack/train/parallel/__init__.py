@@ -34,7 +34,7 @@ from lmstack.train.parallel.ac import apply_activation_checkpointing
 from lmstack.train.parallel.mesh import Layout, build_mesh, data_parallel_rank, resolve_layout
 from lmstack.train.parallel.pp import PipelineRunner
 
-__all__ = ["Layout", "Parallelized", "data_parallel_rank", "parallelize", "rebind_optimizer", "resolve_layout"]
+__all__ = ["Layout", "Parallelized", "data_parallel_rank", "holds_shards", "parallelize", "rebind_optimizer", "resolve_layout"]
 
 
 @dataclass
@@ -129,6 +129,12 @@ def global_grad_norm(params: list[torch.Tensor], pp_group=None) -> torch.Tensor:
     if pp_group is not None:
         dist.all_reduce(squared, group=pp_group)
     return squared.sqrt()
+
+
+def holds_shards(model: nn.Module) -> bool:
+    """Whether a plan laid ``model`` out in pieces (FSDP2 or TP: DTensor parameters). Such a model runs only
+    inside a forward every process joins; after training, use the consolidated weights in RUN/model."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:

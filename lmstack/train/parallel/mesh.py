@@ -77,7 +77,7 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
     """The layout ``cfg.parallel`` asks for at ``world_size`` processes; ConfigError when it cannot run.
 
     Checks, each a one-line ConfigError naming the keys: the degrees multiply to the world size; TP divides
-    the heads, the KV heads and the MLP width; PP has at least one layer per stage and its micro-batches
+    the heads, the KV heads and the MLP width (and, with sequence parallelism, the block size); PP has at least one layer per stage and its micro-batches
     divide the batch; each plan supports the model family.
     """
     p, model = cfg.parallel, cfg.model
@@ -96,7 +96,7 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
                               "product equal the world size (or set parallel.dp_replicate=-1)")
     family = getattr(model, "family", "?")
     if p.tp > 1:
-        _check_tp(model, family, p.tp)
+        _check_tp(model, family, p.tp, p.sequence_parallel)
     stages_per_rank = 2 if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 else 1
     microbatches = p.pp_microbatches or p.pp
     if p.pp > 1:
@@ -105,7 +105,7 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
                   pp_microbatches=microbatches if p.pp > 1 else 1, stages_per_rank=stages_per_rank)
 
 
-def _check_tp(model: Any, family: str, tp: int) -> None:
+def _check_tp(model: Any, family: str, tp: int, sequence_parallel: bool) -> None:
     if family not in TP_FAMILIES:
         raise ConfigError(f"parallel.tp={tp}: tensor parallelism has a plan for the families {', '.join(TP_FAMILIES)}, "
                           f"not {family!r}; use parallel.dp_shard (FSDP2) for this model")
@@ -115,6 +115,10 @@ def _check_tp(model: Any, family: str, tp: int) -> None:
         if value % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide {key}={value}; choose a tp that divides "
                               "the heads, the KV heads and the MLP width")
+    if getattr(model, "norm_placement", "pre") == "pre" and sequence_parallel and model.block_size % tp:
+        raise ConfigError(f"parallel.tp={tp} with sequence parallelism pads sequences to a multiple of {tp}, which "
+                          f"model.block_size={model.block_size} is not; use a block size divisible by {tp} or "
+                          "parallel.sequence_parallel=false")
     if model.position == "alibi":
         raise ConfigError(f"parallel.tp={tp}: ALiBi's per-head slopes are not split by the TP plan; "
                           "use model.position=rope or learned")
