@@ -1,9 +1,11 @@
 """`data clean` on different executors gives the same bytes: the dedup shuffle's task functions against the
 sequential DedupIndex, the task functions run rank by rank in-process against the local executor, a local
-Ray cluster against the local executor, and the one-line errors for a missing Ray or a dead address."""
+Ray cluster against the local executor, and the one-line errors for a missing Ray or a dead address. `data
+tokenize --executor ray` writes the local run's shards byte for byte, with the same one-line errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import sys
@@ -172,3 +174,62 @@ def test_unreachable_ray_address_is_one_line_before_any_work(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "cannot connect" in err
     assert not (tmp_path / "out").exists()
     assert main(["data", "clean", str(corpus), "--out", str(tmp_path / "out"), "--ray-address", "1.2.3.4:1"]) == 2
+
+
+# ----------------------------------------------------------------------------- tokenize on Ray
+
+
+def _shards_and_meta(out: Path) -> tuple[dict[str, bytes], dict]:
+    """Every shard's bytes, and meta.json without the timing fields."""
+    meta = json.loads((out / "meta.json").read_text())
+    for key in ("created", "seconds", "text_mb_per_second"):
+        meta.pop(key)
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}, meta
+
+
+def test_tokenize_on_ray_writes_the_local_shards(tmp_path, monkeypatch):
+    """Many small chunks, so Ray's tasks finish out of order and the reorder buffer is exercised; several
+    shard files per split. The local run (two worker processes) is the reference, byte for byte."""
+    ray = pytest.importorskip("ray")  # an optional extra: lmstack[ray]
+    from lmstack.data import shards
+    from lmstack.tokenizer import Tokenizer
+
+    corpus = _corpus(tmp_path / "corpus.jsonl", n=200)
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    tokenizer = Tokenizer.train(texts, vocab_size=300)
+    monkeypatch.setattr(shards, "WORKER_CHUNK_BYTES", 2048)  # ~60 chunks (the driver does the chunking)
+    options = dict(workers=2, val_fraction=0.1, shard_tokens=5000, progress=False)
+    local = shards.tokenize_to_shards([corpus], tokenizer, tmp_path / "local", **options)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = shards.tokenize_to_shards([corpus], tokenizer, tmp_path / "ray", executor="ray", **options)
+    finally:
+        ray.shutdown()
+    assert len(local["splits"]["train"]["shards"]) > 3 and local["splits"]["val"]["documents"] > 0
+    assert on_ray["splits"] == local["splits"]
+    assert _shards_and_meta(tmp_path / "ray") == _shards_and_meta(tmp_path / "local")
+
+
+def test_tokenize_executor_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    corpus = _corpus(tmp_path / "corpus.jsonl", n=10)
+    tok = tmp_path / "tok"
+    from lmstack.tokenizer import Tokenizer
+
+    Tokenizer.train([json.loads(line)["text"] for line in corpus.read_text().splitlines()], vocab_size=300).save(tok)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = ["data", "tokenize", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "out")]
+    cases = [(["--ray-address", f"127.0.0.1:{port}"], "--ray-address needs --executor ray")]
+    if importlib.util.find_spec("ray") is not None:
+        cases.append((["--executor", "ray", "--ray-address", f"127.0.0.1:{port}"], "cannot connect"))
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    assert main([*base, "--executor", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'lmstack[ray]'" in err
+    assert not (tmp_path / "out").exists()

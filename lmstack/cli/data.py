@@ -80,7 +80,13 @@ def add_data_tokenize(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
     parser.add_argument("--val-fraction", type=fraction, default=0.005, help="share of documents in the val split")
     parser.add_argument("--workers", type=non_negative_int, default=None,
-                        help="tokenizer processes (0 = tokenize in this process; unset = one per core, or 0 below 32 MB)")
+                        help="tokenizer processes (0 = tokenize in this process; unset = one per core, or 0 below 32 MB); "
+                             "with --executor ray: the local cluster's CPUs (unset = one per core)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="encode in local processes or as Ray tasks (pip install 'lmstack[ray]'); same shards")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="with --executor ray: join this cluster (storage every node sees needed); "
+                             "unset = start a local one")
     parser.add_argument("--shard-tokens", type=positive_int, default=None,
                         help="tokens per shard file (unset = 100,000,000)")
     parser.add_argument("--seed", type=int, default=0, help="keys the train/val split hash")
@@ -96,7 +102,7 @@ def add_data_tokenize(sub: argparse._SubParsersAction) -> None:
                                   val_fraction=args.val_fraction, workers=args.workers, seed=args.seed,
                                   shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, cache_dir=args.cache_dir,
                                   on_bad_record="skip" if args.skip_bad_records else "error",
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, executor=args.executor, ray_address=args.ray_address)
         print(format_tokenize_stats(meta, args.out))
 
     parser.set_defaults(func=run)

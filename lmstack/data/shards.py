@@ -33,6 +33,14 @@ receive the tokenizer as a saved file, loaded by its own class's ``load``: any o
 ``save/load/encode_batch/eot_id/vocab_size`` works. The main process reads documents, keeps a bounded
 number of chunks in flight (memory stays bounded for any corpus size), and writes shards in document
 order, so the output is identical for any number of workers.
+
+``executor="ray"`` (``--executor ray [--ray-address HOST:PORT]``) runs the same chunk encoding as Ray tasks
+through lmstack.data.executors (a local Ray cluster of ``workers`` CPUs, or an existing one): the tasks
+finish in any order and a reorder buffer hands them to the writer in document order, so the shards are
+byte-identical to the local run (a test compares them). Each Ray worker loads the tokenizer once from
+the output's staging directory, so on a cluster of several machines that directory must be on storage
+they all see (as for ``data clean``). The driver still reads the inputs and ships the texts: reading is
+the ceiling at cluster scale.
 """
 
 from __future__ import annotations
@@ -46,12 +54,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from lmstack.atomic import make_staging_dir, swap_directory
 from lmstack.data.corpora import resolve_inputs
+from lmstack.data.executors import EXECUTORS, Executor, make_executor
 from lmstack.data.outputs import claim_output_dir
 from lmstack.data.readers import ReadStats, iter_documents, list_input_files
 from lmstack.errors import DataError, UserError
@@ -120,6 +129,13 @@ def _encode_chunk(texts: list[str], tokenizer: Any = None) -> tuple[np.ndarray, 
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
         raise DataError(f"the tokenizer produced id {int(tokens.max())} outside its vocabulary of {tok.vocab_size}")
     return tokens.astype(token_dtype(tok.vocab_size)), lengths
+
+
+def _encode_task(task: tuple[int, list[str]]) -> dict[str, Any]:
+    """A chunk's encoding as an executor task: (chunk index, texts) -> the index with tokens and lengths."""
+    index, texts = task
+    tokens, lengths = _encode_chunk(texts)
+    return {"index": index, "tokens": tokens, "lengths": lengths}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -260,7 +276,8 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
                        out_dir: str | os.PathLike, *, text_field: str = "text", val_fraction: float = 0.005,
                        workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, seed: int = 0,
                        on_bad_record: str = "error", progress: bool = True,
-                       cache_dir: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+                       cache_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                       executor: str = "local", ray_address: str | None = None) -> dict:
     """Tokenize INPUTS (files, directories or corpus names such as "classics") into shards in OUT_DIR.
 
     tokenizer: a Tokenizer (or anything with save/load/encode_batch/eot_id/vocab_size), or a path that
@@ -273,6 +290,8 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
     on_bad_record: "error" or "skip" (count in meta["read_stats"]) JSONL/Parquet records without text.
     overwrite: replace OUT_DIR even when it holds files an earlier tokenize did not write (``--overwrite``);
         an OUT_DIR that is, holds or lies inside an input is refused regardless.
+    executor: "local" (processes of this machine, above) or "ray" (Ray tasks; ``workers`` CPUs of a local
+        cluster, one per core when None, or every CPU of the cluster at ``ray_address``). Same bytes either way.
     Returns the meta dict also written to OUT_DIR/meta.json.
     """
     if not 0.0 < val_fraction < 1.0:
@@ -281,6 +300,10 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     if workers is not None and workers < 0:
         raise DataError(f"workers must be >= 0, got {workers}")
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor={executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if ray_address and executor != "ray":
+        raise UserError("--ray-address needs --executor ray")
     sources = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     paths = resolve_inputs(sources, cache_dir, progress)
     file_sizes = [path.stat().st_size for path, _ in list_input_files(paths)]
@@ -292,9 +315,13 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         tokenizer = Tokenizer.load(tokenizer)
 
     out_dir = Path(out_dir)
-    staging = _prepare_out_dir(out_dir, paths, overwrite)
-    pool = None
+    runner: Executor | None = None
+    if executor == "ray":  # Ray installed and the address reachable: checked before anything is written
+        runner = make_executor("ray", workers or os.cpu_count() or 1, ray_address)
+        workers = runner.parallelism
+    staging, pool = None, None
     try:
+        staging = _prepare_out_dir(out_dir, paths, overwrite)
         tokenizer.save(staging)
         tokenizer_files = sorted(p.name for p in staging.iterdir())
         dtype = token_dtype(tokenizer.vocab_size)
@@ -302,7 +329,9 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
         stats = ReadStats()
         last_train = (0, 0)  # (tokens, bytes) of the most recent train document, for the val fallback
 
-        if workers > 0:  # a worker that dies raises BrokenProcessPool here (multiprocessing.Pool would hang)
+        if runner is not None:
+            runner.start(_init_worker, (_tokenizer_class_path(tokenizer), str(staging)))
+        elif workers > 0:  # a worker that dies raises BrokenProcessPool here (multiprocessing.Pool would hang)
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
@@ -312,7 +341,8 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
 
         started = time.time()
         with Progress(progress, bytes_mode=True) as bar:
-            task = bar.add(f"tokenize ({workers} workers)" if workers else "tokenize (in-process)", total=sum(file_sizes))
+            label = f"{workers} Ray workers" if runner is not None else f"{workers} workers" if workers else "in-process"
+            task = bar.add(f"tokenize ({label})", total=sum(file_sizes))
 
             def consume(chunk: _Chunk, tokens: np.ndarray, lengths: np.ndarray) -> None:
                 nonlocal last_train
@@ -328,18 +358,22 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
                     last_train = (int(lengths[last]), int(text_bytes[last]))
                 bar.update(task, completed=chunk.position)
 
-            in_flight: deque = deque()
-            chunk_bytes = INPROCESS_CHUNK_BYTES if pool is None else WORKER_CHUNK_BYTES
-            for chunk in _chunks(paths, text_field, on_bad_record, stats, file_sizes, chunk_bytes):
-                if pool is None:
-                    consume(chunk, *_encode_chunk(chunk.texts, tokenizer))
-                    continue
-                in_flight.append((chunk, pool.submit(_encode_chunk, chunk.texts)))
-                chunk.texts = []  # the task holds the texts; keep main-process memory bounded
-                if len(in_flight) >= 4 * workers:
+            chunk_bytes = INPROCESS_CHUNK_BYTES if workers == 0 else WORKER_CHUNK_BYTES
+            chunks = _chunks(paths, text_field, on_bad_record, stats, file_sizes, chunk_bytes)
+            if runner is not None:
+                _encode_in_order(runner, chunks, consume)
+            else:
+                in_flight: deque = deque()
+                for chunk in chunks:
+                    if pool is None:
+                        consume(chunk, *_encode_chunk(chunk.texts, tokenizer))
+                        continue
+                    in_flight.append((chunk, pool.submit(_encode_chunk, chunk.texts)))
+                    chunk.texts = []  # the task holds the texts; keep main-process memory bounded
+                    if len(in_flight) >= 4 * workers:
+                        consume(*_result(*in_flight.popleft()))
+                while in_flight:
                     consume(*_result(*in_flight.popleft()))
-            while in_flight:
-                consume(*_result(*in_flight.popleft()))
             bar.update(task, completed=sum(file_sizes))
             if stats.documents == 0:  # raised inside the bar's block, so the failed bar is erased
                 raise DataError(f"no text found in {', '.join(sources)} ({stats.summary()}); "
@@ -379,5 +413,32 @@ def tokenize_to_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike], 
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        if runner is not None:
+            runner.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _encode_in_order(runner: Executor, chunks: Iterable[_Chunk],
+                     consume: Callable[[_Chunk, np.ndarray, np.ndarray], None]) -> None:
+    """Encode CHUNKS as executor tasks (a bounded number in flight) and hand each to CONSUME in chunk order:
+    results that arrive early wait in a buffer until the ones before them are in."""
+    waiting: dict[int, _Chunk] = {}
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    next_index = 0
+
+    def tasks() -> Iterator[tuple[int, list[str]]]:
+        for index, chunk in enumerate(chunks):
+            waiting[index] = chunk
+            texts, chunk.texts = chunk.texts, []  # the task holds the texts
+            yield index, texts
+
+    def on_result(result: dict[str, Any]) -> None:
+        nonlocal next_index
+        done[result["index"]] = (result["tokens"], result["lengths"])
+        while next_index in done:
+            consume(waiting.pop(next_index), *done.pop(next_index))
+            next_index += 1
+
+    runner.imap(_encode_task, tasks(), on_result)
 
