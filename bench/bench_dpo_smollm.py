@@ -3,6 +3,7 @@ and BIG-bench hhh_alignment.
 
     python bench/bench_dpo_smollm.py                                  # ~30 min on an idle 2-core CPU
     python bench/bench_dpo_smollm.py --model runs/bench-sft-peft/smollm2 --steps 60 --hhh-limit 100
+    python bench/bench_dpo_smollm.py --replot          # redraw from OUT/smollm_results.json
 
 1. Weights: ``lmstack import smollm2-135m-instruct`` into WORK/smollm2 (or ``--model``).
 2. Pairs: ``--n-train`` rule-labelled pairs (lmstack.data.preference, seed 0) in TRL's standard format, rendered
@@ -45,7 +46,12 @@ RULES = ("arithmetic", "concise", "refusal")
 def evaluate(model_dir: Path, test: list[dict], reference_dir: Path | None, max_tokens: int,
              hhh_limit: int | None) -> dict[str, Any]:
     from lmstack.checkpoint import load_checkpoint
-    from lmstack.data.preference import PreferenceLoader, follows_rule, record_pair, render_pair
+    from lmstack.data.preference import (
+        PreferenceLoader,
+        follows_rule,
+        record_pair,
+        render_pair,
+    )
     from lmstack.engine.engine import Engine
     from lmstack.engine.sampling import SamplingParams
     from lmstack.evals.run import evaluate_checkpoint
@@ -95,12 +101,12 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     base, tuned = results["base"], results["dpo"]
-    names = ["likelihood pref. acc.", *[f"{r} rule" for r in RULES], "hhh_alignment acc"]
+    names = ["likelihood pref. acc.", *[f"{r} rule" for r in RULES], "hhh_alignment acc", "hhh acc_norm"]
     before = [base["likelihood_accuracy"], *[base["rule_following"][r] or 0 for r in RULES],
-              base["hhh_alignment"]["acc"]]
+              base["hhh_alignment"]["acc"], base["hhh_alignment"]["acc_norm"]]
     after = [tuned["likelihood_accuracy"], *[tuned["rule_following"][r] or 0 for r in RULES],
-             tuned["hhh_alignment"]["acc"]]
-    fig, ax = plt.subplots(figsize=(10, 4.4))
+             tuned["hhh_alignment"]["acc"], tuned["hhh_alignment"]["acc_norm"]]
+    fig, (ax, logp_axis) = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], before, 0.4, label="SmolLM2-135M-Instruct", color="tab:gray")
     ax.bar([i + 0.2 for i in x], after, 0.4, label=f"+ DPO LoRA, {results['settings']['steps']} steps, "
@@ -113,6 +119,21 @@ def plot(results: dict, path: Path) -> None:
     hhh_items = results["base"]["hhh_alignment"].get("n", "all")
     ax.set_title(f"held-out pairs (n={results['n_test']}) and hhh_alignment ({hhh_items} items), before / after")
     ax.legend(fontsize=8)
+    rules = [r for r in RULES if r in base["logps"]]
+    for k, (side, color) in enumerate((("chosen", "tab:green"), ("rejected", "tab:red"))):
+        xs = [i + (k - 0.5) * 0.4 for i in range(len(rules))]
+        logp_axis.scatter(xs, [base["logps"][r][side] for r in rules], color=color, marker="o", facecolors="none",
+                          label=f"{side}, base")
+        logp_axis.scatter(xs, [tuned["logps"][r][side] for r in rules], color=color, marker="o",
+                          label=f"{side}, after DPO")
+        for x, r in zip(xs, rules):
+            logp_axis.annotate("", (x, tuned["logps"][r][side]), (x, base["logps"][r][side]),
+                               arrowprops={"arrowstyle": "->", "color": color})
+    logp_axis.set_xticks(range(len(rules)), rules)
+    logp_axis.set_ylabel("mean summed log-prob of the completion")
+    logp_axis.set_title("held-out completions, per rule: base -> after")
+    logp_axis.grid(alpha=0.3)
+    logp_axis.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -151,7 +172,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: %(default)s)")
     ap.add_argument("--hhh-limit", type=int, default=None, help="hhh_alignment items (default: all 221)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot and the table from "
+                                                           "OUT/smollm_results.json")
     a = ap.parse_args()
+    if a.replot:
+        results = json.loads((Path(a.out) / "smollm_results.json").read_text())
+        plot(results, Path(a.out) / "smollm_dpo.png")
+        return print(markdown(results))
     torch.set_num_threads(a.threads)
     from lmstack.atomic import write_json_atomic
     from lmstack.data.preference import make_preference_pairs, write_pairs
