@@ -1,6 +1,6 @@
 """`lmstack grpo` against TRL's GRPOTrainer: GRPO samples per second, generation included, same model and work.
 
-    python bench/bench_grpo_trl.py                      # defaults: 8 prompts x 8 samples, 32 new tokens
+    python bench/bench_grpo_trl.py                      # defaults: 8 prompts x 8 samples, 32 new tokens (~10 min)
     python bench/bench_grpo_trl.py --prompts 16 --group 8 --max-new-tokens 64 --steps 6
 
 TRL runs from its own virtual environment (``--trl-python``, default runs/venv-trl/bin/python; see
@@ -22,16 +22,23 @@ Same work on both sides:
   ``per_device_train_batch_size = prompts x group``, ``steps_per_generation=1``), token-level loss (lmstack
   ``grpo.loss_norm=token``; TRL ``loss_type=dapo``, its default), clip 0.2, no KL term (beta 0), AdamW at a
   constant lr, grad clip 1.0, fp32.
-* Generation: lmstack's engine (continuous batching, paged KV, one prefill per prompt forked ``n`` ways) on the
+* Generation: lmstack's engine (continuous batching, slotted KV, one prefill per prompt forked ``n`` ways) on the
   live model; TRL: ``transformers`` ``generate`` (its default without vLLM).
+
+Three runs alternate ``--rounds`` times, each a fresh subprocess: lmstack as it is; lmstack with the full-forward
+log-prob pass (``lmstack-full``: :func:`lmstack.train.shared_prompt.supports_shared_prompt` answers False, so
+every row runs prompt and response and the head forms every position's logits, as before the shared-prompt
+path); and TRL. The first two give the shared-prompt path's effect, measured in the same run.
 
 Measures: seconds per step over ``--steps`` steps after ``--warmup`` (lmstack: from its metrics log,
 response tokens over tokens/s at ``train.log_every=1``, which spans the rollout, the behaviour log-probs, the
 reward and the update; TRL: a TrainerCallback's wall time from step begin to step end, which spans its
 generation, log-probs, reward and update), samples per second = prompts x group / seconds per step, the ratio,
-and the mean response length on each side; the sides alternate ``--rounds`` times (a shared machine's load
-changes). Then the generation part alone, in one process: the engine against ``transformers`` ``generate`` on
-the same weights, prompts, group and length. Writes OUT (default bench/results/grpo/trl.json).
+the per-round ratios, the load average before every run, and the mean response length on each side. Then the
+generation part alone, in one process: the engine against ``transformers`` ``generate`` on the same weights,
+prompts, group and length, plus the engine with its former KV gather (advanced indexing instead of
+``index_select``, patched in for the measurement) to show that change's effect. Writes OUT (default
+bench/results/grpo/trl.json).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SIDES = ("lmstack", "lmstack-full", "trl")  # lmstack-full: the log-prob passes without the shared-prompt path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,18 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per side")
-    ap.add_argument("--rounds", type=int, default=2, help="times each side runs, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="times each side runs, alternating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-python", default="runs/venv-trl/bin/python", help="python with trl")
     ap.add_argument("--work", default="runs/bench_grpo_trl")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "grpo" / "trl.json"))
-    ap.add_argument("--side", choices=("lmstack", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -98,12 +106,15 @@ def digit_share(prompts: list, completions: list[str]) -> list[float]:
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
-def run_lmstack_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_lmstack_side(args: argparse.Namespace, work: Path, full_forward: bool = False) -> dict[str, Any]:
     from lmstack.stages.grpo import grpo
+    from lmstack.train import shared_prompt
     from lmstack.train.loop import read_metrics
 
     torch.set_num_threads(args.threads)
-    run_dir = work / "lmstack-run"
+    if full_forward:  # the before of the before/after: every row runs in full, head on every position
+        shared_prompt.supports_shared_prompt = lambda model: False
+    run_dir = work / ("lmstack-full-run" if full_forward else "lmstack-run")
     grpo(work / "model", [str(work / "prompts.jsonl")], "bench_grpo_trl:digit_share", run_dir, overwrite=True,
          progress=False,
          overrides=[f"train.max_steps={args.warmup + args.steps}", f"grpo.group_size={args.group}",
@@ -171,14 +182,28 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "response_length": statistics.fmean(lengths[args.warmup:]) if lengths[args.warmup:] else None}
 
 
+def _advanced_index_gather(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SlotBatch.update as it was before it gathered with ``index_select``: the "before" of that change."""
+    k_layer, v_layer = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (N+1, H_kv, L+1, D)
+    k_layer[self._rows, :, self._cols] = k.transpose(1, 2).to(k_layer.dtype)
+    v_layer[self._rows, :, self._cols] = v.transpose(1, 2).to(v_layer.dtype)
+    S = self.kv_len
+    if self.consecutive_from is not None:
+        start, B = self.consecutive_from, k.shape[0]
+        return k_layer[start:start + B, :, :S], v_layer[start:start + B, :, :S]
+    return k_layer[self.slot_ids, :, :S], v_layer[self.slot_ids, :, :S]  # (B, H_kv, S, D) gathered
+
+
 def generation_only(args: argparse.Namespace, work: Path, repeats: int = 3) -> dict[str, Any]:
-    """The generation part alone, in this process: lmstack's engine (``n`` samples per prompt from one prefill)
-    against ``transformers`` ``generate`` (``num_return_sequences``, left-padded batch, no top-k / top-p), same
-    weights, prompts, group and length; median seconds over ``repeats`` after one warm-up each."""
+    """The generation part alone, in this process: lmstack's engine (``n`` samples per prompt from one prefill),
+    the same engine with its former KV gather, and ``transformers`` ``generate`` (``num_return_sequences``,
+    left-padded batch, no top-k / top-p), same weights, prompts, group and length, interleaved; median seconds
+    over ``repeats`` after one warm-up each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmstack.checkpoint import load_checkpoint
     from lmstack.engine import Engine, SamplingParams
+    from lmstack.engine.kv_cache import SlotBatch
     from lmstack.train.rollout import render_prompt
 
     torch.set_num_threads(args.threads)
@@ -191,86 +216,108 @@ def generation_only(args: argparse.Namespace, work: Path, repeats: int = 3) -> d
     hf = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32, attn_implementation="sdpa").eval()
     texts = [hf_tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in records]
     batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    timings: dict[str, list[float]] = {"lmstack": [], "transformers": []}
-    tokens: dict[str, list[int]] = {"lmstack": [], "transformers": []}
-    for repeat in range(repeats + 1):
-        started = time.perf_counter()
-        outputs = engine.generate(prompts, [SamplingParams(n=args.group, max_tokens=args.max_new_tokens,
-                                                           temperature=1.0, seed=repeat * 1000 + i)
-                                            for i in range(len(prompts))])
-        seconds = time.perf_counter() - started
-        if repeat:
-            timings["lmstack"].append(seconds)
-            tokens["lmstack"].append(sum(len(o.token_ids) for r in outputs for o in r.outputs))
+    ends = set(hf.generation_config.eos_token_id if isinstance(hf.generation_config.eos_token_id, list)
+               else [hf.generation_config.eos_token_id])
+    current_update = SlotBatch.update
+
+    def run_engine(repeat: int, update) -> int:
+        SlotBatch.update = update
+        try:
+            outputs = engine.generate(prompts, [SamplingParams(n=args.group, max_tokens=args.max_new_tokens,
+                                                               temperature=1.0, seed=repeat * 1000 + i)
+                                                for i in range(len(prompts))])
+        finally:
+            SlotBatch.update = current_update
+        return sum(len(o.token_ids) for r in outputs for o in r.outputs)
+
+    def run_transformers(repeat: int) -> int:
         torch.manual_seed(repeat)
-        started = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                               max_new_tokens=args.max_new_tokens, num_return_sequences=args.group,
                               pad_token_id=hf_tok.pad_token_id)
-        seconds = time.perf_counter() - started
-        if repeat:
-            timings["transformers"].append(seconds)
-            new = out[:, batch["input_ids"].shape[1]:]
-            ends = set(hf.generation_config.eos_token_id if isinstance(hf.generation_config.eos_token_id, list)
-                       else [hf.generation_config.eos_token_id])
-            lengths = [next((i + 1 for i, t in enumerate(row.tolist()) if t in ends), len(row)) for row in new]
-            tokens["transformers"].append(sum(lengths))
-    return {side: {"median_seconds": round(statistics.median(t), 3),
+        new = out[:, batch["input_ids"].shape[1]:]
+        return sum(next((i + 1 for i, t in enumerate(row.tolist()) if t in ends), len(row)) for row in new)
+
+    variants = {"lmstack": lambda r: run_engine(r, current_update),
+                "lmstack, former KV gather": lambda r: run_engine(r, _advanced_index_gather),
+                "transformers": run_transformers}
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, list[int]] = {name: [] for name in variants}
+    for repeat in range(repeats + 1):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            count = run(repeat)
+            if repeat:  # repeat 0 warms up
+                timings[name].append(time.perf_counter() - started)
+                tokens[name].append(count)
+    return {name: {"median_seconds": round(statistics.median(t), 3),
                    "samples_per_second": round(args.prompts * args.group / statistics.median(t), 1),
-                   "mean_response_tokens": statistics.fmean(tokens[side]) / (args.prompts * args.group)}
-            for side, t in timings.items()}
+                   "mean_response_tokens": statistics.fmean(tokens[name]) / (args.prompts * args.group)}
+            for name, t in timings.items()}
 
 
 def run_side(side: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    python = sys.executable if side == "lmstack" else args.trl_python
+    python = args.trl_python if side == "trl" else sys.executable
     cmd = [python, __file__, "--side", side, "--work", str(work), "--prompts", str(args.prompts), "--group",
            str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--lr", str(args.lr), "--threads", str(args.threads), "--seed", str(args.seed)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    print(f"$ {side} side", file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
+    print(f"$ {side} side, load {load:.1f}", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    return json.loads((work / f"{side}.json").read_text())
+    return {**json.loads((work / f"{side}.json").read_text()), "load_before": load}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work = Path(args.work)
     if args.side:
-        result = run_lmstack_side(args, work) if args.side == "lmstack" else run_trl_side(args, work)
+        result = (run_trl_side(args, work) if args.side == "trl"
+                  else run_lmstack_side(args, work, full_forward=args.side == "lmstack-full"))
         (work / f"{args.side}.json").write_text(json.dumps(result))
         return
     if not Path(args.trl_python).is_file():
         sys.exit(f"--trl-python {args.trl_python}: not found; make a venv with trl (see the module docstring)")
+    started = time.perf_counter()
     prepare(args, work)
     samples = args.prompts * args.group
-    sides: dict[str, dict[str, Any]] = {}
-    for _ in range(args.rounds):  # the sides alternate, so a slow spell of a shared machine hits both
-        for side in ("lmstack", "trl"):
-            r = run_side(side, args, work)
-            previous = sides.setdefault(side, {"step_seconds": [], "lengths": []})
-            previous["step_seconds"] += r["step_seconds"]
-            previous["lengths"].append(r["response_length"])
-    for r in sides.values():
-        r["response_length"] = statistics.fmean(x for x in r["lengths"] if x is not None)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for _ in range(args.rounds):  # the sides alternate, so a slow spell of a shared machine hits all of them
+        rounds.append({side: run_side(side, args, work) for side in SIDES})
     generation = generation_only(args, work)
     summary: dict[str, Any] = {}
-    for side, r in sides.items():
-        seconds = statistics.median(r["step_seconds"])
-        summary[side] = {"median_step_seconds": round(seconds, 3), "samples_per_second": round(samples / seconds, 2),
-                         "step_seconds": [round(s, 3) for s in r["step_seconds"]],
-                         "mean_response_tokens": r["response_length"]}
+    for side in SIDES:
+        seconds = [s for run in rounds for s in run[side]["step_seconds"]]
+        lengths = [run[side]["response_length"] for run in rounds if run[side]["response_length"] is not None]
+        summary[side] = {"median_step_seconds": round(statistics.median(seconds), 3),
+                         "samples_per_second": round(samples / statistics.median(seconds), 2),
+                         "step_seconds": [round(s, 3) for s in seconds],
+                         "mean_response_tokens": round(statistics.fmean(lengths), 2)}
+
+    def per_round(numerator: str, denominator: str) -> list[float]:
+        return [round(statistics.median(run[denominator]["step_seconds"])
+                      / statistics.median(run[numerator]["step_seconds"]), 2) for run in rounds]
+
+    loads = [run[side]["load_before"] for run in rounds for side in SIDES]
     ratio = summary["lmstack"]["samples_per_second"] / summary["trl"]["samples_per_second"]
+    shared_effect = summary["lmstack"]["samples_per_second"] / summary["lmstack-full"]["samples_per_second"]
     command = (f"python bench/bench_grpo_trl.py --prompts {args.prompts} --group {args.group} --max-new-tokens "
                f"{args.max_new_tokens} --steps {args.steps} --warmup {args.warmup} --layers {args.layers} "
                f"--width {args.width} --threads {args.threads} --rounds {args.rounds}")
     results = {"command": command, "cpu_count": os.cpu_count(), "threads_per_side": args.threads,
                "model": f"lmstack GPT {args.layers} layers x {args.width} wide, vocab 300, random init (seed "
                         f"{args.seed}), exported to LlamaForCausalLM for TRL", "samples_per_step": samples,
-               "sides": summary, "speedup_lmstack_over_trl": round(ratio, 2), "generation_only": generation,
+               "load_average": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+               "sides": summary, "speedup_lmstack_over_trl": round(ratio, 2),
+               "speedup_per_round": per_round("lmstack", "trl"),
+               "shared_prompt_speedup": round(shared_effect, 2),
+               "shared_prompt_speedup_per_round": per_round("lmstack", "lmstack-full"),
+               "generation_only": generation,
                "generation_speedup_lmstack_over_transformers": round(
-                   generation["lmstack"]["samples_per_second"] / generation["transformers"]["samples_per_second"], 2)}
+                   generation["lmstack"]["samples_per_second"] / generation["transformers"]["samples_per_second"], 2),
+               "wall_minutes": round((time.perf_counter() - started) / 60, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -279,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     for side, s in summary.items():
         print(f"| {side} | {s['median_step_seconds']:.3f} | {s['samples_per_second']:.1f} | "
               f"{s['mean_response_tokens']} |")
-    print(f"\nlmstack / TRL samples per second: {ratio:.2f}x")
+    print(f"\nlmstack / TRL samples per second: {ratio:.2f}x (per round {results['speedup_per_round']}); "
+          f"shared-prompt path: {shared_effect:.2f}x; load {min(loads):.1f}-{max(loads):.1f}")
     for side, g in generation.items():
         print(f"generation only, {side}: {g['median_seconds']:.3f} s, {g['samples_per_second']:.1f} samples/s, "
               f"{g['mean_response_tokens']:.1f} tokens per sample")

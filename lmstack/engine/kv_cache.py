@@ -172,7 +172,10 @@ class SlotBatch:
         if self.consecutive_from is not None:
             start, B = self.consecutive_from, k.shape[0]
             return k_layer[start:start + B, :, :S], v_layer[start:start + B, :, :S]  # (B, H_kv, S, D) views
-        return k_layer[self.slot_ids, :, :S], v_layer[self.slot_ids, :, :S]  # (B, H_kv, S, D) gathered
+        # index_select copies whole (H_kv, S, D) blocks; advanced indexing (k_layer[ids, :, :S]) computes an offset
+        # per element and was 2-5x slower on CPU, a quarter of a GRPO rollout's time
+        return (k_layer[:, :, :S].index_select(0, self.slot_ids),
+                v_layer[:, :, :S].index_select(0, self.slot_ids))  # (B, H_kv, S, D) gathered
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
