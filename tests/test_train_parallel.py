@@ -127,6 +127,7 @@ def test_four_process_hsdp_and_3d(tmp_path):
     (["parallel.dp_replicate=3"], 2, "but torchrun started 2"),
     (["parallel.tp=4"], 4, "does not divide model.n_kv_head=2"),
     (["parallel.tp=3"], 3, "does not divide model.n_head=4"),
+    (["parallel.tp=2", "model.block_size=15"], 2, "which model.block_size=15 is not"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "model.n_layer=3"], 2, "needs 4 pipeline stages"),
     (["parallel.pp=2", "model.tie_embeddings=true"], 2, "tie_embeddings=false"),
     (["parallel.pp=2", "parallel.pp_microbatches=3"], 2, "does not divide train.batch_size"),
