@@ -80,8 +80,8 @@ def worker(out_dir: Path, args: argparse.Namespace, overrides: list[str]) -> Non
     from lmstack.models import build_model
     from lmstack.models.gpt import GPTConfig
     from lmstack.train.dist import DistInfo, cleanup_distributed, init_distributed
-    from lmstack.train.losses import causal_lm
     from lmstack.train.loop import train
+    from lmstack.train.losses import causal_lm
     from lmstack.train.parallel import data_parallel_rank, resolve_layout
 
     torch.set_num_threads(1)

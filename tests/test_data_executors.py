@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from lmstack.cli import main
-from lmstack.data.dedup import DedupConfig, DedupIndex, MinHasher, dedup_keys, synthetic_near_duplicates
+from lmstack.data.dedup import (
+    DedupConfig,
+    DedupIndex,
+    MinHasher,
+    dedup_keys,
+    synthetic_near_duplicates,
+)
 from lmstack.data.dedup_stages import run_ranks_inline, sharded_dedup
 from lmstack.data.executors import make_executor
 from lmstack.data.pipeline import clean_corpus
