@@ -1,7 +1,7 @@
 """What DPO and a reward model learn from rule-labelled preference pairs, on a tiny SFT'd model: seeded before/after,
 plain DPO against DPO with the chosen-NLL term (``dpo.sft_weight``, RPO) in the same run.
 
-    python bench/bench_dpo.py                         # ~15 min on an idle 2-core CPU (reuses bench_sft's base)
+    python bench/bench_dpo.py                         # 4 DPO + 2 control runs: ~20 min on a 2-core CPU
     python bench/bench_dpo.py --seeds 0,1,2 --sft-weights 0,0.5,1 --dpo-steps 300
     python bench/bench_dpo.py --jobs 4 --threads 1   # the four DPO runs side by side (a busy machine)
     python bench/bench_dpo.py --replot                # redraw the plot and the table from OUT/results.json
