@@ -69,7 +69,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "smollm2-135m-instruct"
-SIDES = ("lmstack", "peft", "lmstack-packed", "profile")  # one round, in this order
+SIDES = ("lmstack", "peft", "lmstack-packed", "profile", "steps")  # one round, in this order
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,6 +203,52 @@ def run_profile_side(args: argparse.Namespace, work: Path, repeats: int = 3) -> 
             for name, by_part in parts.items()}
 
 
+def run_steps_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Whole training steps in one process, the variants interleaved step by step so they share the load:
+    for each padded batch of the epoch, a peft step on it, lmstack steps on it with the full-logits and the
+    labelled-positions objective, and an lmstack step on the same conversations packed (labelled positions).
+    A step is forward, backward, clip 1.0 and AdamW, without the loop's bookkeeping. Seconds per variant."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmstack.checkpoint import load_checkpoint
+    from lmstack.models.peft import LoRAConfig, apply_lora
+    from lmstack.train.losses import causal_lm, causal_lm_at_labels
+
+    padded, packed = torch.load(work / "batches.pt"), torch.load(work / "packed_per_step.pt")
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32,
+                                                                        attn_implementation="sdpa"),
+                                   work / "init-adapter", is_trainable=True).train()
+    ours = load_checkpoint(args.model).model.float()
+    apply_lora(ours, LoRAConfig(r=args.r, alpha=args.alpha, dropout=0.0, target_modules=args.targets.split(",")))
+    ours.train()
+
+    def peft_loss(batch):
+        logits = hf(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-1)
+
+    variants = {"peft_padded": (hf, peft_loss),
+                "lmstack_padded_full_logits": (ours, lambda b: causal_lm(ours, b)[0]),
+                "lmstack_padded": (ours, lambda b: causal_lm_at_labels(ours, b)[0]),
+                "lmstack_packed": (ours, lambda b: causal_lm_at_labels(ours, b)[0])}
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                          betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+                  for name, (model, _) in variants.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for step in range(len(padded)):
+        for name, (model, loss_fn) in variants.items():
+            batch = packed[step] if name == "lmstack_packed" else padded[step]
+            started = time.perf_counter()
+            loss_fn(batch).backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            seconds[name].append(time.perf_counter() - started)
+    return {"step_seconds": seconds, "trained_tokens": [int((b["labels"] != -1).sum()) for b in padded],
+            "packed_rows": [int(b["input_ids"].shape[0]) for b in packed]}
+
+
 # ----------------------------------------------------------------------------- preparation (parent process)
 
 def write_data(args: argparse.Namespace, path: Path) -> None:
@@ -256,6 +302,14 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     order = [unit[0] for unit in loader._units(0)]  # the epoch's draw order, as the loader yields it
     batches = [batch for _, batch in zip(range(padded_steps), loader)]
     torch.save(batches, work / "batches.pt")
+    from lmstack.data.instruct import collate_packed
+
+    packed_per_step = []  # each padded batch's conversations packed into windows of --seq-len, one batch
+    for step in range(padded_steps):
+        examples = [data.train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        windows_of_step = pack_best_fit([len(e.ids) - 1 for e in examples], args.seq_len)
+        packed_per_step.append(collate_packed([[examples[i] for i in w] for w in windows_of_step], tokenizer.pad_id))
+    torch.save(packed_per_step, work / "packed_per_step.pt")
     input_tokens = [sum(len(data.train[i].ids) - 1 for i in order[s * args.batch_size:(s + 1) * args.batch_size])
                     for s in range(padded_steps)]
     windows = pack_best_fit([len(e.ids) - 1 for e in data.train], args.seq_len)
@@ -318,6 +372,8 @@ def summarize(args: argparse.Namespace, plan: dict[str, Any], rounds: list[dict[
         "padding_fraction": 1 - sum(plan["input_tokens"]) / sum(plan["padded_tokens"]),
         "profile_ms": {obj: {part: statistics.median(p[obj][part] for p in profiles) for part in profiles[0][obj]}
                        for obj in ("full", "at_labels")},
+        "interleaved_seconds": {name: statistics.median(sum(r["steps"]["step_seconds"][name][1:]) for r in rounds)
+                                for name in rounds[0]["steps"]["step_seconds"]},
         "load_1min": {name: [r[name]["load_1min"] for r in rounds] for name in SIDES},
         "vm_hwm_mib": {name: statistics.median(r[name]["vm_hwm_mib"] for r in rounds) for name in SIDES},
     }
@@ -350,6 +406,15 @@ def table(args: argparse.Namespace, plan: dict[str, Any], summary: dict[str, Any
         p = summary["profile_ms"][obj]
         lines.append(f"| {label} | {p['decoder_forward']:,.0f} | {p['head_ce_forward']:,.0f} | {p['backward']:,.0f} | "
                      f"{sum(p.values()):,.0f} |")
+    inter = summary["interleaved_seconds"]
+    lines += ["", ("whole steps in one process, interleaved step by step over the epoch (first step untimed; seconds, "
+                   "median over rounds; speed-up = peft padded seconds / variant seconds for the same conversations):"), "",
+              "| variant | seconds | speed-up vs peft padded |", "|---|---:|---:|"]
+    for name, label in (("peft_padded", "transformers + peft, padded"),
+                        ("lmstack_padded_full_logits", "lmstack, padded, logits everywhere"),
+                        ("lmstack_padded", "lmstack, padded, logits at labels"),
+                        ("lmstack_packed", "lmstack, packed, logits at labels")):
+        lines.append(f"| {label} | {inter[name]:,.1f} | {inter['peft_padded'] / inter[name]:.2f}x |")
     lm, pf = rounds[0]["lmstack"], rounds[0]["peft"]
     lines += ["", "| step | lmstack loss | peft loss | abs diff |", "|---:|---:|---:|---:|"]
     for i, (a, b) in enumerate(zip(lm["losses"], pf["losses"]), start=1):
@@ -366,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = json.loads((work / "plan.json").read_text())
         if args.side == "peft":
             result = run_peft_side(args, work)
+        elif args.side == "steps":
+            result = run_steps_side(args, work)
         elif args.side == "profile":
             result = run_profile_side(args, work, args.profile_repeats)
         else:
