@@ -1,7 +1,7 @@
 """`lmstack dpo` against TRL's DPOTrainer: optimizer steps per second on the same model, pairs, order and batch,
 measured in alternating rounds so both sides see the same machine load.
 
-    python bench/bench_dpo_trl.py                       # ~9 min on a busy 2-core CPU (load ~16), defaults
+    python bench/bench_dpo_trl.py                       # 10-15 min on a busy 2-core CPU (load ~16), defaults
     python bench/bench_dpo_trl.py --rounds 5 --steps 4 --references copy
     python bench/bench_dpo_trl.py --layers 0             # the whole SmolLM2-135M-Instruct (minutes per step on 2 cores)
 
@@ -165,7 +165,11 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Weights (lmstack checkpoint + HF export), the pairs that fit, and lmstack's loader order for TRL."""
     from lmstack.checkpoint import load_checkpoint, save_checkpoint
     from lmstack.config import model_config_from_dict
-    from lmstack.data.preference import PreferenceLoader, load_preference, make_preference_pairs
+    from lmstack.data.preference import (
+        PreferenceLoader,
+        load_preference,
+        make_preference_pairs,
+    )
     from lmstack.interop.hf_export import export_hf
     from lmstack.models import build_model
 
@@ -255,13 +259,14 @@ def run_side(side: str, reference: str, args: argparse.Namespace, work: Path, ta
 
 def summarize(results: dict[str, Any]) -> str:
     s = results["settings"]
-    lines = [f"Command: `{results['command']}`; {results['cpu_count']} CPUs, {s['threads']} torch thread(s) per side, "
-             f"fp32; {results['model']}; batch {s['batch_size']} pairs ({results['data']['kept']} of "
-             f"{results['data']['pairs']} pairs fit in {s['max_length']} tokens); {s['rounds']} alternating rounds of "
-             f"{s['steps']} timed steps after {s['warmup']}; load average {results['load']['min']:.1f}-"
-             f"{results['load']['max']:.1f} (median {results['load']['median']:.1f}).", "",
-             "| reference | lmstack s/step | TRL s/step | lmstack steps/s | TRL steps/s | lmstack / TRL | "
-             "per-round ratios | max |loss diff|, round 1 |", "|---|---|---|---|---|---|---|---|"]
+    header = (f"Command: `{results['command']}`; {results['cpu_count']} CPUs, {s['threads']} torch thread(s) per "
+              f"side, fp32; {results['model']}; batch {s['batch_size']} pairs ({results['data']['kept']} of "
+              f"{results['data']['pairs']} pairs fit in {s['max_length']} tokens); {s['rounds']} alternating rounds "
+              f"of {s['steps']} timed steps after {s['warmup']}; load average {results['load']['min']:.1f}-"
+              f"{results['load']['max']:.1f} (median {results['load']['median']:.1f}).")
+    columns = ("| reference | lmstack s/step | TRL s/step | lmstack steps/s | TRL steps/s | lmstack / TRL | "
+               "per-round ratios | max loss difference, round 1 |")
+    lines = [header, "", columns, "|---|---|---|---|---|---|---|---|"]
     for reference, r in results["runs"].items():
         lines.append(f"| {reference} | {r['lmstack_median_s']:.3f} | {r['trl_median_s']:.3f} | "
                      f"{1 / r['lmstack_median_s']:.3f} | {1 / r['trl_median_s']:.3f} | **{r['speedup']:.2f}x** | "
