@@ -1,6 +1,8 @@
 """lmstack grpo (lmstack/stages/grpo.py) and its losses (lmstack/train/rl_losses.py): group advantages and each
 loss normalisation against direct formulas, the clip fraction, REINFORCE's gradient, reward errors naming the
-sample, the verifiable reward, a tiny run that learns a learnable reward, and exact resume after SIGKILL."""
+sample, the verifiable reward, a tiny run that learns a learnable reward, exact resume after SIGKILL, and the
+shared-prompt log-prob path (lmstack/train/shared_prompt.py) pinned to the full forward: log-probs, entropies,
+loss, metrics and gradients."""
 
 from __future__ import annotations
 
