@@ -103,6 +103,27 @@ def test_wall_clock_budget_follows_the_machine_speed(tmp_path):
     assert last_lr < 0.15 * cfg.optim.lr  # cosine reached (close to) min_lr_ratio=0.1: the decay was planned
 
 
+def test_a_budget_shorter_than_the_warm_up_steps_still_ends_on_time(tmp_path):
+    """Steps so slow (0.6 s) that the ten warm-up steps before the first plan would take twice the 3-second
+    budget: the run stops when the next step no longer fits instead of finishing the warm-up."""
+    import time
+
+    budget_s = 3.0
+    cfg = build_run_config("tiny", overrides=TINY + [f"train.max_minutes={budget_s / 60}", "train.max_steps=100000",
+                                                     "train.eval_every=100000", "train.ckpt_every=100000",
+                                                     "train.log_every=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    start = time.time()
+    r = train(model, cfg, SlowLoader(4, 16, delay=lambda i: 0.6), PatternLoader(4, 16, split="val", n_windows=16),
+              causal_lm, tmp_path / "run", progress=False)
+    wall = time.time() - start
+    assert 1 <= r.steps < 10  # stopped before the warm-up would have ended
+    assert wall < budget_s + 2.0  # the warm-up alone would take 6 s; setup, final validation and weights count
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["max_steps"] for row in rows if row.get("event") == "budget"] == [r.steps]
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     cfg = build_run_config("tiny", overrides=TINY + ["model.bias=true"])
     model = build_model(cfg.model)

@@ -25,6 +25,9 @@ by more than 2%, until the run is half-way; in the second half only downwards, a
 would otherwise overshoot (a machine that got slower, a first checkpoint that cost more than guessed).
 A late cut shortens the LR schedule's tail a little; overshooting the budget would be worse.
 
+Before the first plan the run is only stopped, never extended: when a step is so slow (a loaded machine)
+that the next one would not fit, the run ends at once instead of finishing its ten warm-up steps.
+
 Caveat: the first plan (after ten steps, before any validation pass or checkpoint was timed) can be
 far off when those are slow; the second-half cut is what keeps such a run inside its budget.
 """
@@ -72,12 +75,21 @@ class WallClockBudget:
         """The new total step count after ``step`` steps, or None to keep ``max_steps``."""
         done_here = step - self.start_step
         if done_here < WARMUP_STEPS:
-            return None
+            # too few steps to plan the schedule from, but a machine so slow that the budget runs out
+            # before the first plan must not run past it waiting for one
+            return step if self._out_of_time(step, session_seconds) else None
         planned = self._plan(step, session_seconds)
         if step <= max_steps // 2:
             first = done_here == WARMUP_STEPS
             return planned if first or abs(planned - max_steps) > max(1, 0.02 * max_steps) else None
         return planned if planned < max_steps else None
+
+    def _out_of_time(self, step: int, session_seconds: float) -> bool:
+        """Another step would end past the budget, counting only what was measured (before the first plan
+        the validation and checkpoint costs are guesses from too few steps to stop a run on)."""
+        measured_final = (self.eval_seconds or 0.0) + 2 * (self.save_seconds or 0.0)
+        left = self.seconds * (1 - SAFETY) - self.spent_before - session_seconds - measured_final
+        return left < self.step_seconds(step, session_seconds)
 
     def _plan(self, step: int, session_seconds: float) -> int:
         per_step = self.step_seconds(step, session_seconds)
