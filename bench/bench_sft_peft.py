@@ -1,6 +1,6 @@
 """`lmstack sft --lora` against transformers + peft: the same LoRA fine-tune of SmolLM2-135M-Instruct, side by side.
 
-    python bench/bench_sft_peft.py                        # ~5 min on an idle 2-core CPU after the one-time import
+    python bench/bench_sft_peft.py                        # 3 rounds; ~20 min on a busy 2-core CPU after the one-time import
     python bench/bench_sft_peft.py --model DIR            # reuse an imported checkpoint
     python bench/bench_sft_peft.py --data tasks --rounds 5 --targets q_proj,k_proj,v_proj,o_proj
 
@@ -23,7 +23,7 @@ optimizer steps:
    (:func:`lmstack.interop.peft_adapters.save_adapter`) that the peft side loads trainable, so both
    start from the same A (B is zero on both).
 4. Sides, each a subprocess (so VmHWM is its own peak resident memory), fp32 on the CPU with ``--threads``
-   torch threads, run in alternating rounds (lmstack, peft, lmstack packed, profile; ``--rounds`` times) so
+   torch threads, run in alternating rounds (lmstack, peft, lmstack packed, profile, steps; ``--rounds`` times) so
    that every side sees the same background load; the table gives each side's median over the rounds:
    - ``lmstack``: :func:`lmstack.stages.sft.sft` with ``lora=True``, padded batches (constant LR, no weight
      decay, clip 1.0, the loss logged every step);
@@ -35,7 +35,12 @@ optimizer steps:
    - ``profile``: one step's parts on the first padded batch, in process, the two lmstack objectives
      alternated: the decoder forward, the head + cross-entropy forward, and the backward, with logits at
      every position (``causal_lm``, as peft computes them) and only at the labelled positions
-     (``causal_lm_at_labels``, what ``sft`` uses).
+     (``causal_lm_at_labels``, what ``sft`` uses);
+   - ``steps``: whole training steps (forward, backward, clip, AdamW; no loop bookkeeping) in one process,
+     four variants interleaved step by step over the epoch so that they share the load exactly: peft on the
+     padded batch, lmstack on it with logits everywhere and at the labels only, and lmstack on the same
+     batch's conversations packed into windows of ``--seq-len`` (logits at the labels). On a shared machine
+     this is the steadiest comparison; the loop runs above include the loop's per-step work.
    The first step of every run is a warm-up, left out of the speed.
 
 Measures: trained tokens/s (labels, the loop's own count) on each side; for the two padded sides also
@@ -79,18 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/bench-sft-peft", help="work directory (the imported model is reused from here)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "sft_peft"), help="results directory")
     p.add_argument("--data", choices=["chitchat", "tasks"], default="chitchat", help="conversations trained on")
-    p.add_argument("--n", type=int, default=49, help="conversations (one is held out; the rest fill the epoch)")
-    p.add_argument("--chitchat-messages", type=int, default=6, help="each Chit-Chat conversation cut to this many messages")
+    p.add_argument("--n", type=int, default=17, help="conversations (one is held out; the rest fill the epoch)")
+    p.add_argument("--chitchat-messages", type=int, default=4, help="each Chit-Chat conversation cut to this many messages")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the sides")
-    p.add_argument("--batch-size", type=int, default=8, help="conversations per padded step")
-    p.add_argument("--packed-batch-size", type=int, default=1, help="packed windows of --seq-len tokens per step")
-    p.add_argument("--seq-len", type=int, default=256, help="longest conversation trained on (train.seq_len)")
+    p.add_argument("--batch-size", type=int, default=4, help="conversations per padded step")
+    p.add_argument("--packed-batch-size", type=int, default=3, help="packed windows of --seq-len tokens per step")
+    p.add_argument("--seq-len", type=int, default=128, help="longest conversation trained on (train.seq_len)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
     p.add_argument("--threads", type=int, default=2, help="torch threads on every side")
-    p.add_argument("--profile-repeats", type=int, default=3, help="timed passes of each objective in the profile side")
+    p.add_argument("--profile-repeats", type=int, default=2, help="timed passes of each objective in the profile side")
     p.add_argument("--seed", type=int, default=1337, help="train.seed (adapter init and batch order)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
     return p.parse_args(argv)
