@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,14 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmstack.atomic import write_atomic, write_json_atomic  # noqa: E402
-from lmstack.checkpoint import save_checkpoint  # noqa: E402
-from lmstack.engine import Engine, SamplingParams  # noqa: E402
-from lmstack.models.gpt import GPT, GPTConfig  # noqa: E402
-from lmstack.stages.sft import sft  # noqa: E402
-from lmstack.tokenizer import Tokenizer  # noqa: E402
-from lmstack.tools.calculator import calculator_conversations, calculator_tool  # noqa: E402
-from lmstack.tools.loop import run_many_with_tools  # noqa: E402
+from lmstack.atomic import write_atomic, write_json_atomic
+from lmstack.checkpoint import save_checkpoint
+from lmstack.engine import Engine, SamplingParams
+from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.stages.sft import sft
+from lmstack.tokenizer import Tokenizer
+from lmstack.tools.calculator import calculator_conversations, calculator_tool
+from lmstack.tools.loop import run_many_with_tools
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -132,7 +133,7 @@ def main() -> None:
     torch.set_num_threads(2)
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     train_tool = calculator_conversations(a.train, seed=a.seed, digits=(2, 6))
     train_direct = calculator_conversations(a.train, seed=a.seed, digits=(2, 6), use_tool=False)
     seen = {r["messages"][0]["content"] for r in train_tool}
@@ -149,7 +150,10 @@ def main() -> None:
                "tool_called": scores["tool_called"], "eval_seconds": {"tool_loop": scores["tool_seconds"],
                                                                        "direct": scores["direct_seconds"]},
                "examples": scores["examples"], "torch_threads": torch.get_num_threads(),
-               "wall_minutes": (time.perf_counter() - start) / 60}
+               "wall_minutes": (time.perf_counter() - start) / 60,
+               # wall times mean little without the machine's other work: 1/5/15-minute load averages
+               "machine": f"{os.cpu_count()} CPU cores", "load_average_start": load_start,
+               "load_average_end": os.getloadavg()}
     write_json_atomic(out / "tool_use.json", results)
     plot(results, out / "tool_use.png")
     print(json.dumps({k: results[k] for k in ("accuracy", "tool_called", "eval_seconds", "wall_minutes")}, indent=1))
