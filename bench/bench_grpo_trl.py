@@ -1,6 +1,6 @@
 """`lmstack grpo` against TRL's GRPOTrainer: GRPO samples per second, generation included, same model and work.
 
-    python bench/bench_grpo_trl.py                      # defaults: 8 prompts x 8 samples, 32 new tokens (~10 min)
+    python bench/bench_grpo_trl.py                      # defaults: 8 prompts x 8 samples, 32 new tokens (4-6 min)
     python bench/bench_grpo_trl.py --prompts 16 --group 8 --max-new-tokens 64 --steps 6
 
 TRL runs from its own virtual environment (``--trl-python``, default runs/venv-trl/bin/python; see
