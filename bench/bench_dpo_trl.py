@@ -3,7 +3,7 @@ measured in alternating rounds so both sides see the same machine load.
 
     python bench/bench_dpo_trl.py                       # 10-15 min on a busy 2-core CPU (load ~16), defaults
     python bench/bench_dpo_trl.py --rounds 5 --steps 4 --references copy
-    python bench/bench_dpo_trl.py --layers 0             # the whole SmolLM2-135M-Instruct (minutes per step on 2 cores)
+    python bench/bench_dpo_trl.py --layers 0 --steps 1   # the whole SmolLM2-135M-Instruct (~10 s a step on 2 cores)
 
 TRL runs from its own virtual environment (``--trl-python``, default runs/venv-trl/bin/python): a venv made with
 ``python -m venv runs/venv-trl``, a ``.pth`` file in its site-packages naming this project's site-packages, and
