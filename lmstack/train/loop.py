@@ -626,8 +626,10 @@ def _maybe_rollback(run: _Run) -> bool:
 
 
 def _weights_finite(run: _Run) -> bool:
-    """Every process's parameters (its pieces of sharded ones) finite; the same answer on every process."""
-    local = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in run.raw_model.parameters())
+    """Every process's trained parameters (its pieces of sharded ones) finite; the same answer on every process.
+    Frozen ones (a LoRA run's base) are not scanned: no update touches them, and they are most of the model."""
+    local = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())
+                for p in run.raw_model.parameters() if p.requires_grad)
     return not any_rank(not local, run.dist)
 
 
