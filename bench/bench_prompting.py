@@ -228,7 +228,30 @@ def section_cot(lm: EvalLM, args) -> dict:
         rows.append({"prompt": name, "acc": acc, "ci95": interval(acc, len(examples)), "n": len(examples),
                      "seconds": time.perf_counter() - start, "example_output": finals[0][:300]})
         print(json.dumps(rows[-1]), flush=True)
-    return {"task": args.cot_task, "k": args.k, "rows": rows}
+    result = {"task": args.cot_task, "k": args.k, "rows": rows}
+    plot_cot(result, OUT / "cot.png")
+    return result
+
+
+def plot_cot(result: dict, path: Path) -> None:
+    """Bars of the three prompts' accuracy; at 0 correct the bar's whisker is the rule-of-three bound 3/n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    upper = [3 / r["n"] if r["acc"] == 0 else r["ci95"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar([r["prompt"] for r in rows], [r["acc"] for r in rows], yerr=[[min(r["ci95"], r["acc"]) for r in rows],
+                                                                        upper], capsize=4)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact match (95 % interval)")
+    ax.set_title(f"{result['task']}, SmolLM2-135M-Instruct, {rows[0]['n']} items, {result['k']} exemplars",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
