@@ -36,8 +36,12 @@ CONVERSATIONS = {
 }
 
 
-def build_tool_model(root: Path, steps: int = 150) -> Path:
-    """ROOT/model: a 2-layer GPT trained until greedy decoding replays CONVERSATIONS; returns the path."""
+def build_tool_model(root: Path, max_steps: int = 600, target_loss: float = 0.012) -> Path:
+    """ROOT/model: a 2-layer GPT trained until greedy decoding replays CONVERSATIONS; returns the path.
+
+    Training stops at ``target_loss`` (about the floor: "keep going" repeats one call, so a few positions stay
+    uncertain) rather than after a fixed step count: a fixed count at a high learning rate ended inside a loss
+    spike on one CPU and not on another, and the model then replayed garbage."""
     texts = [str(m.get("content", "")) + str(m.get("tool_calls", "")) for c in CONVERSATIONS.values() for m in c]
     tok = Tokenizer.train(texts * 4, vocab_size=300)
     torch.manual_seed(0)
@@ -50,15 +54,20 @@ def build_tool_model(root: Path, steps: int = 150) -> Path:
     for r, row in enumerate(rows):
         idx[r, :len(row)] = torch.tensor(row)
         targets[r, :len(row) - 1] = torch.tensor(row[1:])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model only loses time to intra-op threads on a busy machine
     try:
-        for _ in range(steps):
+        for _ in range(max_steps):
             _, loss = model(idx, targets)
+            if loss.item() < target_loss:
+                break
             optimizer.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+        else:
+            raise AssertionError(f"the tool model did not memorise its conversations (loss {loss.item():.4f})")
     finally:
         torch.set_num_threads(threads)
     save_checkpoint(root / "model", model, {"model": dataclasses.asdict(cfg)}, tokenizer=tok)
