@@ -9,12 +9,13 @@ of every step, RUN/model consolidated), all in one torchrun launch so the proces
 :func:`reference_run` is the same training in one process with the global batch (``batch_size x dp``),
 which every layout must reproduce.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/parallel_helpers.py --cli VERB ARGS... [--next VERB ARGS...]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/parallel_helpers.py --cli VERB ARGS...
 
-runs ``lmstack`` commands one after another in the same processes (:func:`run_cli`): each stage run sets
-its process group up and tears it down. Runs under tensor parallelism share a launch this way; after an
-FSDP2 run the next run's process group hangs (the device-mesh state outlives the group), so FSDP2 runs get
-a launch each.
+runs one ``lmstack`` command (:func:`run_cli` launches each command on its own). Several stage runs in one
+launch, each setting a process group up and tearing it down, are not reliable on gloo: the second group's
+rendezvous can race with the first one's leftover keys in the launch's store (seen under TP: one rank
+waited in ``init_process_group`` while the other had passed it), and after an FSDP2 run the device-mesh state
+outlives the group.
 """
 
 from __future__ import annotations
@@ -77,12 +78,10 @@ def run_plans(plans: list[str], out_root: Path, nproc: int = 2, timeout: float =
     return _torchrun([str(out_root), *plans], nproc, timeout)
 
 
-def run_cli(commands: list[list[str]], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``lmstack`` COMMANDS (argument lists without ``lmstack``) in one torchrun launch, in order."""
-    args = ["--cli"]
-    for i, command in enumerate(commands):
-        args += (["--next"] if i else []) + command
-    return _torchrun(args, nproc, timeout)
+def run_cli(commands: list[list[str]], nproc: int = 2, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Run ``lmstack`` COMMANDS (argument lists without ``lmstack``) in order, one torchrun launch each
+    (``timeout`` seconds per launch)."""
+    return [_torchrun(["--cli", *command], nproc, timeout) for command in commands]
 
 
 def _torchrun(args: list[str], nproc: int, timeout: float) -> subprocess.CompletedProcess:
@@ -150,16 +149,7 @@ def _main(out_root: str, plans: list[str]) -> None:
 def _cli_main(args: list[str]) -> None:
     from lmstack.cli import main
 
-    commands: list[list[str]] = [[]]
-    for arg in args:
-        if arg == "--next":
-            commands.append([])
-        else:
-            commands[-1].append(arg)
-    for command in commands:
-        code = main(command)
-        if code:
-            sys.exit(code)
+    sys.exit(main(args))
 
 
 if __name__ == "__main__":

@@ -78,9 +78,9 @@ def assert_follows(run_dir: Path, reference_dir: Path) -> None:
 
 
 def run_and_reference(base: Path, root: Path, verbs: tuple[str, ...], layout: str) -> None:
-    """ROOT/VERB_LAYOUT under torchrun (one launch) and ROOT/VERB_LAYOUT_reference in this process."""
+    """ROOT/VERB_LAYOUT under torchrun (a launch per stage) and ROOT/VERB_LAYOUT_reference in this process."""
     overrides, replicas = LAYOUTS[layout]
-    run_cli([stage_args(verb, base, root / f"{verb}_{layout}", *overrides) for verb in verbs], timeout=300)
+    run_cli([stage_args(verb, base, root / f"{verb}_{layout}", *overrides) for verb in verbs], timeout=240)
     for verb in verbs:
         reference(verb, base, root / f"{verb}_{layout}_reference", replicas)
 
