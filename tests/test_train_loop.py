@@ -14,7 +14,7 @@ from lmstack.models import build_model
 from lmstack.train.dist import DistInfo
 from lmstack.train.losses import Objective, causal_lm, real_tokens
 from lmstack.train.loop import evaluate, train
-from lmstack.train.optim import lr_multiplier, param_groups
+from lmstack.train.optim import build_optimizer, lr_multiplier, param_groups
 from loop_helpers import PatternLoader
 
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=2", "model.vocab_size=128",
@@ -122,6 +122,29 @@ def test_a_budget_shorter_than_the_warm_up_steps_still_ends_on_time(tmp_path):
     assert wall < budget_s + 2.0  # the warm-up alone would take 6 s; setup, final validation and weights count
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["max_steps"] for row in rows if row.get("event") == "budget"] == [r.steps]
+
+
+def test_fused_cpu_adamw_matches_the_per_tensor_loop():
+    """The CPU optimizer is the fused kernel; ten steps of it stay within fp32 rounding of the per-tensor loop."""
+    cfg = build_run_config("tiny", overrides=TINY)
+    torch.manual_seed(0)
+    fused_model = build_model(cfg.model)
+    plain_model = build_model(cfg.model)
+    plain_model.load_state_dict(fused_model.state_dict())
+    before = [p.detach().clone() for p in fused_model.parameters()]
+    fused = build_optimizer(fused_model, cfg.optim, "cpu")
+    plain = torch.optim.AdamW(param_groups(plain_model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                              betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False)
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0].get("fused")
+    batch = next(iter(PatternLoader(4, 16)))
+    for _ in range(10):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            causal_lm(model, batch)[0].backward()
+            opt.step()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), name
+    assert max((a - b0).abs().max().item() for a, b0 in zip(fused_model.parameters(), before)) > 1e-3  # it trained
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():

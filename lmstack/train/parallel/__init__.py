@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from lmstack.config import RunConfig
 from lmstack.train.dist import DistInfo
+from lmstack.train.optim import fused_applies
 from lmstack.train.parallel.ac import apply_activation_checkpointing
 from lmstack.train.parallel.mesh import Layout, build_mesh, data_parallel_rank, resolve_layout
 from lmstack.train.parallel.pp import PipelineRunner
@@ -221,5 +222,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], mo
     for group in optimizer.param_groups:
         params = [current[names[id(p)]] for p in group["params"] if names.get(id(p)) in current]
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+        if group.get("fused") and params and not fused_applies(params, params[0].device.type):
+            groups[-1]["fused"] = None  # the CPU fused kernel takes no DTensor: the per-tensor path instead
     return type(optimizer)(groups)  # every group carries all of its hyperparameters
 
