@@ -110,6 +110,15 @@ def test_fast_mask_path_gives_the_plain_paths_tokens(tiny_checkpoint, engine, gr
         assert out.text.startswith("{")
 
 
+def test_a_lone_constrained_row_is_masked_inline(tiny_checkpoint, grammars, one_thread):
+    """One constrained row skips the worker thread (it costs more than the mask), and the grammar still holds."""
+    single = Engine.from_checkpoint(str(tiny_checkpoint), device="cpu", max_num_seqs=8, max_model_len=512)
+    [out] = single.generate([_prompt(single, "a river")],
+                            [SamplingParams(max_tokens=40, temperature=0.0, constraint=grammars.json_object())])
+    assert single.constraint_masks is not None and single.constraint_masks._last is None  # never handed over
+    assert out.outputs[0].text.startswith("{")
+
+
 def test_sample_with_parallel_masks_equals_row_by_row(engine, grammars, one_thread):
     """sample() on one batch of matchers in different states: the prefetched bitmask and allowed() agree."""
     schema, any_object = grammars.json_schema(SCHEMA), grammars.json_object()

@@ -417,10 +417,14 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens, stops, outputs
     def _start_masks(self, seqs: list[Sequence]) -> PendingMasks | None:
-        """Start the grammar masks of these sequences (fast path); None: no constrained row, or the plain path."""
-        if self.constraint_masks is None:
+        """Start the grammar masks of these sequences (fast path); None: the plain path computes them inline.
+
+        A single constrained row stays inline: handing one mask to the worker and llguidance's executor cost
+        more than computing it, when the forward is short (BENCHMARKS.md, "Structured output: the cost")."""
+        constraints = [s.constraint for s in seqs]
+        if self.constraint_masks is None or sum(c is not None for c in constraints) < 2:
             return None
-        return self.constraint_masks.start([s.constraint for s in seqs])
+        return self.constraint_masks.start(constraints)
 
     def _pick_tokens(self, seqs: list[Sequence], logits: torch.Tensor,
                      masks: PendingMasks | None = None) -> list[tuple[int, dict | None]]:
