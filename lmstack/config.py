@@ -120,7 +120,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
     activation_checkpointing: str = "none"  # none | selective (every other block) | full (every block)
-    spike_factor: float = 4.0  # loss > spike_factor * running mean (after warmup) = spike -> roll back
+    spike_factor: float = 4.0  # loss > spike_factor * running mean (after warmup) = spike -> roll back ...
+    spike_min_gap: float = 1.0  # ... when it is also at least this many nats above the running mean
     max_rollbacks: int = 10  # give up after this many rollbacks
     tensorboard: bool = True
 
@@ -133,6 +134,7 @@ class TrainConfig:
         check_range("train.seed", self.seed, 0, 2**63, high_open=True, integer=True)
         # a factor <= 1 would call every loss above the running mean a spike
         check_range("train.spike_factor", self.spike_factor, 1, low_open=True)
+        check_range("train.spike_min_gap", self.spike_min_gap, 0)
         check_choice("train.dtype", self.dtype, DTYPES)
         require(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
                 f"train.device={self.device!r}: choose auto, cpu, cuda, cuda:N or mps")

@@ -106,6 +106,7 @@ def _numeric_fields() -> dict[str, tuple[type, float, float, bool, bool]]:
         "optim.decay_fraction": (0, 1, True, False), "train.max_minutes": (0, math.inf, False, False),
         "train.eval_every": (0, math.inf, False, False), "train.ckpt_every": (0, math.inf, False, False),
         "train.max_rollbacks": (0, math.inf, False, False), "train.spike_factor": (1, math.inf, True, False),
+        "train.spike_min_gap": (0, math.inf, False, False),
         "train.seed": (0, 2**63, False, True),
     }
     for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_batches", "keep_last"):

@@ -460,6 +460,26 @@ def test_evaluate_returns_token_weighted_metrics():
     assert model.training  # evaluate hands the model back in train mode
 
 
+def test_a_near_zero_loss_is_not_judged_by_its_ratio_alone(tmp_path):
+    """A memorised fine-tune's loss (~0.01) that jumps tenfold is noise, not a spike: the limit is also at least
+    train.spike_min_gap nats above the running mean. With the gap at 0 the same jumps are skipped."""
+    calls = {"n": 0}
+
+    def small(model, batch):
+        loss, m = causal_lm(model, batch)
+        calls["n"] += 1
+        scale = 0.1 if calls["n"] % 7 == 0 else 0.01  # every 7th batch 10x the others, 0.1 x the real loss
+        return loss * (scale / loss.detach()), m
+
+    kept = run(tmp_path / "gap", objective=small)
+    assert kept.rollbacks == 0 and kept.steps == 24
+    calls["n"] = 0
+    strict = run(tmp_path / "ratio", extra=["train.spike_min_gap=0", "train.max_rollbacks=100"], objective=small)
+    rows = [json.loads(x) for x in (tmp_path / "ratio" / "metrics.jsonl").read_text().splitlines()]
+    reasons = [r["reason"] for r in rows if r.get("event") == "skipped_batch"]
+    assert strict.rollbacks == len(reasons) > 0 and all(x.startswith("loss spike 0.100 > limit") for x in reasons)
+
+
 def test_an_objective_that_does_not_judge_spikes_is_never_skipped_for_one(tmp_path):
     """The same jump that test_nan_and_spike_batches_are_skipped skips passes when the objective says its loss
     is not for the spike guard to judge; a non-finite loss is still skipped."""
