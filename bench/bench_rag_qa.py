@@ -221,7 +221,7 @@ def main() -> None:
     # 1,024 positions hold every prompt here; the engine reserves KV for max_length per slot, so a smaller
     # window makes each decode step cheaper than the 2,048 EvalLM would pick
     lm = EvalLM(ckpt.model, ckpt.tokenizer, backend="shared", batch_size=16, max_length=1024, name=a.model)
-    results: dict = {"command": " ".join(sys.argv), "model": a.model, "docs": len(summaries),
+    results: dict = {"command": " ".join(sys.argv), "model": os.path.relpath(a.model, ROOT), "docs": len(summaries),
                      "passages": len(index.passages), "top_k": a.top_k, "snippet_words": a.snippet_words,
                      "seed": a.seed, "torch_threads": torch.get_num_threads()}
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]

@@ -457,7 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         rounds.append({side: run_side(side, args, work) for side in SIDES})
         summary = summarize(args, plan, rounds)
         text = table(args, plan, summary, rounds)
-        write_json_atomic(out / "results.json", {"args": vars(args), "plan": plan, "summary": summary,
+        settings = {k: os.path.relpath(v, REPO) if k in ("out", "work", "model") and v else v  # no machine paths
+                    for k, v in vars(args).items()}
+        write_json_atomic(out / "results.json", {"args": settings, "plan": plan, "summary": summary,
                                                  "rounds": rounds, "rounds_done": len(rounds),
                                                  "total_wall_seconds": time.perf_counter() - started})
         write_text_atomic(out / "table.md", text + "\n")
