@@ -23,7 +23,8 @@ optimizer steps:
    (:func:`lmstack.interop.peft_adapters.save_adapter`) that the peft side loads trainable, so both
    start from the same A (B is zero on both).
 4. Sides, each a subprocess (so VmHWM is its own peak resident memory), fp32 on the CPU with ``--threads``
-   torch threads, run in alternating rounds (lmstack, peft, lmstack packed, profile, steps; ``--rounds`` times) so
+   torch threads, run in alternating rounds (lmstack, peft, lmstack packed, lmstack padding-free, profile, steps;
+   ``--rounds`` times) so
    that every side sees the same background load; the table gives each side's median over the rounds:
    - ``lmstack``: :func:`lmstack.stages.sft.sft` with ``lora=True``, padded batches (constant LR, no weight
      decay, clip 1.0, the loss logged every step);
@@ -32,21 +33,25 @@ optimizer steps:
      the same padded batches;
    - ``lmstack-packed``: the same ``sft`` run with ``sft.packing=true``: the same training conversations
      packed best-fit into ``--packed-batch-size`` windows of ``--seq-len`` tokens per step (its own steps);
+   - ``lmstack-padding-free``: the same ``sft`` run with ``sft.padding_free=true``: the padded run's steps
+     (the same conversations per step, in the same order), each batch one row of its conversations back to
+     back, with no padding;
    - ``profile``: one step's parts on the first padded batch, in process, the two lmstack objectives
      alternated: the decoder forward, the head + cross-entropy forward, and the backward, with logits at
      every position (``causal_lm``, as peft computes them) and only at the labelled positions
      (``causal_lm_at_labels``, what ``sft`` uses);
    - ``steps``: whole training steps (forward, backward, clip, AdamW; no loop bookkeeping) in one process,
-     four variants interleaved step by step over the epoch so that they share the load exactly: peft on the
+     five variants interleaved step by step over the epoch so that they share the load exactly: peft on the
      padded batch, lmstack on it with logits everywhere and at the labels only, and lmstack on the same
-     batch's conversations packed into windows of ``--seq-len`` (logits at the labels). On a shared machine
+     batch's conversations packed into windows of ``--seq-len`` and laid out padding-free (logits at the
+     labels). On a shared machine
      this is the steadiest comparison; the loop runs above include the loop's per-step work.
    The first step of every run is a warm-up, left out of the speed.
 
 Measures: trained tokens/s (labels, the loop's own count) on each side; for the two padded sides also
 input tokens/s without padding; the equal-shape ratio lmstack / peft (same batches, per token) and the
-end-to-end ratio lmstack packed / peft padded in trained tokens/s (the same conversations, so the inverse
-ratio of the time an epoch takes); the per-step losses of lmstack and peft side by side; the padding
+end-to-end ratios lmstack packed / peft padded and lmstack padding-free / peft padded in trained tokens/s
+(the same conversations, so the inverse ratio of the time an epoch takes); the per-step losses of lmstack and peft side by side; the padding
 fraction of the padded batches; VmHWM; the 1-minute load average when each run started.
 
 Caveats: the lmstack step times come from its metrics log, which also covers the loop's per-log-step
@@ -74,7 +79,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "smollm2-135m-instruct"
-SIDES = ("lmstack", "peft", "lmstack-packed", "profile", "steps")  # one round, in this order
+SIDES = ("lmstack", "peft", "lmstack-packed", "lmstack-padding-free", "profile", "steps")  # one round, in this order
+LOOP_SIDES = ("lmstack", "peft", "lmstack-packed", "lmstack-padding-free")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,9 +118,10 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def lmstack_overrides(args: argparse.Namespace, steps: int, packed: bool) -> list[str]:
+def lmstack_overrides(args: argparse.Namespace, steps: int, packed: bool, padding_free: bool = False) -> list[str]:
     return [f"train.batch_size={args.packed_batch_size if packed else args.batch_size}",
-            f"train.seq_len={args.seq_len}", f"sft.packing={str(packed).lower()}", "sft.val_fraction=0.01",
+            f"train.seq_len={args.seq_len}", f"sft.packing={str(packed).lower()}",
+            f"sft.padding_free={str(padding_free).lower()}", "sft.val_fraction=0.01",
             f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=0",
             "train.eval_batches=1", "train.ckpt_every=0", "train.keep_last=1", f"train.seed={args.seed}",
             "train.device=cpu", "train.dtype=fp32", "train.tensorboard=false", "train.max_minutes=0",
@@ -125,16 +132,17 @@ def lmstack_overrides(args: argparse.Namespace, steps: int, packed: bool) -> lis
 
 # ----------------------------------------------------------------------------- the sides (subprocesses)
 
-def run_lmstack_side(args: argparse.Namespace, work: Path, plan: dict[str, Any], packed: bool) -> dict[str, Any]:
-    """``sft(..., lora=True)`` (padded, or with ``sft.packing=true``) over one epoch; the per-step losses,
-    trained tokens and step seconds from its metrics.jsonl."""
+def run_lmstack_side(args: argparse.Namespace, work: Path, plan: dict[str, Any], side: str) -> dict[str, Any]:
+    """``sft(..., lora=True)`` (padded, with ``sft.packing=true`` or with ``sft.padding_free=true``) over one
+    epoch; the per-step losses, trained tokens and step seconds from its metrics.jsonl."""
     from lmstack.stages.sft import sft
     from lmstack.train.loop import read_metrics
 
-    run_dir = work / ("lmstack-packed-run" if packed else "lmstack-run")
+    packed, padding_free = side == "lmstack-packed", side == "lmstack-padding-free"
+    run_dir = work / f"{side}-run"
     steps = plan["packed_steps"] if packed else plan["padded_steps"]
-    sft(args.model, [str(work / "data.jsonl")], run_dir, overrides=lmstack_overrides(args, steps, packed),
-        overwrite=True, progress=False, lora=True)
+    sft(args.model, [str(work / "data.jsonl")], run_dir,
+        overrides=lmstack_overrides(args, steps, packed, padding_free), overwrite=True, progress=False, lora=True)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r]
     losses, seconds, tokens, previous = [], [], [], 0
     for row in rows:  # tokens is the running total: a step's tokens over its tokens/s is its seconds
@@ -211,8 +219,9 @@ def run_profile_side(args: argparse.Namespace, work: Path, repeats: int = 3) -> 
 def run_steps_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Whole training steps in one process, the variants interleaved step by step so they share the load:
     for each padded batch of the epoch, a peft step on it, lmstack steps on it with the full-logits and the
-    labelled-positions objective, and an lmstack step on the same conversations packed (labelled positions).
-    A step is forward, backward, clip 1.0 and AdamW, without the loop's bookkeeping. Seconds per variant."""
+    labelled-positions objective, and lmstack steps on the same conversations packed and padding-free
+    (labelled positions). A step is forward, backward, clip 1.0 and AdamW, without the loop's bookkeeping.
+    Seconds per variant."""
     import torch.nn.functional as F
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -222,6 +231,7 @@ def run_steps_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lmstack.train.losses import causal_lm, causal_lm_at_labels
 
     padded, packed = torch.load(work / "batches.pt"), torch.load(work / "packed_per_step.pt")
+    flat = torch.load(work / "padding_free_per_step.pt")
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32,
                                                                         attn_implementation="sdpa"),
                                    work / "init-adapter", is_trainable=True).train()
@@ -236,14 +246,15 @@ def run_steps_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     variants = {"peft_padded": (hf, peft_loss),
                 "lmstack_padded_full_logits": (ours, lambda b: causal_lm(ours, b)[0]),
                 "lmstack_padded": (ours, lambda b: causal_lm_at_labels(ours, b)[0]),
-                "lmstack_packed": (ours, lambda b: causal_lm_at_labels(ours, b)[0])}
+                "lmstack_packed": (ours, lambda b: causal_lm_at_labels(ours, b)[0]),
+                "lmstack_padding_free": (ours, lambda b: causal_lm_at_labels(ours, b)[0])}
     optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                           betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
                   for name, (model, _) in variants.items()}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for step in range(len(padded)):
         for name, (model, loss_fn) in variants.items():
-            batch = packed[step] if name == "lmstack_packed" else padded[step]
+            batch = {"lmstack_packed": packed, "lmstack_padding_free": flat}.get(name, padded)[step]
             started = time.perf_counter()
             loss_fn(batch).backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -315,6 +326,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         windows_of_step = pack_best_fit([len(e.ids) - 1 for e in examples], args.seq_len)
         packed_per_step.append(collate_packed([[examples[i] for i in w] for w in windows_of_step], tokenizer.pad_id))
     torch.save(packed_per_step, work / "packed_per_step.pt")
+    flat_loader = InstructLoader(data.train, args.batch_size, seed=args.seed, pad_id=tokenizer.pad_id,
+                                 padding_free=True)  # what sft.padding_free=true draws: the padded steps, flat
+    torch.save([batch for _, batch in zip(range(padded_steps), flat_loader)], work / "padding_free_per_step.pt")
     input_tokens = [sum(len(data.train[i].ids) - 1 for i in order[s * args.batch_size:(s + 1) * args.batch_size])
                     for s in range(padded_steps)]
     windows = pack_best_fit([len(e.ids) - 1 for e in data.train], args.seq_len)
@@ -355,12 +369,13 @@ def summarize(args: argparse.Namespace, plan: dict[str, Any], rounds: list[dict[
     """Per-round speeds and ratios, their medians over the rounds, the loss agreement and the padding."""
     per_round = []
     for sides in rounds:
-        row = {name: speeds(sides[name]) for name in ("lmstack", "peft", "lmstack-packed")}
+        row = {name: speeds(sides[name]) for name in LOOP_SIDES}
         input_timed = sum(plan["input_tokens"][1:])
         for name in ("lmstack", "peft"):
             row[name]["input"] = input_timed / (sum(sides[name]["step_seconds"][1:]))
         row["equal_shapes"] = row["lmstack"]["input"] / row["peft"]["input"]
         row["end_to_end"] = row["lmstack-packed"]["trained"] / row["peft"]["trained"]
+        row["end_to_end_padding_free"] = row["lmstack-padding-free"]["trained"] / row["peft"]["trained"]
         per_round.append(row)
 
     def median(get) -> float:
@@ -371,9 +386,11 @@ def summarize(args: argparse.Namespace, plan: dict[str, Any], rounds: list[dict[
     return {
         "per_round": per_round,
         "median": {name: {key: median(lambda r, n=name, k=key: r[n][k]) for key in per_round[0][name]}
-                   for name in ("lmstack", "peft", "lmstack-packed")}
-        | {"equal_shapes": median(lambda r: r["equal_shapes"]), "end_to_end": median(lambda r: r["end_to_end"])},
+                   for name in LOOP_SIDES}
+        | {key: median(lambda r, k=key: r[k]) for key in ("equal_shapes", "end_to_end", "end_to_end_padding_free")},
         "max_abs_loss_diff": max(abs(a - b) for a, b in zip(lm["losses"], pf["losses"])),
+        "max_abs_loss_diff_padding_free": max(abs(a - b) for a, b in zip(rounds[0]["lmstack-padding-free"]["losses"],
+                                                                          pf["losses"])),
         "padding_fraction": 1 - sum(plan["input_tokens"]) / sum(plan["padded_tokens"]),
         "profile_ms": {obj: {part: statistics.median(p[obj][part] for p in profiles) for part in profiles[0][obj]}
                        for obj in ("full", "at_labels")},
@@ -395,16 +412,21 @@ def table(args: argparse.Namespace, plan: dict[str, Any], summary: dict[str, Any
              "| side | trained tok/s | input tok/s (no padding) | ms/step | peak RSS (VmHWM) |",
              "|---|---:|---:|---:|---:|"]
     for name, label in (("lmstack", "lmstack sft --lora, padded"), ("peft", "transformers + peft, padded"),
-                        ("lmstack-packed", "lmstack sft --lora sft.packing=true")):
+                        ("lmstack-packed", "lmstack sft --lora sft.packing=true"),
+                        ("lmstack-padding-free", "lmstack sft --lora sft.padding_free=true")):
         s = m[name]
         input_speed = f"{s['input']:,.0f}" if "input" in s else "-"
         lines.append(f"| {label} | {s['trained']:,.1f} | {input_speed} | {s['ms_per_step']:,.0f} | {hwm[name]:,.0f} MiB |")
     lines.append(f"| **lmstack / peft, equal shapes (same batches)** | | **{m['equal_shapes']:.2f}x** | | |")
     lines.append(f"| **lmstack packed / peft padded, end to end (same conversations)** | "
                  f"**{m['end_to_end']:.2f}x** | | | |")
+    lines.append(f"| **lmstack padding-free / peft padded, end to end (same batches)** | "
+                 f"**{m['end_to_end_padding_free']:.2f}x** | | | |")
     per_round = summary["per_round"]
     lines += ["", "per round: equal shapes " + ", ".join(f"{r['equal_shapes']:.2f}x" for r in per_round)
-              + "; end to end " + ", ".join(f"{r['end_to_end']:.2f}x" for r in per_round), "",
+              + "; end to end packed " + ", ".join(f"{r['end_to_end']:.2f}x" for r in per_round)
+              + "; end to end padding-free " + ", ".join(f"{r['end_to_end_padding_free']:.2f}x" for r in per_round),
+              "",
               "one step's parts on the first padded batch (lmstack decoder with LoRA, ms, medians):", "",
               "| logits | decoder forward | head + CE forward | backward | total |", "|---|---:|---:|---:|---:|"]
     for obj, label in (("full", "every position (causal_lm)"), ("at_labels", "labelled positions only (causal_lm_at_labels)")):
@@ -418,13 +440,16 @@ def table(args: argparse.Namespace, plan: dict[str, Any], summary: dict[str, Any
     for name, label in (("peft_padded", "transformers + peft, padded"),
                         ("lmstack_padded_full_logits", "lmstack, padded, logits everywhere"),
                         ("lmstack_padded", "lmstack, padded, logits at labels"),
-                        ("lmstack_packed", "lmstack, packed, logits at labels")):
+                        ("lmstack_packed", "lmstack, packed, logits at labels"),
+                        ("lmstack_padding_free", "lmstack, padding-free, logits at labels")):
         lines.append(f"| {label} | {inter[name]:,.1f} | {inter['peft_padded'] / inter[name]:.2f}x |")
     lm, pf = rounds[0]["lmstack"], rounds[0]["peft"]
     lines += ["", "| step | lmstack loss | peft loss | abs diff |", "|---:|---:|---:|---:|"]
     for i, (a, b) in enumerate(zip(lm["losses"], pf["losses"]), start=1):
         lines.append(f"| {i}{' (warm-up)' if i == 1 else ''} | {a:.5f} | {b:.5f} | {abs(a - b):.2e} |")
-    lines.append(f"\nmax abs loss difference over {len(lm['losses'])} steps: {summary['max_abs_loss_diff']:.2e}")
+    lines.append(f"\nmax abs loss difference over {len(lm['losses'])} steps: {summary['max_abs_loss_diff']:.2e} "
+                 f"(lmstack padded vs peft), {summary['max_abs_loss_diff_padding_free']:.2e} (lmstack padding-free "
+                 "vs peft)")
     return "\n".join(lines)
 
 
@@ -441,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.side == "profile":
             result = run_profile_side(args, work, args.profile_repeats)
         else:
-            result = run_lmstack_side(args, work, plan, packed=args.side == "lmstack-packed")
+            result = run_lmstack_side(args, work, plan, args.side)
         (work / f"{args.side}.json").write_text(json.dumps({**result, "vm_hwm_mib": vm_hwm_mib()}))
         return
     from lmstack.atomic import write_json_atomic, write_text_atomic

@@ -199,12 +199,16 @@ class SFTConfig:
     val_fraction: float = 0.05  # conversations held out for validation (at least one per file of two or more)
     seed: int = 0  # the held-out split and the subset drawn for fractional weights
     packing: bool = False  # pack conversations into train.seq_len windows (attention stays inside each one)
+    padding_free: bool = False  # each batch's conversations in one row, no padding (attention stays inside each)
 
     def validate(self) -> None:
         check_choice("sft.loss_on", self.loss_on, LOSS_ON)
         check_choice("sft.overlong", self.overlong, OVERLONG)
         check_flag("sft.skip_bad_records", self.skip_bad_records)
         check_flag("sft.packing", self.packing)
+        check_flag("sft.padding_free", self.padding_free)
+        require(not (self.packing and self.padding_free),
+                "sft.packing=true and sft.padding_free=true are two layouts of a batch; choose one")
         check_range("sft.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
         check_range("sft.seed", self.seed, 0, 2**63, high_open=True, integer=True)
         require(bool(self.data), "sft.data is empty: name the conversation files (--data FILE ...)")

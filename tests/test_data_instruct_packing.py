@@ -103,7 +103,9 @@ def test_no_document_ids_keeps_the_mask_free_path_and_its_outputs(name):
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
     n_layer = model.config.n_layer
-    assert calls == [True] * (2 * n_layer) + [False] * n_layer  # the fast path until document ids are given
+    # the fast path until document ids are given; one document per row is then the same kernel per row
+    # (DocumentSpans), one call per row and layer
+    assert calls == [True] * (2 * n_layer) + [True] * (2 * n_layer)
     assert torch.equal(plain, explicit)
     torch.testing.assert_close(one_document, plain, rtol=1e-5, atol=1e-5)
 
@@ -162,3 +164,98 @@ def test_packed_loader_is_seeded_and_resumes_exactly():
         assert all(torch.equal(a[k], b[k]) for k in a)
     other_epoch = iter(InstructLoader(examples, batch_size=4, seed=8, pack_len=48))
     assert not torch.equal(next(other_epoch)["input_ids"], first[0]["input_ids"])
+
+
+def _mask_path(monkeypatch) -> None:
+    """Make both families build the explicit document mask instead of DocumentSpans."""
+    import lmstack.models.gpt as gpt_module
+    import lmstack.models.moe as moe_module
+    monkeypatch.setattr(gpt_module, "document_spans", lambda positions, document_ids: None)
+    monkeypatch.setattr(moe_module, "document_spans", lambda positions, document_ids: None)
+
+
+@pytest.mark.parametrize("name", ["gpt-rope", "gpt-learned", "moe"])
+@pytest.mark.parametrize("layout", ["windows", "padding_free"])
+def test_span_attention_equals_the_masked_call_in_outputs_and_gradients(name, layout, monkeypatch):
+    """The causal kernel per conversation (DocumentSpans) against one masked SDPA call over the row: logits at
+    every real token and every parameter's gradient agree; the padding's logits are finite."""
+    examples = _examples(24, seed=5)
+    if layout == "windows":
+        windows = pack_best_fit([len(e.ids) - 1 for e in examples], 48)
+        batch = collate_packed([[examples[i] for i in w] for w in windows][:4], pad_id=0)
+    else:
+        batch = InstructLoader(examples, batch_size=6, seed=0, padding_free=True)._collate([[e] for e in examples[:6]])
+    real = batch["document_ids"] >= 0
+
+    def run():
+        model = _models()[name].train()  # no dropout in these configs
+        logits, loss = model(batch["input_ids"], batch["labels"], positions=batch["positions"],
+                             document_ids=batch["document_ids"])
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is None and kwargs.get("is_causal"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    spans_logits, spans_grads = run()
+    assert calls and all(calls)  # only the causal kernel, one call per conversation (and padding) per layer
+    documents = sum(len(set(row.tolist()) - {-1}) + int((row == -1).any()) for row in batch["document_ids"])
+    assert len(calls) == documents * _models()[name].config.n_layer
+    _mask_path(monkeypatch)
+    calls.clear()
+    mask_logits, mask_grads = run()
+    assert calls and not any(calls)
+    torch.testing.assert_close(spans_logits[real], mask_logits[real], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(spans_logits).all()
+    assert spans_grads.keys() == mask_grads.keys()
+    for key in spans_grads:
+        torch.testing.assert_close(spans_grads[key], mask_grads[key], rtol=1e-4, atol=1e-6)
+
+
+def test_document_spans_of_plain_concatenations_and_refusals():
+    from lmstack.models.layers import document_spans
+    batch = collate_packed([[Example([1, 2, 3, 4], [0, 0, 1, 1]), Example([8, 9], [0, 1])],
+                            [Example([5, 6, 7], [0, 1, 1])]], pad_id=0)
+    spans = document_spans(batch["positions"], batch["document_ids"])
+    assert spans is not None and spans.rows == (((0, 3), (3, 4)), ((0, 2), (2, 4)))  # the padding is a span
+    docs, pos = torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 1, 0, 1]])
+    assert document_spans(pos, docs).rows == (((0, 2), (2, 4)),)
+    refused = {
+        "positions that do not restart": (docs, torch.tensor([[0, 1, 2, 3]])),
+        "left padding": (torch.tensor([[-1, 0, 0, 0]]), torch.tensor([[-1, 0, 1, 2]])),
+        "padding between documents": (torch.tensor([[0, -1, 1, 1]]), torch.tensor([[0, -1, 0, 1]])),
+        "a document split in two": (torch.tensor([[0, 1, 0, 0]]), torch.tensor([[0, 0, 0, 1]])),
+        "a gap in the positions": (torch.tensor([[0, 0, 0]]), torch.tensor([[0, 1, 3]])),
+        "padding with a position": (torch.tensor([[0, 0, -1]]), torch.tensor([[0, 1, 2]])),
+    }
+    for why, (document_ids, positions) in refused.items():
+        assert document_spans(positions, document_ids) is None, why
+
+
+def test_padding_free_batches_are_the_padded_batches_without_padding():
+    examples = _examples(60, seed=6)
+    padded = iter(InstructLoader(examples, batch_size=5, seed=3))
+    flat_loader = InstructLoader(examples, batch_size=5, seed=3, padding_free=True)
+    flat = iter(flat_loader)
+    model = _models()["gpt-rope"]
+    for _ in range(14):  # past the end of the first epoch (12 batches)
+        p, f = next(padded), next(flat)
+        assert f["input_ids"].shape[0] == 1 and (f["document_ids"] >= 0).all()  # one row, no padding
+        # the same conversations in the same order: the padded rows with their padding (id 0, never a
+        # token of _examples) taken out, back to back
+        assert f["input_ids"][0].tolist() == [t for t in p["input_ids"].flatten().tolist() if t != 0]
+        assert int((f["labels"] != -1).sum()) == int((p["labels"] != -1).sum())
+        (total_p, n_p), (total_f, n_f) = _loss(model, p), _loss(model, f)
+        assert n_p == n_f and abs(total_p / n_p - total_f / n_f) < 1e-5
+    state = flat_loader.state_dict()
+    expected = next(flat)
+    resumed = InstructLoader(examples, batch_size=5, seed=3, padding_free=True)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(expected[k], v) for k, v in next(iter(resumed)).items())
+    with pytest.raises(ValueError, match="two layouts"):
+        InstructLoader(examples, batch_size=5, pack_len=48, padding_free=True)

@@ -333,14 +333,19 @@ def collate_packed(windows: Sequence[Sequence[Example]], pad_id: int) -> dict[st
 
 
 class InstructLoader:
-    """Padded batches of examples, or with ``pack_len`` batches of packed windows of that many input tokens.
+    """Padded batches of examples, or with ``pack_len`` batches of packed windows of that many input tokens,
+    or with ``padding_free`` the padded batches' examples each laid out as one packed row (1, their tokens).
     ``shuffle``: endless, reshuffled each epoch (``seed + epoch``), resumable; otherwise one pass in order
     per ``iter()`` (validation). Under DDP each rank takes its own slice."""
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int = 0, pad_id: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1, pack_len: int | None = None):
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, pack_len: int | None = None,
+                 padding_free: bool = False):
+        if pack_len and padding_free:
+            raise ValueError("pack_len and padding_free are two layouts of a batch; give one")
         self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
         self.shuffle, self.rank, self.world_size, self.pack_len = shuffle, rank, world_size, pack_len
+        self.padding_free = padding_free
         self.epoch, self.position = 0, 0  # position: batches of this epoch already drawn
         self._packed: tuple[int, list[list[int]]] | None = None  # (epoch, its windows), packed once per epoch
         rows = len(self._units(0)) if shuffle else 0
@@ -369,6 +374,8 @@ class InstructLoader:
     def _collate(self, rows: Sequence[Sequence[Example]]) -> dict[str, torch.Tensor]:
         if self.pack_len:
             return collate_packed(rows, self.pad_id)
+        if self.padding_free:  # (1, total tokens): the batch's conversations back to back
+            return collate_packed([[row[0] for row in rows]], self.pad_id)
         return collate([row[0] for row in rows], self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

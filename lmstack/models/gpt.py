@@ -43,11 +43,11 @@ import torch
 import torch.nn as nn
 
 from lmstack.errors import require
-from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, SelfAttention, TransformerShape,
-                                   alibi_slopes, attention_bias, check_document_ids, check_positions, count_params,
-                                   default_positions,
-                                   init_weights, lm_loss, make_lm_head, make_norm, prefix_embedding_positions,
-                                   rope_cache, sinusoidal_embedding)
+from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, POSITIONS, DocumentSpans, SelfAttention,
+                                   TransformerShape, alibi_slopes, attention_bias, check_document_ids,
+                                   check_positions, count_params, default_positions, document_spans, init_weights,
+                                   lm_loss, make_lm_head, make_norm, prefix_embedding_positions, rope_cache,
+                                   sinusoidal_embedding)
 
 GPT_POSITIONS = POSITIONS + ("alibi",)
 
@@ -138,8 +138,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, cfg.bias, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
-                kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | DocumentSpans | None, kv_cache=None) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, mask, kv_cache)
             return x + self.mlp(self.norm2(x))
@@ -266,13 +266,16 @@ class GPT(nn.Module):
                      prefix_len: torch.Tensor | None, document_ids: torch.Tensor | None
                      ) -> list[torch.Tensor | None]:
         """One attention mask per layer; layers with the same window share it. None = plain causal
-        attention over the T new tokens (no cache, no prefix, no bias, no packing), SDPA's fused kernel."""
+        attention over the T new tokens (no cache, no prefix, no bias, no packing), SDPA's fused kernel;
+        DocumentSpans = the same kernel per document of rows packed as plain concatenations."""
         slopes = getattr(self, "alibi_slopes", None)
-        by_window: dict[int, torch.Tensor | None] = {}
+        by_window: dict[int, torch.Tensor | DocumentSpans | None] = {}
+        plain = key_positions is None and prefix_len is None and slopes is None
+        spans = document_spans(positions, document_ids) \
+            if plain and document_ids is not None and 0 in self.layer_windows else None
         for window in set(self.layer_windows):
-            if key_positions is None and prefix_len is None and slopes is None and document_ids is None \
-                    and window == 0:
-                by_window[window] = None
+            if plain and window == 0 and (document_ids is None or spans is not None):
+                by_window[window] = spans
             else:
                 keys = positions if key_positions is None else key_positions
                 by_window[window] = attention_bias(positions, keys, window=window, prefix_len=prefix_len,

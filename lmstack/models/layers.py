@@ -11,7 +11,10 @@ key at position q when ``0 <= q <= p`` (and ``p - q < window`` for sliding-windo
 with position -1 are empty cache slots or padding and are never attended. Deriving masks from
 positions lets one code path serve plain training (no cache), a contiguous KV cache, and the
 engine's slotted cache shared by many sequences, with left padding or without. Training rows that pack
-several sequences add ``document_ids`` (B, T): attention then also stays inside each sequence.
+several sequences add ``document_ids`` (B, T): attention then also stays inside each sequence. When such a
+row is a plain concatenation (each document contiguous, positions 0, 1, ... inside it, padding only at the
+end) :func:`document_spans` turns it into :class:`DocumentSpans`, and the attention call runs SDPA's causal
+kernel on each document instead of one masked call over the whole row.
 
 The KV-cache protocol the models speak (duck-typed; implementations live in lmstack.engine):
 
@@ -24,6 +27,7 @@ The KV-cache protocol the models speak (duck-typed; implementations live in lmst
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -341,12 +345,62 @@ def attention_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, *
     return alibi_bias(query_positions, key_positions, slopes).masked_fill(~allowed, float("-inf"))
 
 
+@dataclass(frozen=True)
+class DocumentSpans:
+    """Packed rows as causal spans: ``rows[b]`` lists (start, end) token ranges that tile row b in order,
+    one per document plus one for the trailing padding. Attention runs causally inside each span, which is
+    what :func:`attention_mask` allows for the real tokens of such a row (see :func:`document_spans`)."""
+
+    rows: tuple[tuple[tuple[int, int], ...], ...]
+
+
+def document_spans(positions: torch.Tensor, document_ids: torch.Tensor) -> DocumentSpans | None:
+    """The spans of packed rows, or None when the rows are not plain concatenations.
+
+    positions, document_ids (B, T). A row qualifies when its real tokens (document id >= 0) come first,
+    each document is one contiguous run with positions 0, 1, 2, ... and the ids increase along the row, and
+    its padding (id -1, position -1) fills the rest. For such a row causal attention inside each span
+    gives every real query exactly the keys the explicit mask gives it; padding queries, whose outputs
+    the mask path discards, attend causally inside the padding instead of to every key. One host sync."""
+    real = document_ids >= 0  # (B, T)
+    previous_real = F.pad(real[:, :-1], (1, 0), value=True)
+    previous_doc = F.pad(document_ids[:, :-1], (1, 0), value=-1)
+    previous_pos = F.pad(positions[:, :-1], (1, 0), value=-1)
+    starts = real & (document_ids != previous_doc)  # the first token of each document
+    expected = torch.where(starts, torch.zeros_like(positions), previous_pos + 1)
+    plain = (~real | previous_real).all() & (~real | (positions == expected)).all() \
+        & (~starts | (document_ids > previous_doc)).all() & (real | (positions == -1)).all()
+    if not bool(plain):
+        return None
+    bounds = starts | (~real & previous_real)  # a document's first token, or the first padding token
+    bounds[:, 0] = True
+    T = document_ids.shape[1]
+    rows = []
+    for marks in bounds.tolist():
+        cuts = [t for t, mark in enumerate(marks) if mark] + [T]
+        rows.append(tuple(zip(cuts[:-1], cuts[1:])))
+    return DocumentSpans(tuple(rows))
+
+
+def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans, dropout: float,
+                    scale: float | None) -> torch.Tensor:
+    """Causal SDPA inside each span of each row; q, k, v (B, H, T, D) -> (B, H, T, D)."""
+    rows = []
+    for b, row in enumerate(spans.rows):
+        pieces = [F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                 is_causal=True, dropout_p=dropout, scale=scale)
+                  for s, e in row]  # (1, H, e - s, D) each
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None, dropout: float = 0.0,
+                                 mask: torch.Tensor | DocumentSpans | None, dropout: float = 0.0,
                                  scale: float | None = None) -> torch.Tensor:
     """q (B, H, T, D); k, v (B, H_kv, S, D) with H a multiple of H_kv (grouped-query attention).
 
-    ``mask is None`` means plain causal attention with T == S, which lets SDPA pick its flash kernel.
+    ``mask is None`` means plain causal attention with T == S, which lets SDPA pick its flash kernel;
+    :class:`DocumentSpans` (T == S) the same kernel inside each packed document.
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
@@ -355,6 +409,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         v = v.repeat_interleave(n_rep, dim=1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+    if isinstance(mask, DocumentSpans):
+        return _span_attention(q, k, v, mask, dropout, scale)
     if mask.dtype != torch.bool:
         mask = mask.to(q.dtype)  # additive biases (ALiBi, T5) must match the query dtype under autocast
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
@@ -381,7 +437,7 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
+                mask: torch.Tensor | DocumentSpans | None, kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)

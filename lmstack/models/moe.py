@@ -50,9 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.errors import require
-from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, SelfAttention, TransformerShape, attention_mask,
-                                   check_document_ids, check_positions, count_params, default_positions,
-                                   init_weights, lm_loss, make_lm_head, make_norm, prefix_embedding_positions,
+from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, DocumentSpans, SelfAttention, TransformerShape,
+                                   attention_mask, check_document_ids, check_positions, count_params,
+                                   default_positions, document_spans, init_weights, lm_loss, make_lm_head, make_norm, prefix_embedding_positions,
                                    rope_cache)
 
 
@@ -182,8 +182,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.n_embd, cfg.hidden_dim, cfg.activation, cfg.bias, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | DocumentSpans | None, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.norm1(x), rope, mask, kv_cache)
         if not self.is_moe:
             return x + self.mlp(self.norm2(x)), None
@@ -261,8 +261,10 @@ class MoE(nn.Module):
         mask = None  # plain causal: SDPA's fused kernel
         if kv_cache is not None:
             mask = attention_mask(positions, kv_cache.prepare(positions))  # (B, 1, T, S)
-        elif document_ids is not None:
-            mask = attention_mask(positions, positions, document_ids=document_ids)  # (B, 1, T, T)
+        elif document_ids is not None:  # causal spans when the rows are plain concatenations, else a mask
+            mask = document_spans(positions, document_ids)
+            if mask is None:
+                mask = attention_mask(positions, positions, document_ids=document_ids)  # (B, 1, T, T)
         layer_stats = []
         for block in self.blocks:
             x, stats = block(x, rope, mask, kv_cache)

@@ -25,7 +25,11 @@ OUT/summary.json adds ``data``: conversations read, used, skipped, truncated and
 tokens of one epoch. Validation reports the loss on held-out conversations (``sft.val_fraction``).
 ``sft.packing=true`` packs the training conversations into windows of ``train.seq_len`` tokens instead of
 padding each batch (lmstack/data/instruct.py); the model keeps attention and positions inside each
-conversation, so the loss is the padded run's, on fewer rows. Validation batches stay padded.
+conversation, so the loss is the padded run's, on fewer rows. ``sft.padding_free=true`` keeps the padded
+run's batches (the same ``train.batch_size`` conversations per step, in the same order) but lays each batch
+out as one row of its conversations back to back, without padding: the same loss and gradients, computed
+on the real tokens only (each conversation still sees only itself; the model runs SDPA's causal kernel per
+conversation, lmstack.models.layers.DocumentSpans). Validation batches stay padded.
 
 With ``--lora`` the run has a ``lora`` section (lmstack.config.SFTLoRAConfig: ``lora.r``, ``lora.alpha``,
 ``lora.dropout``, ``lora.target_modules``, ``lora.use_rslora``; ``lora.*`` keys without ``--lora`` are refused)
@@ -172,7 +176,8 @@ def sft(model: str | Path, data: list[str] | None, out_dir: str | Path, preset: 
         tcfg = cfg.train
         train_loader = InstructLoader(instruct.train, tcfg.batch_size, seed=tcfg.seed, pad_id=tokenizer.pad_id,
                                       rank=dist.dp_rank, world_size=dist.dp_size,
-                                      pack_len=tcfg.seq_len if cfg.sft.packing else None)
+                                      pack_len=tcfg.seq_len if cfg.sft.packing else None,
+                                      padding_free=cfg.sft.padding_free)
         val_loader = InstructLoader(instruct.val, tcfg.batch_size, pad_id=tokenizer.pad_id, shuffle=False,
                                     rank=dist.dp_rank, world_size=dist.dp_size)
         skipped = f", {stats.skipped} skipped" if stats.skipped else ""
@@ -246,9 +251,10 @@ def _check_method(model: nn.Module, cfg: RunConfig, lora_cfg: LoRAConfig | None,
     if virtual is None:
         return
     section = "prompt_tuning" if cfg.prompt_tuning is not None else "prefix_tuning"
-    if cfg.sft.packing:
-        raise ConfigError(f"sft.packing=true cannot be used with --{section.replace('_', '-')}: the virtual tokens "
-                          "go before one conversation per row; set sft.packing=false")
+    for layout in ("packing", "padding_free"):
+        if getattr(cfg.sft, layout):
+            raise ConfigError(f"sft.{layout}=true cannot be used with --{section.replace('_', '-')}: the virtual "
+                              f"tokens go before one conversation per row; set sft.{layout}=false")
     n, block = virtual.num_virtual_tokens, cfg.model.block_size
     if cfg.train.seq_len + n > block:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} plus {section}.num_virtual_tokens={n} exceeds "
