@@ -89,6 +89,39 @@ def test_completion_logps_equal_the_full_logits_sum(batch_and_model):
     torch.testing.assert_close(completion_logps(model, batch), direct_logps(model, batch), rtol=1e-5, atol=1e-4)
 
 
+def test_a_pairs_prompt_runs_once_with_the_plain_paths_gradients(batch_and_model):
+    """The shared-prompt path: one row per distinct prompt in the prompt pass, then the 2B completions;
+    the log-probs and every gradient equal the plain path's (each row in full)."""
+    batch, model = batch_and_model
+    rows = []
+    original = type(model).forward
+
+    def spy(self, idx, *args, **kwargs):
+        rows.append(idx.shape[0])
+        return original(self, idx, *args, **kwargs)
+
+    grads = {}
+    for shared in (True, False):
+        twin = copy.deepcopy(model)
+        rows.clear()
+        type(model).forward = spy
+        try:
+            logps = completion_logps(twin, batch, shared_prompt=shared)
+        finally:
+            type(model).forward = original
+        (logps * torch.linspace(-1, 1, logps.shape[0])).sum().backward()
+        grads[shared] = (logps.detach(), {n: p.grad for n, p in twin.named_parameters() if p.grad is not None},
+                         list(rows))
+    (shared_logps, shared_grads, shared_rows), (plain_logps, plain_grads, plain_rows) = grads[True], grads[False]
+    pairs = batch["input_ids"].shape[0] // 2
+    assert plain_rows == [2 * pairs]
+    assert len(shared_rows) == 2 and shared_rows[0] <= pairs and shared_rows[1] == 2 * pairs  # prompts once
+    torch.testing.assert_close(shared_logps, plain_logps, rtol=1e-5, atol=1e-4)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind, eps, alpha", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.1, 0.0), ("robust", 0.1, 0.0),
                                               ("ipo", 0.0, 0.0), ("sigmoid", 0.0, 1.0), ("ipo", 0.0, 0.5)])
 def test_loss_and_gradient_equal_the_papers_formula(batch_and_model, kind, eps, alpha):

@@ -8,7 +8,10 @@ Batches hold chosen rows then rejected rows, (2B, T) each (``input_ids``, ``atte
 ``completion_mask``), so one forward pass scores both completions. :func:`completion_logps` is
 log pi(y | x) summed over the completion's trained tokens only: the backbone runs once for its final hidden
 states and the output head is applied only at the positions that predict a completion token (the prompt's
-logits are never formed), which a test pins to the plain full-logits sum.
+logits are never formed), which a test pins to the plain full-logits sum. A pair's two rows share their
+prompt, so for an lmstack GPT (:func:`lmstack.train.shared_prompt.supports_shared_prompt`) the prompt runs
+once per pair and both completions attend to its keys and values (lmstack.train.shared_prompt): the same
+log-probabilities and gradients (tests pin both) for about half the prompt's work.
 
 DPO (Rafailov et al., 2023), with h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)):
 
@@ -57,6 +60,7 @@ from lmstack.models.heads import score_at_last
 from lmstack.models.peft import lora_modules
 from lmstack.train.losses import Batch, Objective
 from lmstack.train.parallel import holds_shards
+from lmstack.train.shared_prompt import response_logprobs, supports_shared_prompt
 
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
 ReferenceFn = Callable[[nn.Module, Batch], torch.Tensor]  # (policy, batch) -> reference log-probs (2B,)
@@ -70,16 +74,27 @@ class DPOLoss:
     sft_weight: float = 0.0  # alpha: weight of the chosen completion's per-token NLL (RPO); 0 = plain DPO
 
 
-def completion_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+def completion_logps(model: nn.Module, batch: Batch, shared_prompt: bool = True) -> torch.Tensor:
     """Summed log-probabilities (2B,) of each row's completion tokens (``completion_mask``) under ``model``.
 
     The head is applied only where position t predicts a completion token t + 1; rows are right-padded, so
-    the causal model's real tokens never see the padding. A model sharded by FSDP2 or tensor parallelism
-    (DTensor parameters) computes every position's logits in its own forward instead: outside that forward
-    FSDP2 has resharded the head and TP hands back sharded hidden states."""
+    the causal model's real tokens never see the padding. With ``shared_prompt`` (and a model that supports
+    it) each distinct prompt runs once (module docstring); otherwise every row runs in full. A model sharded
+    by FSDP2 or tensor parallelism (DTensor parameters) computes every position's logits in its own forward
+    instead: outside that forward FSDP2 has resharded the head and TP hands back sharded hidden states."""
     input_ids, completion = batch["input_ids"], batch["completion_mask"]
     targets = completion[:, 1:].bool()  # (2B, T-1): position t predicts token t+1
-    if holds_shards(model):
+    sharded = holds_shards(model)
+    if shared_prompt and not sharded and supports_shared_prompt(model) and bool(targets.any(dim=1).all()):
+        # the response: from the first completion token to the last real one (one run per row)
+        T = input_ids.shape[1]
+        first = targets.float().argmax(dim=1)  # (2B,) action column of the first completion token
+        end = batch["attention_mask"].sum(dim=1) - 1  # (2B,) action columns stop before the last real token
+        columns = torch.arange(T - 1, device=input_ids.device)[None, :]  # (1, T-1)
+        response = ((columns >= first[:, None]) & (columns < end[:, None])).long()  # (2B, T-1)
+        logprobs, _ = response_logprobs(model, input_ids, response, entropy=False)  # (2B, T-1)
+        return (logprobs * targets).sum(dim=1)  # (2B,)
+    if sharded:
         logits = model(input_ids)[0][:, :-1].float()  # (2B, T-1, V)
         token_logps = logits.log_softmax(dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)  # (2B, T-1)
         return (token_logps * targets).sum(dim=1)  # (2B,)

@@ -1,4 +1,5 @@
-"""Response log-probs of RL rollouts with each distinct prompt run once: the GRPO update's fast path.
+"""Response log-probs of RL rollouts with each distinct prompt run once: the GRPO update's fast path (and
+DPO's: a pair's chosen and rejected completions share their prompt, lmstack.train.preference_losses).
 
     logprobs, entropy = response_logprobs(model, input_ids, response_mask, temperature)   # each (N, T-1)
 
@@ -76,10 +77,11 @@ class _PromptPrefix:
 
 
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature: float = 1.0, *, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """input_ids (N, T) right-padded prompt + response rows, response_mask (N, T-1) in action space (one
     contiguous run of ones per row, at least one) -> (log p(token t+1 | prefix) with gradient, entropy without),
-    each (N, T-1), of ``softmax(logits / temperature)``; 0 outside the response (module docstring)."""
+    each (N, T-1), of ``softmax(logits / temperature)``; 0 outside the response (module docstring). With
+    ``entropy=False`` the entropy is not computed (None)."""
     N, T = input_ids.shape
     device = input_ids.device
     lengths = response_mask.sum(1).long()  # (N,) response tokens per row
@@ -118,10 +120,12 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, response_mask: 
     chosen = log_probs.gather(1, response_ids[rows, js][:, None]).squeeze(1)  # (M,)
     action_columns = starts[rows] - 1 + js  # column t scores token t + 1
     logprobs = torch.zeros(N, T - 1, device=device, dtype=chosen.dtype).index_put((rows, action_columns), chosen)
+    if not entropy:
+        return logprobs, None
     with torch.no_grad():  # logged, not trained on
-        entropy = torch.zeros(N, T - 1, device=device, dtype=chosen.dtype)
-        entropy[rows, action_columns] = -(log_probs.exp() * log_probs).sum(-1)
-    return logprobs, entropy
+        entropies = torch.zeros(N, T - 1, device=device, dtype=chosen.dtype)
+        entropies[rows, action_columns] = -(log_probs.exp() * log_probs).sum(-1)
+    return logprobs, entropies
 
 
 def rollout_logprobs(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
