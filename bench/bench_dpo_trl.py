@@ -25,7 +25,9 @@ Same work on both sides:
    same batch on both sides and the per-step losses are paired: step 1 is ln 2 on both (policy = reference), and
    the later steps agree to the extent the two implementations compute the same update.
 4. Training: full fine-tuning, sigmoid loss, beta 0.1, batch ``--batch-size`` pairs, AdamW (0.9, 0.95, eps 1e-8,
-   no weight decay) at a constant LR, grad clip 1.0, fp32 with ``--threads`` torch threads on both sides.
+   no weight decay) at a constant LR, grad clip 1.0, fp32 with ``--threads`` torch threads on both sides, no
+   activation checkpointing (TRL 1.16's DPOConfig defaults to ``bf16=True`` and ``gradient_checkpointing=True``;
+   both are turned off here, as on the lmstack side).
    Reference modes (``--references``): ``copy`` (a frozen second model scores every batch: TRL's default, lmstack
    ``dpo.reference=copy``) and ``precomputed`` (the reference scores every pair once before training: TRL
    ``precompute_ref_log_probs=True``, lmstack's default; that pass is outside the timed steps on both sides).
@@ -147,7 +149,8 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        report_to=[], use_cpu=True, seed=args.seed, beta=0.1, loss_type=["sigmoid"],
                        max_length=None, precompute_ref_log_probs=args.reference == "precomputed",
                        train_sampling_strategy="sequential", dataloader_num_workers=0, adam_beta1=0.9,
-                       adam_beta2=0.95, adam_epsilon=1e-8)
+                       adam_beta2=0.95, adam_epsilon=1e-8,
+                       bf16=False, gradient_checkpointing=False)  # TRL 1.16's defaults are True: fp32, no recompute
     timer = StepTimer()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[timer])

@@ -21,7 +21,8 @@ Same work on both sides:
   new tokens, one optimizer step per generation (lmstack ``grpo.minibatches=1``; TRL
   ``per_device_train_batch_size = prompts x group``, ``steps_per_generation=1``), token-level loss (lmstack
   ``grpo.loss_norm=token``; TRL ``loss_type=dapo``, its default), clip 0.2, no KL term (beta 0), AdamW at a
-  constant lr, grad clip 1.0, fp32.
+  constant lr, grad clip 1.0, fp32, no activation checkpointing on either side (TRL 1.16's configs default
+  to ``bf16=True`` and ``gradient_checkpointing=True``; both are turned off here).
 * Generation: lmstack's engine (continuous batching, slotted KV, one prefill per prompt forked ``n`` ways) on the
   live model; TRL: ``transformers`` ``generate`` (its default without vLLM).
 
@@ -168,7 +169,8 @@ def run_trl_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         loss_type="dapo", max_steps=args.warmup + args.steps, learning_rate=args.lr,
                         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, logging_steps=1, save_strategy="no",
-                        report_to=[], use_cpu=True, bf16=False, seed=args.seed, dataloader_num_workers=0)
+                        report_to=[], use_cpu=True, bf16=False, seed=args.seed, dataloader_num_workers=0,
+                        gradient_checkpointing=False)  # TRL 1.16 defaults to bf16 and checkpointing: both off
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
