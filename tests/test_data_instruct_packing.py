@@ -35,6 +35,7 @@ def _models() -> dict[str, torch.nn.Module]:
     small = dict(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=2, n_embd=32)
     models = {"gpt-rope": GPT(GPTConfig(**small)), "gpt-learned": GPT(GPTConfig(**small, position="learned")),
               "gpt-window": GPT(GPTConfig(**small, attn_window=5)),
+              "gpt-gqa": GPT(GPTConfig(**{**small, "n_head": 4}, n_kv_head=2)),
               "moe": MoE(MoEConfig(**small, n_expert=4, top_k=2))}
     return {name: model.eval() for name, model in models.items()}
 
@@ -174,7 +175,7 @@ def _mask_path(monkeypatch) -> None:
     monkeypatch.setattr(moe_module, "document_spans", lambda positions, document_ids: None)
 
 
-@pytest.mark.parametrize("name", ["gpt-rope", "gpt-learned", "moe"])
+@pytest.mark.parametrize("name", ["gpt-rope", "gpt-learned", "gpt-gqa", "moe"])
 @pytest.mark.parametrize("layout", ["windows", "padding_free"])
 def test_span_attention_equals_the_masked_call_in_outputs_and_gradients(name, layout, monkeypatch):
     """The causal kernel per conversation (DocumentSpans) against one masked SDPA call over the row: logits at

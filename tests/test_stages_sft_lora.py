@@ -118,3 +118,12 @@ def test_bad_lora_settings_and_a_foreign_adapter_are_one_line_exit_2(base, run, 
                  "--prompt", "hi", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "adapter" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_eval_with_adapter_records_the_base_and_the_adapter(base, run, tmp_path):
+    """``eval --adapter`` evaluates a merged temporary checkpoint; the results name what it was made of."""
+    out, _ = run
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(base / "model"), "--adapter", str(out / "adapter"), "--tasks", "arithmetic",
+                 "--limit", "2", "--device", "cpu", "--out", str(result)]) == 0
+    assert json.loads(result.read_text())["model"] == f"{base / 'model'} + adapter {out / 'adapter'}"

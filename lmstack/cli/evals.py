@@ -75,6 +75,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         from lmstack.evals.run import evaluate_checkpoint
 
         tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        # with --adapter the model evaluated is a merged temporary checkpoint: record what it was made of
+        name = f"{args.model} + adapter {args.adapter}" if args.adapter else None
         if args.strategy is not None:
             from lmstack.prompting.run import StrategyOptions, evaluate_checkpoint_strategy
 
@@ -87,13 +89,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
             with checkpoint_with_adapter(args.model, args.adapter) as model_path:
                 evaluate_checkpoint_strategy(model_path, tasks, options, limit=args.limit, out=args.out,
                                              seed=args.seed, batch_size=args.batch_size, device=args.device,
-                                             backend=args.backend)
+                                             backend=args.backend, model_name=name)
             return
         with checkpoint_with_adapter(args.model, args.adapter) as model_path:
             evaluate_checkpoint(model_path, tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
                                 seed=args.seed, batch_size=args.batch_size, device=args.device, backend=args.backend,
                                 num_samples=args.num_samples, temperature=args.temperature, workers=args.workers,
-                                unsafe_sandbox=args.unsafe_sandbox, keep_records=not args.no_records)
+                                unsafe_sandbox=args.unsafe_sandbox, keep_records=not args.no_records,
+                                model_name=name)
 
     parser.set_defaults(func=run)
 

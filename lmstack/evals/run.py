@@ -224,8 +224,10 @@ def evaluate_checkpoint(model: str, tasks: Sequence[str], *, limit: int | None =
                         num_fewshot: int | None = None, out: str | None = None, seed: int = 1234,
                         batch_size: int = 16, device: str = "auto", backend: str = "auto", num_samples: int = 1,
                         temperature: float = 0.0, workers: int = 2, unsafe_sandbox: bool = False,
-                        keep_records: bool = True, show_progress: bool = True) -> dict[str, Any]:
-    """Load a checkpoint, evaluate it, print the table, write ``out`` (JSON) when given."""
+                        keep_records: bool = True, show_progress: bool = True,
+                        model_name: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint, evaluate it, print the table, write ``out`` (JSON) when given; ``model_name`` is
+    what the results record as the model (default: the checkpoint path)."""
     task_objs = [get_task(name) for name in tasks]  # a typo or an empty text fails here, before the model loads
     if any(isinstance(t, CodeTask) for t in task_objs):
         choose_mode(allow_unsafe=unsafe_sandbox)
@@ -233,7 +235,7 @@ def evaluate_checkpoint(model: str, tasks: Sequence[str], *, limit: int | None =
     results = evaluate(lm, task_objs, limit=limit, num_fewshot=num_fewshot, seed=seed, num_samples=num_samples,
                        temperature=temperature, workers=workers, unsafe_sandbox=unsafe_sandbox,
                        show_progress=show_progress, keep_records=keep_records)
-    results["model"] = str(model)
+    results["model"] = model_name or str(model)
     print(results_table(results))
     if out:
         write_json_atomic(out, results, indent=1, default=float)

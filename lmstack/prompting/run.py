@@ -187,8 +187,10 @@ def evaluate_strategy(lm: Any, tasks: Sequence[str | Task], options: StrategyOpt
 
 def evaluate_checkpoint_strategy(model: str, tasks: Sequence[str], options: StrategyOptions, *,
                                  limit: int | None = None, out: str | None = None, seed: int = 1234,
-                                 batch_size: int = 16, device: str = "auto", backend: str = "auto") -> dict[str, Any]:
-    """Load a checkpoint, evaluate it with a strategy, print the table, write ``out`` (JSON) when given."""
+                                 batch_size: int = 16, device: str = "auto", backend: str = "auto",
+                                 model_name: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint, evaluate it with a strategy, print the table, write ``out`` (JSON) when given;
+    ``model_name`` is what the results record as the model (default: the checkpoint path)."""
     from lmstack.evals.lm import EvalLM
     from lmstack.evals.run import results_table
 
@@ -196,7 +198,7 @@ def evaluate_checkpoint_strategy(model: str, tasks: Sequence[str], options: Stra
         get_task(name)  # a typo fails before the model loads
     lm = EvalLM.from_checkpoint(model, device=device, backend=backend, batch_size=batch_size)
     results = evaluate_strategy(lm, tasks, options, limit=limit, seed=seed)
-    results["model"] = str(model)
+    results["model"] = model_name or str(model)
     print(results_table(results))
     if out:
         write_json_atomic(out, results, indent=1, default=float)
