@@ -361,7 +361,11 @@ def document_spans(positions: torch.Tensor, document_ids: torch.Tensor) -> Docum
     each document is one contiguous run with positions 0, 1, 2, ... and the ids increase along the row, and
     its padding (id -1, position -1) fills the rest. For such a row causal attention inside each span
     gives every real query exactly the keys the explicit mask gives it; padding queries, whose outputs
-    the mask path discards, attend causally inside the padding instead of to every key. One host sync."""
+    the mask path discards, attend causally inside the padding instead of to every key. One host sync.
+    Under torch.compile it returns None: the spans are Python integers, which the compiler would specialise
+    on and recompile for every new layout; the mask is a tensor it traces once."""
+    if torch.compiler.is_compiling():
+        return None
     real = document_ids >= 0  # (B, T)
     previous_real = F.pad(real[:, :-1], (1, 0), value=True)
     previous_doc = F.pad(document_ids[:, :-1], (1, 0), value=-1)
