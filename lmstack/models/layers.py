@@ -387,14 +387,12 @@ def document_spans(positions: torch.Tensor, document_ids: torch.Tensor) -> Docum
 
 
 def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans, dropout: float,
-                    scale: float | None, enable_gqa: bool = False) -> torch.Tensor:
-    """Causal SDPA inside each span of each row; q (B, H, T, D), k, v (B, H or H_kv with enable_gqa, T, D)
-    -> (B, H, T, D)."""
+                    scale: float | None) -> torch.Tensor:
+    """Causal SDPA inside each span of each row; q, k, v (B, H, T, D) -> (B, H, T, D)."""
     rows = []
     for b, row in enumerate(spans.rows):
         pieces = [F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                                 is_causal=True, dropout_p=dropout, scale=scale,
-                                                 enable_gqa=enable_gqa)
+                                                 is_causal=True, dropout_p=dropout, scale=scale)
                   for s, e in row]  # (1, H, e - s, D) each
         rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
@@ -409,14 +407,6 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     :class:`DocumentSpans` (T == S) the same kernel inside each packed document.
     """
     n_rep = q.shape[1] // k.shape[1]
-    causal = mask is None or isinstance(mask, DocumentSpans)
-    if n_rep > 1 and causal and q.device.type == "cpu":
-        # the CPU's causal kernel takes the KV heads as they are (no copy, no summed backward): ~15 % less time
-        # per call at SmolLM2's shapes; other devices and masked calls keep the explicit expansion below
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale,
-                                                  enable_gqa=True)
-        return _span_attention(q, k, v, mask, dropout, scale, enable_gqa=True)
     if n_rep > 1:
         # (B, H_kv, S, D) -> (B, H, S, D); explicit expansion works on every SDPA backend
         k = k.repeat_interleave(n_rep, dim=1)

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from lmstack.errors import require
 from lmstack.models.layers import (ACTIVATIONS, MLP, NORMS, DocumentSpans, SelfAttention, TransformerShape,
                                    attention_mask, check_document_ids, check_positions, count_params,
-                                   default_positions, document_spans, init_weights, lm_loss, make_lm_head, make_norm, prefix_embedding_positions,
-                                   rope_cache)
+                                   default_positions, document_spans, init_weights, lm_loss, make_lm_head,
+                                   make_norm, prefix_embedding_positions, rope_cache)
 
 
 @dataclass
