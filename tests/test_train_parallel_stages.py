@@ -37,7 +37,8 @@ STAGES = {  # verb: (overrides of the stage, the data file under the base direct
     "sft": (["train.seq_len=64", "sft.val_fraction=0.1"], "tasks.jsonl"),
     "dpo": (["train.seq_len=128", "dpo.val_fraction=0.1", "dpo.overlong=drop"], "pairs.jsonl"),
 }
-LAYOUTS = {"tp": (["parallel.tp=2"], 1), "fsdp": (["parallel.dp_shard=2"], 2)}  # name: (overrides, replicas)
+LAYOUTS = {"tp": (["parallel.tp=2"], 1), "fsdp": (["parallel.dp_shard=2"], 2),  # name: (overrides, replicas)
+           "ddp": ([], 2)}  # torchrun's default: DDP
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,12 @@ def test_stage_under_fsdp2_follows_one_process(base, tmp_path, verb):
     assert_follows(tmp_path / f"{verb}_fsdp", tmp_path / f"{verb}_fsdp_reference")
     if verb == "dpo":
         assert_same_held_out_metrics(tmp_path / "dpo_fsdp", tmp_path / "dpo_fsdp_reference")
+
+
+def test_dpo_under_ddp_follows_one_process(base, tmp_path):
+    """DDP with dpo's shared-prompt pass (a prompt forward, then the completions' forward, then one backward)."""
+    run_and_reference(base, tmp_path, ("dpo",), "ddp")
+    assert_follows(tmp_path / "dpo_ddp", tmp_path / "dpo_ddp_reference")
 
 
 def test_dpo_held_out_metrics_from_the_consolidated_model(tp_runs):
